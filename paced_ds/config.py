@@ -1,0 +1,332 @@
+"""The run configuration: one typed dataclass per concern, a YAML recipe, dotted overrides.
+
+    cfg = load_config("ds_configs/recipes/tiny_arith.yaml", ["train.lr=1e-4", "loss.kind=akl"])
+
+A recipe names only what differs from the defaults below. Every problem (unknown key,
+wrong type, value outside its choices, impossible combination) raises ``UserError``
+with one line naming the key, before any process group exists.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from paced_ds.errors import UserError
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def _f(default, help: str, choices: tuple | None = None):
+    """A config field with its one line of help (and allowed values)."""
+    if isinstance(default, (dict, list)):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help, "choices": choices})
+    return field(default=default, metadata={"help": help, "choices": choices})
+
+
+DIVERGENCE_KINDS = ("forward_kl", "reverse_kl", "jsd", "tvd", "skew_kl", "akl")
+
+
+@dataclass
+class ModelConfig:
+    teacher: str = _f("tiny-teacher", "teacher: HF model directory or name; 'tiny-teacher' is the shipped one")
+    student: str = _f("tiny-student", "student: HF model directory or name; 'tiny-student' is the shipped one")
+    tokenizer: str = _f("", "tokenizer to use (default: the student's)")
+    trust_remote_code: bool = _f(False, "allow model repos to run their own code (off: safe by default)")
+    dtype: str = _f("auto", "parameter/compute dtype; auto = bf16 on GPUs that have it, else fp32",
+                    ("auto", "fp32", "bf16"))
+    gradient_checkpointing: bool = _f(False, "recompute student activations in backward (saves memory)")
+
+
+@dataclass
+class DataConfig:
+    train: str = _f("arith:train", "training problems: .jsonl/.json/.parquet file, datasets dir or name, "
+                                   "or 'arith:train' (the generated reference task)")
+    eval: str = _f("arith:eval", "held-out problems (same forms as data.train); empty = no evaluation")
+    split: str = _f("train", "split to read when data.train is a datasets name")
+    eval_split: str = _f("test", "split to read when data.eval is a datasets name")
+    fields: dict = _f({}, "field mapping: canonical name (id, prompt, answer, response, difficulty) -> source field")
+    prompt_template: str = _f("{prompt}", "how a prompt is written when the tokenizer has no chat template")
+    use_chat_template: bool = _f(True, "format prompts with the tokenizer's chat template when it has one")
+    system_prompt: str = _f("", "system message for chat templates (empty = none)")
+    max_length: int = _f(256, "longest prompt + response in tokens; longer responses are truncated")
+    arith_train_per_level: int = _f(400, "problems per difficulty level for 'arith:train'")
+    arith_eval_per_level: int = _f(50, "problems per difficulty level for 'arith:eval'")
+    arith_seed: int = _f(0, "seed of the generated reference task")
+    responses_dir: str = _f("~/.cache/paced_ds/responses",
+                            "where teacher responses are stored for sources that are not local files")
+    keep_incorrect: bool = _f(False, "keep problems whose teacher response fails verification")
+    generate_max_new_tokens: int = _f(64, "longest teacher response `paced-ds generate` writes")
+
+
+@dataclass
+class LossConfig:
+    kind: str = _f("forward_kl", "token-level divergence between teacher and student", DIVERGENCE_KINDS)
+    temperature: float = _f(1.0, "softmax temperature applied to both teacher and student logits")
+    jsd_beta: float = _f(0.5, "mixture weight of generalized JSD (loss.kind=jsd)")
+    skew_alpha: float = _f(0.1, "teacher share of the skewed mixture (loss.kind=skew_kl)")
+    akl_mu: float = _f(0.5, "teacher probability mass that defines the head (loss.kind=akl)")
+    chunk_tokens: int = _f(1024, "tokens per chunk of the divergence (bounds fp32 [tokens, vocab] memory)")
+
+
+@dataclass
+class TeacherConfig:
+    backend: str = _f("engine", "where teacher logits come from: a ZeRO-3 inference engine on the student's ranks",
+                      ("engine",))
+    offload: str = _f("none", "where the teacher's partitioned parameters live", ("none", "cpu", "nvme"))
+    nvme_path: str = _f("", "directory for teacher.offload=nvme")
+    ds_config: str = _f("auto", "DeepSpeed JSON for the teacher; auto = ds_configs/teacher_zero3[_offload_*].json")
+    forward_micro_batches: int = _f(0, "micro-batches per teacher forward (0 = the whole optimizer step: "
+                                       "one all-gather of the teacher per step, more logits memory)")
+
+
+@dataclass
+class TrainConfig:
+    output_dir: str = _f("runs/tiny_arith", "run directory: tensorboard/, metrics.jsonl, checkpoints/, student/")
+    steps: int = _f(100, "optimizer steps")
+    micro_batch_size: int = _f(8, "problems per rank per micro-batch")
+    grad_accum: int = _f(1, "micro-batches per optimizer step")
+    lr: float = _f(1e-4, "peak learning rate")
+    warmup_steps: int = _f(10, "linear warmup steps")
+    decay: str = _f("cosine", "learning-rate decay after warmup", ("cosine", "linear", "constant"))
+    min_lr_ratio: float = _f(0.1, "final learning rate as a share of train.lr")
+    weight_decay: float = _f(0.0, "AdamW weight decay")
+    clip_grad: float = _f(1.0, "gradient norm clipping (0 = off)")
+    seed: int = _f(0, "seed of the sampler, rollouts and initialisation")
+    ds_config: str = _f("ds_configs/student_zero3.json", "DeepSpeed JSON for the student")
+    zero_stage: int = _f(3, "student ZeRO stage (the teacher is always stage 3)", (1, 2, 3))
+    offload_optimizer: str = _f("none", "where the student's optimizer states live", ("none", "cpu"))
+    save_every: int = _f(0, "checkpoint every N steps (0 = only at the end)")
+    resume: str = _f("never", "never | auto (newest checkpoint in output_dir) | PATH of a checkpoint directory")
+    export: bool = _f(True, "write the student in Hugging Face format to <output_dir>/student at the end")
+    timeout_s: int = _f(900, "timeout of every collective; a dead or stuck rank stops the others after it")
+
+
+@dataclass
+class EvalConfig:
+    every: int = _f(50, "held-out evaluation every N steps (0 = only before and after training)")
+    max_new_tokens: int = _f(32, "longest greedy answer")
+    batch_size: int = _f(64, "prompts per generation batch per rank")
+    limit_per_level: int = _f(0, "at most this many held-out problems per difficulty level (0 = all)")
+
+
+@dataclass
+class LoggingConfig:
+    tensorboard: bool = _f(True, "write TensorBoard events to <output_dir>/tensorboard")
+    progress: bool = _f(True, "progress bar on rank 0")
+    log_every: int = _f(1, "TensorBoard/metrics.jsonl every N steps")
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+SECTIONS = {f.name: f.type for f in dataclasses.fields(RunConfig)}
+
+
+def _section_class(name: str):
+    return {f.name: f.default_factory for f in dataclasses.fields(RunConfig)}[name]
+
+
+def _coerce(key: str, value: Any, kind, choices) -> Any:
+    """``value`` as the field's type, or a UserError naming ``key``."""
+    if isinstance(kind, str):  # annotations are strings under `from __future__ import annotations`
+        kind = {"str": str, "int": int, "float": float, "bool": bool, "dict": dict}[kind]
+    if kind is bool:
+        if isinstance(value, bool):
+            out = value
+        elif isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
+            out = value.lower() in ("true", "yes", "1")
+        else:
+            raise UserError(f"config key {key}: expected true or false, got {value!r}")
+    elif kind is int:
+        if isinstance(value, bool) or not isinstance(value, (int, str)):
+            raise UserError(f"config key {key}: expected an integer, got {value!r}")
+        try:
+            out = int(value)
+        except ValueError:
+            raise UserError(f"config key {key}: expected an integer, got {value!r}") from None
+    elif kind is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+            raise UserError(f"config key {key}: expected a number, got {value!r}")
+        try:
+            out = float(value)
+        except ValueError:
+            raise UserError(f"config key {key}: expected a number, got {value!r}") from None
+    elif kind is str:
+        if value is None:
+            value = ""
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise UserError(f"config key {key}: expected a string, got {value!r}")
+        out = str(value)
+    elif kind is dict:
+        if not isinstance(value, dict):
+            raise UserError(f"config key {key}: expected a mapping, got {value!r}")
+        out = {str(k): str(v) for k, v in value.items()}
+    else:  # pragma: no cover - every field above has one of these types
+        raise TypeError(f"unsupported config type {kind} for {key}")
+    if choices is not None and out not in choices:
+        raise UserError(f"config key {key}: {out!r} is not one of {', '.join(map(str, choices))}")
+    return out
+
+
+def _set(cfg: RunConfig, dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    section_name = parts[0]
+    if section_name not in SECTIONS:
+        raise UserError(f"unknown config key {dotted!r} (sections: {', '.join(SECTIONS)})")
+    section = getattr(cfg, section_name)
+    if len(parts) == 1:
+        if not isinstance(value, dict):
+            raise UserError(f"config key {dotted}: expected a mapping of its keys, got {value!r}")
+        for key, sub in value.items():
+            _set(cfg, f"{section_name}.{key}", sub)
+        return
+    fields_by_name = {f.name: f for f in dataclasses.fields(section)}
+    name = parts[1]
+    if name not in fields_by_name:
+        raise UserError(f"unknown config key {section_name}.{name!s} "
+                        f"(known in {section_name}: {', '.join(fields_by_name)})")
+    spec = fields_by_name[name]
+    if len(parts) > 2:  # data.fields.prompt=question
+        if spec.type not in (dict, "dict"):
+            raise UserError(f"unknown config key {dotted!r}: {section_name}.{name} has no sub-keys")
+        getattr(section, name)[".".join(parts[2:])] = _coerce(dotted, value, str, None)
+        return
+    setattr(section, name, _coerce(dotted, value, spec.type, spec.metadata.get("choices")))
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``"train.lr=1e-4"`` -> ``("train.lr", "1e-4")``; typing happens when it is applied."""
+    if "=" not in text:
+        raise UserError(f"override {text!r} is not key=value (e.g. train.lr=1e-4)")
+    key, value = text.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise UserError(f"override {text!r} has no key")
+    try:
+        parsed = yaml.safe_load(value) if value.strip() else ""
+    except yaml.YAMLError:
+        parsed = value
+    # Keep strings that YAML would turn into dates or nulls as the text the user typed.
+    if parsed is None or not isinstance(parsed, (str, int, float, bool, dict)):
+        parsed = value
+    return key, parsed
+
+
+def load_config(recipe: str | Path | None = None, overrides: list[str] | tuple = ()) -> RunConfig:
+    """Defaults, then the YAML recipe, then ``key=value`` overrides; validated."""
+    cfg = RunConfig()
+    if recipe:
+        path = Path(recipe)
+        if not path.is_file():
+            raise UserError(f"recipe not found: {recipe}")
+        try:
+            loaded = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            mark = getattr(err, "problem_mark", None)
+            where = f"{path}:{mark.line + 1}" if mark else str(path)
+            raise UserError(f"{where}: not valid YAML ({getattr(err, 'problem', err)})") from None
+        if not isinstance(loaded, dict):
+            raise UserError(f"{path}: a recipe is a mapping of sections (model:, data:, train:, ...)")
+        for key, value in loaded.items():
+            try:
+                _set(cfg, str(key), value)
+            except UserError as err:
+                raise UserError(f"{path}: {err}") from None
+    for text in overrides:
+        _set(cfg, *parse_override(text))
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: RunConfig) -> None:
+    """Impossible combinations and out-of-range values, each naming its key."""
+    positive = {"train.steps": cfg.train.steps, "train.micro_batch_size": cfg.train.micro_batch_size,
+                "train.grad_accum": cfg.train.grad_accum, "data.max_length": cfg.data.max_length,
+                "loss.chunk_tokens": cfg.loss.chunk_tokens, "eval.batch_size": cfg.eval.batch_size,
+                "eval.max_new_tokens": cfg.eval.max_new_tokens, "train.timeout_s": cfg.train.timeout_s,
+                "logging.log_every": cfg.logging.log_every}
+    for key, value in positive.items():
+        if value <= 0:
+            raise UserError(f"config key {key}: must be > 0, got {value}")
+    non_negative = {"train.warmup_steps": cfg.train.warmup_steps, "train.save_every": cfg.train.save_every,
+                    "eval.every": cfg.eval.every, "train.weight_decay": cfg.train.weight_decay,
+                    "train.clip_grad": cfg.train.clip_grad, "eval.limit_per_level": cfg.eval.limit_per_level,
+                    "teacher.forward_micro_batches": cfg.teacher.forward_micro_batches}
+    for key, value in non_negative.items():
+        if value < 0:
+            raise UserError(f"config key {key}: must be >= 0, got {value}")
+    if not cfg.train.lr > 0:
+        raise UserError(f"config key train.lr: must be > 0, got {cfg.train.lr}")
+    if not 0 <= cfg.train.min_lr_ratio <= 1:
+        raise UserError(f"config key train.min_lr_ratio: must be in [0, 1], got {cfg.train.min_lr_ratio}")
+    if not cfg.loss.temperature > 0:
+        raise UserError(f"config key loss.temperature: must be > 0, got {cfg.loss.temperature}")
+    if not 0 <= cfg.loss.jsd_beta <= 1:
+        raise UserError(f"config key loss.jsd_beta: must be in [0, 1], got {cfg.loss.jsd_beta}")
+    if not 0 <= cfg.loss.skew_alpha < 1:
+        raise UserError(f"config key loss.skew_alpha: must be in [0, 1), got {cfg.loss.skew_alpha}")
+    if not 0 < cfg.loss.akl_mu <= 1:
+        raise UserError(f"config key loss.akl_mu: must be in (0, 1], got {cfg.loss.akl_mu}")
+    if cfg.teacher.offload == "nvme" and not cfg.teacher.nvme_path:
+        raise UserError("config key teacher.nvme_path: required when teacher.offload=nvme")
+    if cfg.train.offload_optimizer == "cpu" and cfg.train.zero_stage == 1:
+        raise UserError("config key train.offload_optimizer: cpu offload needs train.zero_stage 2 or 3")
+    if cfg.train.warmup_steps > cfg.train.steps:
+        raise UserError(f"config key train.warmup_steps: {cfg.train.warmup_steps} exceeds train.steps "
+                        f"({cfg.train.steps})")
+    if "{prompt}" not in cfg.data.prompt_template:
+        raise UserError("config key data.prompt_template: must contain {prompt}")
+    if not cfg.train.output_dir:
+        raise UserError("config key train.output_dir: must not be empty")
+    if not cfg.data.train:
+        raise UserError("config key data.train: must name the training problems")
+
+
+def resolve_path(path: str) -> Path:
+    """A config-named file (e.g. a DeepSpeed JSON): as given, else relative to the checkout."""
+    candidate = Path(path).expanduser()
+    if candidate.is_absolute() or candidate.exists():
+        return candidate
+    in_repo = REPO_ROOT / path
+    return in_repo if in_repo.exists() else candidate
+
+
+def load_ds_config(path: str, key: str) -> dict:
+    """A DeepSpeed JSON named by config key ``key``; a one-line error when it is missing or bad."""
+    resolved = resolve_path(path)
+    if not resolved.is_file():
+        raise UserError(f"config key {key}: DeepSpeed config not found: {path}")
+    try:
+        return json.loads(resolved.read_text())
+    except json.JSONDecodeError as err:
+        raise UserError(f"{resolved}:{err.lineno}: not valid JSON ({err.msg}) (config key {key})") from None
+
+
+def describe() -> list[tuple[str, str, str, str]]:
+    """(key, type, default, help) for every config key: the README's config reference."""
+    rows = []
+    for section in dataclasses.fields(RunConfig):
+        for spec in dataclasses.fields(section.default_factory):
+            default = spec.default if spec.default is not dataclasses.MISSING else spec.default_factory()
+            kind = spec.type if isinstance(spec.type, str) else spec.type.__name__
+            choices = spec.metadata.get("choices")
+            help_text = spec.metadata["help"] + (f" ({' | '.join(map(str, choices))})" if choices else "")
+            rows.append((f"{section.name}.{spec.name}", kind, json.dumps(default), help_text))
+    return rows

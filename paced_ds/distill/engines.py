@@ -1,0 +1,206 @@
+"""The two DeepSpeed engines: a ZeRO-3 student that trains and a ZeRO-3 teacher that only infers.
+
+Both are loaded from Hugging Face format already partitioned: an ``HfDeepSpeedConfig`` is
+alive while ``from_pretrained`` runs, so transformers builds the model under
+``deepspeed.zero.Init`` and no rank ever holds a whole 70B teacher. The teacher is a
+stage-3 engine with no optimizer whatever the student's stage, its partitions on the
+accelerator, in CPU memory or on NVMe (``teacher.offload``).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from pathlib import Path
+
+import torch
+
+from paced_ds.config import RunConfig, load_ds_config
+from paced_ds.errors import UserError
+
+ASSETS = Path(__file__).resolve().parent.parent / "assets"
+SHIPPED_MODELS = ("tiny-teacher", "tiny-student")
+
+
+def resolve_model(name: str, key: str) -> str:
+    """A model path or hub name; the shipped names map to ``paced_ds/assets``."""
+    if name in SHIPPED_MODELS:
+        path = ASSETS / name
+        if not (path / "config.json").is_file():
+            raise UserError(f"config key {key}: the shipped model {name} is missing from {ASSETS} "
+                            "(reinstall paced-ds, or run tools/build_tiny_models.py)")
+        return str(path)
+    path = Path(name).expanduser()
+    looks_local = name.startswith((".", "/", "~")) or path.exists() or name.count("/") > 1
+    if looks_local and not (path / "config.json").is_file():
+        raise UserError(f"config key {key}: no model at {name} (a Hugging Face model directory "
+                        "with config.json is expected)")
+    return str(path) if path.exists() else name
+
+
+def compute_dtype(cfg: RunConfig) -> torch.dtype:
+    if cfg.model.dtype == "bf16":
+        return torch.bfloat16
+    if cfg.model.dtype == "fp32":
+        return torch.float32
+    return torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float32
+
+
+def _apply_dtype(ds_config: dict, dtype: torch.dtype) -> None:
+    ds_config["bf16"] = {"enabled": dtype == torch.bfloat16}
+    ds_config.pop("fp16", None)
+
+
+def student_ds_config(cfg: RunConfig) -> dict:
+    """The student's DeepSpeed JSON with the run config's values written in."""
+    ds_config = load_ds_config(cfg.train.ds_config, "train.ds_config")
+    ds_config["train_micro_batch_size_per_gpu"] = cfg.train.micro_batch_size
+    ds_config["gradient_accumulation_steps"] = cfg.train.grad_accum
+    ds_config.pop("train_batch_size", None)
+    ds_config["gradient_clipping"] = cfg.train.clip_grad
+    optimizer = ds_config.setdefault("optimizer", {"type": "AdamW", "params": {}})
+    optimizer.setdefault("params", {}).update(lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    zero = ds_config.setdefault("zero_optimization", {})
+    zero["stage"] = cfg.train.zero_stage
+    zero["offload_optimizer"] = {"device": cfg.train.offload_optimizer}
+    if cfg.train.offload_optimizer == "cpu":
+        optimizer["params"].pop("torch_adam", None)  # DeepSpeedCPUAdam does the offloaded step
+    ds_config.pop("scheduler", None)  # the LR schedule is ours (train.warmup_steps, train.decay)
+    _apply_dtype(ds_config, compute_dtype(cfg))
+    return ds_config
+
+
+def teacher_ds_config(cfg: RunConfig) -> dict:
+    path = cfg.teacher.ds_config
+    if path == "auto":
+        path = {"none": "ds_configs/teacher_zero3.json",
+                "cpu": "ds_configs/teacher_zero3_offload_cpu.json",
+                "nvme": "ds_configs/teacher_zero3_offload_nvme.json"}[cfg.teacher.offload]
+    ds_config = load_ds_config(path, "teacher.ds_config")
+    ds_config["train_micro_batch_size_per_gpu"] = cfg.train.micro_batch_size
+    ds_config.pop("optimizer", None)
+    ds_config.pop("scheduler", None)
+    zero = ds_config.setdefault("zero_optimization", {})
+    zero["stage"] = 3  # stage 1/2 need an optimizer; a sharded frozen model is stage 3
+    offload = zero.setdefault("offload_param", {})
+    offload["device"] = cfg.teacher.offload
+    if cfg.teacher.offload == "nvme":
+        offload["nvme_path"] = cfg.teacher.nvme_path
+        check_async_io()
+    _apply_dtype(ds_config, compute_dtype(cfg))
+    return ds_config
+
+
+def check_async_io() -> None:
+    """NVMe offload needs DeepSpeed's async_io op; say what to install when it cannot build."""
+    from deepspeed.ops.op_builder import AsyncIOBuilder
+
+    if not AsyncIOBuilder().is_compatible(verbose=False):
+        raise UserError("teacher.offload=nvme needs DeepSpeed's async_io op, which cannot be built here: "
+                        "install libaio (Debian/Ubuntu: apt-get install libaio-dev), then retry")
+
+
+def load_tokenizer(cfg: RunConfig):
+    from transformers import AutoTokenizer
+
+    name = resolve_model(cfg.model.tokenizer or cfg.model.student,
+                         "model.tokenizer" if cfg.model.tokenizer else "model.student")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=cfg.model.trust_remote_code)
+    except (OSError, ValueError) as err:
+        raise UserError(f"cannot load the tokenizer {name}: {str(err).splitlines()[0]}") from None
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def shared_vocab_size(cfg: RunConfig, student_tokenizer) -> int:
+    """The token range both models score; a different tokenizer is an error, padding rows are not.
+
+    Checked from the config files alone (no weights loaded), before any engine is built.
+    """
+    from transformers import AutoConfig, AutoTokenizer
+
+    teacher_name = resolve_model(cfg.model.teacher, "model.teacher")
+    student_name = resolve_model(cfg.model.student, "model.student")
+    try:
+        teacher_tokenizer = AutoTokenizer.from_pretrained(teacher_name, trust_remote_code=cfg.model.trust_remote_code)
+        teacher_config = AutoConfig.from_pretrained(teacher_name, trust_remote_code=cfg.model.trust_remote_code)
+        student_config = AutoConfig.from_pretrained(student_name, trust_remote_code=cfg.model.trust_remote_code)
+    except (OSError, ValueError) as err:
+        raise UserError(f"cannot read the teacher/student configs: {str(err).splitlines()[0]}") from None
+    if teacher_tokenizer.get_vocab() != student_tokenizer.get_vocab():
+        theirs, ours = teacher_tokenizer.get_vocab(), student_tokenizer.get_vocab()
+        differing = sorted(set(theirs.items()) ^ set(ours.items()))[:3]
+        raise UserError(f"model.teacher and model.student use different tokenizers ({len(theirs)} vs "
+                        f"{len(ours)} tokens; e.g. {differing}): token-level distillation needs one vocabulary")
+    teacher_rows = teacher_config.get_text_config().vocab_size
+    student_rows = student_config.get_text_config().vocab_size
+    shared = min(teacher_rows, student_rows)
+    if shared < len(student_tokenizer):
+        raise UserError(f"model.teacher has {teacher_rows} and model.student {student_rows} embedding rows, "
+                        f"fewer than the tokenizer's {len(student_tokenizer)} tokens")
+    return shared
+
+
+def _from_pretrained(name: str, ds_config: dict, dtype: torch.dtype, trust_remote_code: bool, key: str):
+    from transformers import AutoModelForCausalLM
+    from transformers.integrations import HfDeepSpeedConfig
+
+    # Alive only while from_pretrained runs: transformers holds it as a weak global and, with
+    # ZeRO-3 in it, builds the model partitioned under deepspeed.zero.Init.
+    hf_ds_config = HfDeepSpeedConfig(ds_config)  # noqa: F841 (kept alive on purpose)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as err:
+        raise UserError(f"config key {key}: cannot load {name}: {str(err).splitlines()[0]}") from None
+    finally:
+        del hf_ds_config
+    return model
+
+
+def lr_lambda(cfg: RunConfig):
+    """Linear warmup, then cosine/linear decay to train.min_lr_ratio, as a LambdaLR factor."""
+    warmup, total, floor = cfg.train.warmup_steps, cfg.train.steps, cfg.train.min_lr_ratio
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        if cfg.train.decay == "constant":
+            return 1.0
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        shape = 0.5 * (1 + math.cos(math.pi * progress)) if cfg.train.decay == "cosine" else 1 - progress
+        return floor + (1 - floor) * shape
+
+    return factor
+
+
+def build_student(cfg: RunConfig):
+    """The trainable student engine (ZeRO stage train.zero_stage) and its DeepSpeed config."""
+    import deepspeed
+
+    ds_config = student_ds_config(cfg)
+    name = resolve_model(cfg.model.student, "model.student")
+    model = _from_pretrained(name, ds_config, compute_dtype(cfg), cfg.model.trust_remote_code, "model.student")
+    if cfg.model.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.config.use_cache = False
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, model_parameters=[p for p in model.parameters() if p.requires_grad],
+        config=copy.deepcopy(ds_config),
+        lr_scheduler=lambda optimizer: torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg)))
+    return engine, ds_config
+
+
+def build_teacher(cfg: RunConfig, name: str | None = None):
+    """A frozen, sharded ZeRO-3 inference engine (no optimizer, never in train mode)."""
+    import deepspeed
+
+    ds_config = teacher_ds_config(cfg)
+    name = name or resolve_model(cfg.model.teacher, "model.teacher")
+    model = _from_pretrained(name, ds_config, compute_dtype(cfg), cfg.model.trust_remote_code, "model.teacher")
+    model.requires_grad_(False)
+    model.eval()
+    engine, _, _, _ = deepspeed.initialize(model=model, config=copy.deepcopy(ds_config))
+    engine.module.eval()
+    return engine

@@ -1,0 +1,128 @@
+"""Batched generation under ZeRO-3: held-out evaluation and teacher reference responses.
+
+Every rank generates for its own shard of the prompts. A ZeRO-3 forward all-gathers
+parameters collectively, so all ranks must run the same number of forward passes: each
+rank runs the same number of batches (a rank with a short shard repeats a prompt and
+discards it) and Hugging Face ``generate`` runs with ``synced_gpus`` so that a rank whose
+sequences finished keeps stepping until every rank is done.
+"""
+
+from __future__ import annotations
+
+import math
+import torch
+
+from paced_ds import verify
+from paced_ds.data.collate import collate_prompts, encode
+from paced_ds.data.prompts import format_prompt
+from paced_ds.runtime import dist
+
+
+def prompt_texts(tokenizer, records: list[dict], data_cfg) -> list[str]:
+    """Each record's prompt as the model sees it (chat template or data.prompt_template)."""
+    return [format_prompt(tokenizer, record["prompt"], system=data_cfg.system_prompt or None,
+                          template=data_cfg.prompt_template, use_chat_template=data_cfg.use_chat_template)
+            for record in records]
+
+
+def prompt_ids(tokenizer, records: list[dict], data_cfg) -> list[list[int]]:
+    """Token ids of each record's formatted prompt (with BOS when the tokenizer adds one)."""
+    return [encode(tokenizer, text, None, data_cfg.max_length, problem_id=record["id"])["input_ids"]
+            for text, record in zip(prompt_texts(tokenizer, records, data_cfg), records)]
+
+
+@torch.no_grad()
+def generate(module, tokenizer, prompts: list[list[int]], *, max_new_tokens: int, batch_size: int,
+             do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0,
+             synced: bool = True, progress=None) -> list[list[int]]:
+    """Generated token ids (eos and padding stripped) for this rank's ``prompts``.
+
+    With ``synced`` (ZeRO-3), every rank must call this with the same ``len(prompts)``
+    rounded up to batches: use :func:`sharded_generate`, which arranges that.
+    """
+    was_training = module.training
+    module.eval()
+    device = dist.device()
+    results: list[list[int]] = []
+    for start in range(0, len(prompts), batch_size):
+        chunk = prompts[start:start + batch_size]
+        batch = collate_prompts(chunk, tokenizer.pad_token_id)
+        out = module.generate(
+            input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
+            max_new_tokens=max_new_tokens, do_sample=do_sample,
+            temperature=temperature if do_sample else None, top_p=top_p if do_sample else None,
+            top_k=None, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+            synced_gpus=synced, use_cache=True)
+        for row in out[:, batch["input_ids"].shape[1]:].tolist():
+            if tokenizer.eos_token_id in row:
+                row = row[: row.index(tokenizer.eos_token_id)]
+            results.append([t for t in row if t != tokenizer.pad_token_id])
+        if progress is not None:
+            progress.update(len(chunk))
+    module.train(was_training)
+    return results
+
+
+def sharded_generate(module, tokenizer, prompts: list[list[int]], *, batch_size: int, **kwargs):
+    """Generate for this rank's strided shard; returns ``{global index: ids}`` for that shard.
+
+    Every rank runs the same number of batches of the same size so that ZeRO-3's
+    collective parameter gathers line up, whatever the shard sizes.
+    """
+    world, rank = dist.world_size(), dist.rank()
+    indices = list(range(rank, len(prompts), world))
+    per_rank = math.ceil(len(prompts) / world) if prompts else 0
+    batches = math.ceil(per_rank / batch_size) if per_rank else 0
+    mine = [prompts[i] for i in indices]
+    filler = prompts[0] if prompts else [tokenizer.bos_token_id or 0]
+    padded = mine + [filler] * (batches * batch_size - len(mine)) if batches else []
+    # Equal-size batches: short ranks pad with a repeated prompt, discarded below.
+    outputs = generate(module, tokenizer, padded, batch_size=batch_size,
+                       synced=dist.world_size() > 1, **kwargs) if padded else []
+    return {index: ids for index, ids in zip(indices, outputs)}
+
+
+def evaluate(module, tokenizer, records: list[dict], data_cfg, eval_cfg, progress=None) -> dict:
+    """Greedy held-out accuracy, overall and per difficulty level, identical on every rank."""
+    if not records:
+        return {"accuracy": float("nan"), "by_difficulty": {}, "count": 0}
+    prompts = prompt_ids(tokenizer, records, data_cfg)
+    outputs = sharded_generate(module, tokenizer, prompts, batch_size=eval_cfg.batch_size,
+                               max_new_tokens=eval_cfg.max_new_tokens, progress=progress)
+    levels = sorted({str(r.get("difficulty", "all")) for r in records})
+    counts = torch.zeros(len(levels), 2, dtype=torch.float64)  # correct, total per level
+    for index, ids in outputs.items():
+        record = records[index]
+        level = levels.index(str(record.get("difficulty", "all")))
+        text = tokenizer.decode(ids, skip_special_tokens=True)
+        counts[level, 0] += float(verify.is_correct(text, record["answer"]))
+        counts[level, 1] += 1
+    counts = dist.all_reduce_sum(counts)
+    by_level = {level: counts[i, 0].item() / max(counts[i, 1].item(), 1) for i, level in enumerate(levels)}
+    total = counts.sum(0)
+    return {"accuracy": total[0].item() / max(total[1].item(), 1), "by_difficulty": by_level,
+            "count": int(total[1].item())}
+
+
+def teacher_responses(module, tokenizer, records: list[dict], data_cfg, *, batch_size: int,
+                      progress=None) -> list[dict]:
+    """Greedy teacher responses for ``records``, verified; the full list on every rank."""
+    prompts = prompt_ids(tokenizer, records, data_cfg)
+    outputs = sharded_generate(module, tokenizer, prompts, batch_size=batch_size,
+                               max_new_tokens=data_cfg.generate_max_new_tokens, progress=progress)
+    mine = []
+    for index, ids in outputs.items():
+        text = tokenizer.decode(ids, skip_special_tokens=True)
+        mine.append({"id": records[index]["id"], "response": text,
+                     "correct": verify.is_correct(text, records[index]["answer"])})
+    merged = {row["id"]: row for part in dist.all_gather_objects(mine) for row in part}
+    return [merged[r["id"]] for r in records]
+
+
+def accuracy_table(by_difficulty: dict) -> dict[str, float]:
+    """Per-level accuracy with level names sorted naturally (L1, L2, ..., L10)."""
+    def key(name: str):
+        digits = "".join(ch for ch in name if ch.isdigit())
+        return (name.rstrip("0123456789"), int(digits) if digits else 0, name)
+
+    return {name: by_difficulty[name] for name in sorted(by_difficulty, key=key)}

@@ -1,0 +1,48 @@
+"""The launcher tasks besides training: teacher responses (`generate`) and held-out accuracy (`eval`)."""
+
+from __future__ import annotations
+
+from paced_ds.config import RunConfig
+from paced_ds.data import sources
+from paced_ds.distill import engines, generation
+from paced_ds.distill.trainer import generate_responses, preflight, say
+from paced_ds.errors import UserError
+from paced_ds.runtime import dist
+
+
+def generate(cfg: RunConfig) -> dict:
+    """Generate, verify and store the teacher's responses for data.train (once; reused after)."""
+    tokenizer, _, train_records, _ = preflight(cfg)
+    teacher_name = engines.resolve_model(cfg.model.teacher, "model.teacher")
+    path = sources.stored_responses_path(cfg.data, teacher_name)
+    needed = sources.missing_responses(train_records)
+    if not needed:
+        say("every problem in data.train already has a reference response; nothing to generate")
+        return {"generated": 0, "path": None}
+    if sources.with_stored_responses(train_records, cfg.data, teacher_name) is not None:
+        say(f"teacher responses already stored in {path}; delete it to regenerate")
+        return {"generated": 0, "path": str(path)}
+    dist.init(cfg.train.timeout_s)
+    teacher = engines.build_teacher(cfg)
+    rows = generate_responses(cfg, tokenizer, teacher, needed)
+    correct = sum(row["correct"] for row in rows)
+    if dist.is_main():
+        sources.store_responses(train_records, rows, cfg.data, teacher_name)
+    dist.barrier()
+    say(f"teacher solved {correct}/{len(rows)} ({correct / len(rows):.1%}); responses stored in {path}")
+    return {"generated": len(rows), "correct": correct, "path": str(path)}
+
+
+def evaluate(cfg: RunConfig) -> dict:
+    """Greedy held-out accuracy of model.student, per difficulty level."""
+    tokenizer, _, _, eval_records = preflight(cfg)
+    if not eval_records:
+        raise UserError("config key data.eval: nothing to evaluate (it is empty)")
+    dist.init(cfg.train.timeout_s)
+    # An inference engine (ZeRO-3, no optimizer) loaded like the teacher, from model.student.
+    model = engines.build_teacher(cfg, name=engines.resolve_model(cfg.model.student, "model.student"))
+    result = generation.evaluate(model.module, tokenizer, eval_records, cfg.data, cfg.eval)
+    levels = generation.accuracy_table(result["by_difficulty"])
+    say(f"{cfg.model.student}: accuracy {result['accuracy']:.1%} on {result['count']} problems | "
+        + " ".join(f"{k} {v:.0%}" for k, v in levels.items()))
+    return result

@@ -1,0 +1,235 @@
+"""The training loop: problems -> teacher logits -> student -> weighted divergence -> step.
+
+Read it top to bottom: ``train(cfg)`` sets up (process group, tokenizer, problems,
+teacher responses, engines, sampler), evaluates the student, then runs one plain loop
+over optimizer steps, then evaluates, checkpoints and exports.
+
+Loss normalisation: the divergence of every response token is multiplied by its
+problem's weight and summed, then divided once by the global number of response tokens
+of the optimizer step (all micro-batches, all ranks). DeepSpeed averages gradients over
+ranks and, by default, divides the loss by the accumulation steps; we multiply by the
+world size and pass ``scale_wrt_gas=False`` so that neither changes the normalisation.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from paced_ds.config import RunConfig
+from paced_ds.curriculum.sampler import ProblemSampler
+from paced_ds.data import sources
+from paced_ds.data.collate import collate_train, encode
+from paced_ds.distill import engines, generation
+from paced_ds.distill.losses import distillation_loss
+from paced_ds.errors import UserError
+from paced_ds.runtime import checkpoint, dist
+from paced_ds.runtime.tracking import Tracker
+
+
+def say(message: str) -> None:
+    if dist.is_main():
+        print(f"paced-ds: {message}", flush=True)
+
+
+def divergence_params(cfg: RunConfig) -> dict:
+    return {"jsd": {"beta": cfg.loss.jsd_beta}, "skew_kl": {"alpha": cfg.loss.skew_alpha},
+            "akl": {"mu": cfg.loss.akl_mu}}.get(cfg.loss.kind, {})
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def preflight(cfg: RunConfig):
+    """Everything that can be checked before a process group exists: tokenizer, the two
+    models' vocabularies, and the problems. Bad input fails here, on every rank alike."""
+    tokenizer = engines.load_tokenizer(cfg)
+    vocab = engines.shared_vocab_size(cfg, tokenizer)
+    train_records = sources.load_train(cfg.data)
+    eval_records = sources.load_eval(cfg.data)
+    return tokenizer, vocab, train_records, eval_records
+
+
+def with_teacher_responses(cfg: RunConfig, tokenizer, teacher_engine, train_records: list[dict]) -> list[dict]:
+    """Train problems with a response each: their own, stored ones, or generated now by the teacher."""
+    teacher_name = engines.resolve_model(cfg.model.teacher, "model.teacher")
+    attached = sources.with_stored_responses(train_records, cfg.data, teacher_name)
+    if attached is None:
+        needed = sources.missing_responses(train_records)
+        say(f"generating teacher responses for {len(needed)} problems (stored for later runs)")
+        rows = generate_responses(cfg, tokenizer, teacher_engine, needed)
+        if dist.is_main():
+            path = sources.store_responses(train_records, rows, cfg.data, teacher_name)
+            correct = sum(row["correct"] for row in rows)
+            say(f"teacher solved {correct}/{len(rows)}; responses stored in {path}")
+        dist.barrier()
+        attached = sources.with_stored_responses(train_records, cfg.data, teacher_name)
+    records, dropped = attached
+    if dropped:
+        say(f"dropped {dropped} problems whose teacher response failed verification (data.keep_incorrect)")
+    records = [r for r in records if r.get("response")]
+    if not records:
+        raise UserError(f"data.train: no problem has a usable teacher response ({cfg.data.train})")
+    return records
+
+
+def generate_responses(cfg: RunConfig, tokenizer, teacher_engine, records: list[dict]) -> list[dict]:
+    progress = progress_bar(len(records), "teacher responses", cfg) if dist.is_main() else None
+    rows = generation.teacher_responses(teacher_engine.module, tokenizer, records, cfg.data,
+                                        batch_size=cfg.eval.batch_size, progress=progress)
+    if progress is not None:
+        progress.close()
+    return rows
+
+
+def progress_bar(total: int, desc: str, cfg: RunConfig, initial: int = 0):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, desc=desc, disable=not cfg.logging.progress or not dist.is_main(),
+                dynamic_ncols=True)
+
+
+def tokenize_problems(cfg: RunConfig, tokenizer, records: list[dict]) -> list[dict]:
+    texts = generation.prompt_texts(tokenizer, records, cfg.data)
+    return [encode(tokenizer, text, record["response"], cfg.data.max_length, problem_id=record["id"])
+            for text, record in zip(texts, records)]
+
+
+def run_eval(cfg, engine, tokenizer, eval_records, tracker, step: int, label: str) -> dict | None:
+    if not eval_records:
+        return None
+    started = time.time()
+    result = generation.evaluate(engine.module, tokenizer, eval_records, cfg.data, cfg.eval)
+    tracker.log_eval(step, result)
+    levels = generation.accuracy_table(result["by_difficulty"])
+    say(f"eval ({label}, step {step}): accuracy {result['accuracy']:.1%} | "
+        + " ".join(f"{k} {v:.0%}" for k, v in levels.items()) + f" | {time.time() - started:.1f} s")
+    return result
+
+
+def teacher_logits(teacher_engine, batch: dict, vocab: int) -> torch.Tensor:
+    with torch.no_grad():
+        logits = teacher_engine.module(input_ids=batch["input_ids"],
+                                       attention_mask=batch["attention_mask"]).logits
+    return logits[..., :vocab]
+
+
+def train(cfg: RunConfig) -> dict:
+    # ---- set up -------------------------------------------------------------------------
+    tokenizer, vocab, train_records, eval_records = preflight(cfg)
+    dist.init(cfg.train.timeout_s)
+    world, rank = dist.world_size(), dist.rank()
+    device = dist.device()
+    output_dir = Path(cfg.train.output_dir)
+    seed_everything(cfg.train.seed + rank)
+
+    teacher = engines.build_teacher(cfg)
+    train_records = with_teacher_responses(cfg, tokenizer, teacher, train_records)
+    examples = tokenize_problems(cfg, tokenizer, train_records)
+    student, _ = engines.build_student(cfg)
+    say(f"{len(train_records)} training problems, {len(eval_records)} held-out; {world} ranks; "
+        f"student ZeRO-{cfg.train.zero_stage}, teacher ZeRO-3 offload={cfg.teacher.offload}; "
+        f"loss {cfg.loss.kind}")
+
+    sampler = ProblemSampler(len(examples), seed=cfg.train.seed, world_size=world, rank=rank,
+                             micro_batch_size=cfg.train.micro_batch_size, grad_accum=cfg.train.grad_accum)
+    counters = {"step": 0, "tokens": 0, "samples": 0}
+    resume_from = checkpoint.find_resume(output_dir, cfg.train.resume)
+    if resume_from is not None:
+        client_state = checkpoint.load(student, *resume_from)
+        sampler.load_state_dict(client_state["sampler"])
+        counters.update(client_state["counters"])
+        say(f"resumed from {resume_from[0] / resume_from[1]} at step {counters['step']}")
+    elif dist.is_main():
+        output_dir.mkdir(parents=True, exist_ok=True)
+        (output_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
+    tracker = Tracker(output_dir, tensorboard=cfg.logging.tensorboard, resume=resume_from is not None)
+
+    before = None
+    if resume_from is None:
+        before = run_eval(cfg, student, tokenizer, eval_records, tracker, 0, "before training")
+
+    params = divergence_params(cfg)
+    group = cfg.teacher.forward_micro_batches or cfg.train.grad_accum
+    mb = cfg.train.micro_batch_size
+    progress = progress_bar(cfg.train.steps, "distilling", cfg, initial=counters["step"])
+
+    # ---- the loop -------------------------------------------------------------------------
+    while counters["step"] < cfg.train.steps:
+        step_started = time.time()
+        micro_batches = sampler.next_step()
+        local_tokens = sum(sum(len(examples[i]["input_ids"]) - examples[i]["response_start"]
+                               for i in indices) for indices in micro_batches)
+        global_tokens = dist.all_reduce_sum(torch.tensor([float(local_tokens)], dtype=torch.float64)).item()
+
+        loss_sum, teacher_s = torch.zeros((), dtype=torch.float64), 0.0
+        for first in range(0, len(micro_batches), group):
+            # One teacher forward (one all-gather of the teacher) for `group` micro-batches.
+            indices = [i for part in micro_batches[first:first + group] for i in part]
+            batch = {k: v.to(device) for k, v in collate_train([examples[i] for i in indices],
+                                                               tokenizer.pad_token_id).items()}
+            weights = sampler.weights[indices].to(device)
+            teacher_started = time.time()
+            batch_teacher_logits = teacher_logits(teacher, batch, vocab)
+            teacher_s += time.time() - teacher_started
+            for start in range(0, len(indices), mb):
+                rows = slice(start, start + mb)
+                student_logits = student(input_ids=batch["input_ids"][rows],
+                                         attention_mask=batch["attention_mask"][rows]).logits[..., :vocab]
+                loss, stats = distillation_loss(
+                    student_logits, batch_teacher_logits[rows], batch["loss_mask"][rows], weights[rows],
+                    kind=cfg.loss.kind, temperature=cfg.loss.temperature, normalizer=global_tokens,
+                    chunk_tokens=cfg.loss.chunk_tokens, **params)
+                student.backward(loss * world, scale_wrt_gas=False)
+                student.step()
+                loss_sum += float(stats["weighted_divergence_sum"])
+            del batch_teacher_logits
+
+        counters["step"] += 1
+        counters["tokens"] += int(global_tokens)
+        counters["samples"] += sampler.global_batch
+        step = counters["step"]
+        if step % cfg.logging.log_every == 0 or step == cfg.train.steps:
+            loss_value = dist.all_reduce_sum(loss_sum.reshape(1)).item() / max(global_tokens, 1.0)
+            step_s = time.time() - step_started
+            grad_norm = student.get_global_grad_norm()
+            tracker.log_step(step, {
+                "loss": loss_value, "lr": student.get_lr()[0], "tokens": counters["tokens"],
+                "samples": counters["samples"],
+                "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+                "weight_mean": weights.float().mean().item(), "step_time_s": step_s,
+                "teacher_time_s": teacher_s, "tokens_per_s": global_tokens / step_s,
+                "epoch": sampler.epoch})
+            progress.set_postfix(loss=f"{loss_value:.4f}", lr=f"{student.get_lr()[0]:.1e}")
+        progress.update(1)
+
+        if cfg.eval.every and step % cfg.eval.every == 0 and step < cfg.train.steps:
+            run_eval(cfg, student, tokenizer, eval_records, tracker, step, "during training")
+        if cfg.train.save_every and step % cfg.train.save_every == 0 and step < cfg.train.steps:
+            save(cfg, student, sampler, counters)
+    progress.close()
+
+    # ---- finish ---------------------------------------------------------------------------
+    after = run_eval(cfg, student, tokenizer, eval_records, tracker, counters["step"], "after training")
+    save(cfg, student, sampler, counters)
+    exported = None
+    if cfg.train.export:
+        exported = checkpoint.export_student(student, tokenizer, output_dir / "student")
+        say(f"student exported to {exported}")
+    tracker.close()
+    return {"before": before, "after": after, "steps": counters["step"], "exported": exported,
+            "output_dir": output_dir}
+
+
+def save(cfg: RunConfig, student, sampler: ProblemSampler, counters: dict) -> None:
+    client_state = {"sampler": sampler.state_dict(), "counters": dict(counters), "config": cfg.to_dict()}
+    path = checkpoint.save(student, cfg.train.output_dir, counters["step"], client_state)
+    say(f"checkpoint saved: {path}")

@@ -1,0 +1,105 @@
+"""Distributed helpers: start the process group, who am I, and the few collectives we use.
+
+Works under the ``deepspeed`` launcher, ``torchrun`` and a plain single process. On a
+machine with no GPU, DeepSpeed's CPU accelerator and gloo are used
+(``DS_ACCELERATOR=cpu``, set by ``paced-ds`` when no CUDA device is visible).
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import socket
+
+import torch
+import torch.distributed as torch_dist
+
+
+def ensure_accelerator_env() -> None:
+    """Pick DeepSpeed's CPU accelerator when no GPU is visible (before deepspeed is imported)."""
+    if "DS_ACCELERATOR" not in os.environ and not torch.cuda.is_available():
+        os.environ["DS_ACCELERATOR"] = "cpu"
+
+
+def rank() -> int:
+    return torch_dist.get_rank() if torch_dist.is_initialized() else int(os.environ.get("RANK", 0))
+
+
+def world_size() -> int:
+    return torch_dist.get_world_size() if torch_dist.is_initialized() else int(os.environ.get("WORLD_SIZE", 1))
+
+
+def local_rank() -> int:
+    return int(os.environ.get("LOCAL_RANK", 0))
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def init(timeout_s: int = 900) -> None:
+    """Start the process group once (DeepSpeed picks nccl on GPUs, gloo on its CPU accelerator)."""
+    ensure_accelerator_env()
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
+
+    if "RANK" not in os.environ:  # a plain `python -m paced_ds.train`: a world of one
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_SIZE="1",
+                          MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+    # torchrun sets no LOCAL_SIZE; DeepSpeed's CPU accelerator reads it as its device count.
+    os.environ.setdefault("LOCAL_SIZE", os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    if not torch_dist.is_initialized():
+        deepspeed.init_distributed(timeout=datetime.timedelta(seconds=timeout_s))
+    accelerator = get_accelerator()
+    if accelerator.device_name() == "cuda":
+        accelerator.set_device(local_rank())
+
+
+def device() -> torch.device:
+    from deepspeed.accelerator import get_accelerator
+
+    name = get_accelerator().device_name()
+    return torch.device(name, local_rank()) if name == "cuda" else torch.device("cpu")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
+    """Sum over ranks (a new tensor; float64 kept exact for counts)."""
+    out = values.detach().clone().to(device())
+    if torch_dist.is_initialized() and world_size() > 1:
+        torch_dist.all_reduce(out, op=torch_dist.ReduceOp.SUM)
+    return out.cpu()
+
+
+def all_gather_objects(obj):
+    """Every rank's ``obj``, in rank order (small, picklable-free JSON-like payloads)."""
+    if not torch_dist.is_initialized() or world_size() == 1:
+        return [obj]
+    out = [None] * world_size()
+    torch_dist.all_gather_object(out, obj)
+    return out
+
+
+def broadcast_object(obj, src: int = 0):
+    if not torch_dist.is_initialized() or world_size() == 1:
+        return obj
+    box = [obj]
+    torch_dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def barrier() -> None:
+    if torch_dist.is_initialized() and world_size() > 1:
+        torch_dist.barrier()
+
+
+def shard(items: list, rank_: int | None = None, world: int | None = None) -> list:
+    """This rank's strided share of ``items`` (rank r gets r, r+W, r+2W, ...)."""
+    rank_ = rank() if rank_ is None else rank_
+    world = world_size() if world is None else world
+    return items[rank_::world]

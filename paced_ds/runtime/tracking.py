@@ -1,0 +1,76 @@
+"""What a run reports: TensorBoard events and JSON lines, written by rank 0 only.
+
+``metrics.jsonl`` holds one object per logged optimizer step and ``eval.jsonl`` one per
+held-out evaluation (DESIGN.md contracts); the same numbers go to TensorBoard scalars.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+from paced_ds.runtime import dist
+
+
+class Tracker:
+    def __init__(self, output_dir: str | Path, *, tensorboard: bool = True, resume: bool = False):
+        self.enabled = dist.is_main()
+        self.output_dir = Path(output_dir)
+        self.writer = None
+        if not self.enabled:
+            return
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        mode = "a" if resume else "w"
+        self.metrics_file = (self.output_dir / "metrics.jsonl").open(mode)
+        self.eval_file = (self.output_dir / "eval.jsonl").open(mode)
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(log_dir=str(self.output_dir / "tensorboard"))
+
+    def log_step(self, step: int, values: dict) -> None:
+        if not self.enabled:
+            return
+        row = {"step": step, **values}
+        self.metrics_file.write(json.dumps(row, default=_jsonable) + "\n")
+        self.metrics_file.flush()
+        if self.writer is not None:
+            for key, value in values.items():
+                if isinstance(value, (int, float)) and math.isfinite(value):
+                    self.writer.add_scalar(_tag(key), value, step)
+
+    def log_eval(self, step: int, result: dict) -> None:
+        if not self.enabled:
+            return
+        row = {"step": step, "accuracy": result["accuracy"], "by_difficulty": result["by_difficulty"],
+               "count": result["count"]}
+        self.eval_file.write(json.dumps(row) + "\n")
+        self.eval_file.flush()
+        if self.writer is not None:
+            self.writer.add_scalar("eval/accuracy", result["accuracy"], step)
+            for level, accuracy in result["by_difficulty"].items():
+                self.writer.add_scalar(f"eval/accuracy_{level}", accuracy, step)
+            self.writer.flush()
+
+    def histogram(self, tag: str, values, step: int) -> None:
+        if self.enabled and self.writer is not None:
+            self.writer.add_histogram(tag, values, step)
+
+    def close(self) -> None:
+        if not self.enabled:
+            return
+        self.metrics_file.close()
+        self.eval_file.close()
+        if self.writer is not None:
+            self.writer.close()
+
+
+def _tag(key: str) -> str:
+    return key if "/" in key else f"train/{key}"
+
+
+def _jsonable(value):
+    if hasattr(value, "item"):
+        return value.item()
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")

@@ -1,0 +1,62 @@
+"""The entry every rank runs: ``deepspeed --module paced_ds.train --config RECIPE [key=value ...]``.
+
+Also ``torchrun -m paced_ds.train ...`` and, for one process, ``python -m paced_ds.train``.
+``--task`` selects what the ranks do: ``train`` (default), ``generate`` (teacher reference
+responses only) or ``eval`` (held-out accuracy of ``model.student``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from paced_ds.errors import UserError
+from paced_ds.runtime.dist import ensure_accelerator_env
+
+TASKS = ("train", "generate", "eval")
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(prog="paced_ds.train", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", help="YAML recipe (e.g. ds_configs/recipes/tiny_arith.yaml)")
+    parser.add_argument("--task", choices=TASKS, default="train")
+    parser.add_argument("--result-json", help="write the task's summary here (rank 0)")
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None,
+                        help="set by the deepspeed launcher; LOCAL_RANK is read from the environment")
+    parser.add_argument("overrides", nargs="*", help="dotted key=value config overrides")
+    return parser.parse_args(argv)
+
+
+def run(task: str, cfg) -> dict:
+    from paced_ds.distill import tasks, trainer
+
+    if task == "train":
+        return trainer.train(cfg)
+    if task == "generate":
+        return tasks.generate(cfg)
+    return tasks.evaluate(cfg)
+
+
+def main(argv=None) -> int:
+    ensure_accelerator_env()
+    args = parse_args(argv)
+    from paced_ds.config import load_config
+    from paced_ds.runtime import dist
+
+    try:
+        cfg = load_config(args.config, args.overrides)
+        result = run(args.task, cfg)
+    except UserError as err:
+        where = f" (rank {dist.rank()})" if dist.world_size() > 1 else ""
+        print(f"paced-ds: error{where}: {err}", file=sys.stderr, flush=True)
+        return 2
+    if args.result_json and dist.is_main():
+        with open(args.result_json, "w") as f:
+            json.dump(result, f, default=str, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
