@@ -211,6 +211,17 @@ def _set(cfg: RunConfig, dotted: str, value: Any) -> None:
     setattr(section, name, _coerce(dotted, value, spec.type, spec.metadata.get("choices")))
 
 
+def _is_text_key(dotted: str) -> bool:
+    """Whether ``dotted`` names a string field, or a sub-key of a mapping field (values are text)."""
+    parts = dotted.split(".")
+    if len(parts) < 2 or parts[0] not in SECTIONS:
+        return False
+    spec = {f.name: f for f in dataclasses.fields(_section_class(parts[0]))}.get(parts[1])
+    if spec is None:
+        return False
+    return spec.type in (str, "str") if len(parts) == 2 else spec.type in (dict, "dict")
+
+
 def parse_override(text: str) -> tuple[str, Any]:
     """``"train.lr=1e-4"`` -> ``("train.lr", "1e-4")``; typing happens when it is applied."""
     if "=" not in text:
@@ -250,7 +261,11 @@ def load_config(recipe: str | Path | None = None, overrides: list[str] | tuple =
             except UserError as err:
                 raise UserError(f"{path}: {err}") from None
     for text in overrides:
-        _set(cfg, *parse_override(text))
+        key, value = parse_override(text)
+        if not isinstance(value, str) and _is_text_key(key):
+            # A string field keeps the text as typed: "Q: {prompt}" is no YAML mapping, "010" no 8.
+            value = text.split("=", 1)[1]
+        _set(cfg, key, value)
     validate(cfg)
     return cfg
 

@@ -42,13 +42,15 @@ MATH_VERIFY_MAX_CHARS = 500
 # Text after an end-of-sequence token is not part of the response.
 _END_OF_SEQUENCE = re.compile(r"</s>|<eos>|<\|endoftext\|>|<\|im_end\|>|<\|eot_id\|>|<\|end\|>")
 _SPECIAL_TOKEN = re.compile(r"<\|[^<>|]{1,40}\|>|</?s>|<pad>|<unk>|<bos>")
+_MATH_DELIMITERS = (("$$", "$$"), ("$", "$"), ("\\(", "\\)"), ("\\[", "\\]"))
 _BOXED = re.compile(r"\\(?:boxed|fbox)\b")
 # '=' but not '<=', '>=', '!=', '==', '=>'; or an "answer is" / "answer:" phrase.
 _MARKER = re.compile(r"(?<![<>!=])=(?![=>])|\banswer\s+is\b\s*:?|\banswer\s*:", re.IGNORECASE)
 # The arithmetic task's working ("rev 2301") is never the answer.
 _ARITH_WORKING = re.compile(r"\brev\s+-?\d+")
 # Thousands separators: 1,234 / 1 234 / 1\,234 / 1{,}234 / thin spaces.
-_NUMBER = r"[-+]?(?:\d{1,3}(?:(?:,|\\,|\{,\}|[ \u2009\u202f])\d{3})+(?!\d)|\d+)(?:\.\d+)?|[-+]?\.\d+"
+_NUMBER = (r"[-+]?(?:\d{1,3}(?:(?:,|\\,|\{,\}|[ \u2009\u202f])\d{3})+(?!\d)|\d+)(?:\.\d+)?"
+           r"|[-+]?\.\d+")
 # A number followed by a word: "1032 Done", "42 apples".
 _NUMBER_THEN_WORD = re.compile(rf"({_NUMBER})\s+([A-Za-z]{{2,}})")
 # A word of text; "frac" in "\\frac" is not one.
@@ -77,8 +79,8 @@ def extract_answer(response: str) -> str | None:
     braces); else the text after the last '=', 'answer is' or 'Answer:', up to the end of
     its sentence; else the whole text if it is one short line of math and no words
     ("\\frac{a}{2}", "-7"); else the last number in the text (the arithmetic task's
-    "rev 2301" working excluded). Surrounding ``$...$``, a trailing period and special tokens are
-    removed.
+    "rev 2301" working excluded). Surrounding ``$...$``, a trailing period and special
+    tokens are removed; text after an end-of-sequence token is ignored.
     """
     if not isinstance(response, str):
         return None
@@ -187,7 +189,7 @@ def _braced(text: str, open_at: int) -> str | None:
 def _answer_span(tail: str) -> str:
     """The answer at the start of the text following '=' or 'answer is'."""
     tail = tail.lstrip(" \t\n:")
-    for opener, closer in (("$$", "$$"), ("$", "$"), ("\\(", "\\)"), ("\\[", "\\]")):
+    for opener, closer in _MATH_DELIMITERS:
         if tail.startswith(opener):
             end = tail.find(closer, len(opener))
             if end > 0:
@@ -210,8 +212,9 @@ def _clean(answer: str) -> str:
     while answer != previous:
         previous = answer
         answer = answer.strip()
-        for opener, closer in (("$$", "$$"), ("$", "$"), ("\\(", "\\)"), ("\\[", "\\]")):
-            if answer.startswith(opener) and answer.endswith(closer) and len(answer) >= 2 * len(opener):
+        for opener, closer in _MATH_DELIMITERS:
+            if (answer.startswith(opener) and answer.endswith(closer)
+                    and len(answer) >= len(opener) + len(closer)):
                 answer = answer[len(opener):len(answer) - len(closer)]
         answer = answer.strip("$").rstrip(".,;:").removesuffix("\\]").removesuffix("\\)")
     return answer

@@ -35,7 +35,10 @@ class Level:
             raise ValueError(f"arith level {self.name!r}: op must be '+' or '-', got {self.op!r}")
         if not 1 <= self.digits <= 9:
             raise ValueError(f"arith level {self.name!r}: digits must be in 1..9, got {self.digits}")
-        if self.min_carries > min(self.max_carries, self.digits):
+        # With a >= b the top column of a subtraction never borrows: d digits borrow at most
+        # d - 1 times. An impossible band would make _draw_operands loop forever.
+        most_carries = self.digits if self.op == "+" else self.digits - 1
+        if self.min_carries > min(self.max_carries, most_carries):
             raise ValueError(f"arith level {self.name!r}: no problem has {self.min_carries} carries")
 
 

@@ -40,6 +40,20 @@ def load_eval(data_cfg) -> list[dict]:
     return load(data_cfg.eval, data_cfg, split=data_cfg.eval_split, per_level=data_cfg.arith_eval_per_level)
 
 
+def limit_per_level(records: list[dict], limit: int) -> list[dict]:
+    """At most ``limit`` records of each difficulty level, in order (0 = all)."""
+    if not limit:
+        return records
+    seen: dict[str, int] = {}
+    kept = []
+    for record in records:
+        level = str(record.get("difficulty", "all"))
+        if seen.get(level, 0) < limit:
+            seen[level] = seen.get(level, 0) + 1
+            kept.append(record)
+    return kept
+
+
 def stored_responses_path(data_cfg, teacher: str) -> Path:
     source = data_cfg.train
     cache_dir = str(Path(data_cfg.responses_dir).expanduser())

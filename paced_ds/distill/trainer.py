@@ -54,7 +54,7 @@ def preflight(cfg: RunConfig):
     tokenizer = engines.load_tokenizer(cfg)
     vocab = engines.shared_vocab_size(cfg, tokenizer)
     train_records = sources.load_train(cfg.data)
-    eval_records = sources.load_eval(cfg.data)
+    eval_records = sources.limit_per_level(sources.load_eval(cfg.data), cfg.eval.limit_per_level)
     return tokenizer, vocab, train_records, eval_records
 
 
@@ -165,6 +165,7 @@ def train(cfg: RunConfig) -> dict:
     # ---- the loop -------------------------------------------------------------------------
     while counters["step"] < cfg.train.steps:
         step_started = time.time()
+        lr = student.get_lr()[0]  # the rate this step uses
         micro_batches = sampler.next_step()
         local_tokens = sum(sum(len(examples[i]["input_ids"]) - examples[i]["response_start"]
                                for i in indices) for indices in micro_batches)
@@ -202,13 +203,13 @@ def train(cfg: RunConfig) -> dict:
             step_s = time.time() - step_started
             grad_norm = student.get_global_grad_norm()
             tracker.log_step(step, {
-                "loss": loss_value, "lr": student.get_lr()[0], "tokens": counters["tokens"],
+                "loss": loss_value, "lr": lr, "tokens": counters["tokens"],
                 "samples": counters["samples"],
                 "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
                 "weight_mean": weights.float().mean().item(), "step_time_s": step_s,
                 "teacher_time_s": teacher_s, "tokens_per_s": global_tokens / step_s,
                 "epoch": sampler.epoch})
-            progress.set_postfix(loss=f"{loss_value:.4f}", lr=f"{student.get_lr()[0]:.1e}")
+            progress.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.1e}")
         progress.update(1)
 
         if cfg.eval.every and step % cfg.eval.every == 0 and step < cfg.train.steps:
