@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -99,6 +100,9 @@ def cmd_demo(args) -> int:
     recipe = str(REPO_ROOT / DEMO_RECIPE)
     output_dir = Path(args.output_dir)
     overrides = [f"train.output_dir={output_dir}"] + list(args.overrides)
+    if (output_dir / "checkpoints").is_dir() and (output_dir / "config.json").is_file():
+        print(f"paced-ds demo: replacing the previous demo run in {output_dir}")
+        shutil.rmtree(output_dir)
     preflight(recipe, overrides)
     print(f"paced-ds demo: distilling the shipped tiny teacher into the tiny student on {args.nproc} "
           f"{'CPU ranks' if not _has_gpu() else 'GPUs'} ({DEMO_RECIPE})", flush=True)

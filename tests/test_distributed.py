@@ -82,6 +82,20 @@ def test_two_rank_zero3_run_with_cpu_offloaded_teacher(tmp_path):
         shipped = AutoModelForCausalLM.from_pretrained(REPO / "paced_ds" / "assets" / "tiny-student")
         assert not torch.allclose(exported(ids).logits, shipped(ids).logits)  # it did train
 
+    # train.resume=auto continues from checkpoints/latest and appends to the logs.
+    resumed = paced_ds("train", "--config", RECIPE, "--nproc", 2, "data.train=" + str(data),
+                       *small_overrides(tmp_path, **{"teacher.offload": "cpu", "train.steps": 8,
+                                                     "train.grad_accum": 2, "eval.every": 3,
+                                                     "train.save_every": 3, "train.lr": 3e-3,
+                                                     "train.resume": "auto"}))
+    assert resumed.returncode == 0, explain(resumed)
+    assert "resumed from" in resumed.stdout and "generating teacher responses" not in resumed.stdout
+    metrics = read_jsonl(run_dir / "metrics.jsonl")
+    assert [m["step"] for m in metrics] == [1, 2, 3, 4, 5, 6, 7, 8]
+    assert metrics[-1]["samples"] == 8 * 2 * 4 * 2
+    assert [e["step"] for e in read_jsonl(run_dir / "eval.jsonl")] == [0, 3, 6, 8]
+    assert (checkpoints / "latest").read_text().strip() == "step_8"
+
 
 ACCUMULATION_SCRIPT = r"""
 import json, sys
@@ -89,17 +103,33 @@ from paced_ds.config import load_config
 from paced_ds.distill.trainer import train
 args = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]
 out, common = args[0], args[1:]
-for name, mb, gas in (("mb4x1", 4, 1), ("mb2x2", 2, 2), ("mb1x4", 1, 4)):
-    cfg = load_config(None, common + [f"train.output_dir={out}/{name}", f"train.micro_batch_size={mb}",
-                                      f"train.grad_accum={gas}"])
+runs = [("mb4x1", 4, 1, []), ("mb2x2", 2, 2, []), ("mb1x4", 1, 4, []),
+        ("padded", 4, 1, [f"model.teacher={out}/padded-teacher"])]
+for name, mb, gas, extra in runs:
+    cfg = load_config(None, common + extra + [f"train.output_dir={out}/{name}", f"train.micro_batch_size={mb}",
+                                              f"train.grad_accum={gas}"])
     train(cfg)
 """
 
 
+def save_padded_teacher(out: Path, extra_rows: int = 64) -> Path:
+    """The shipped teacher with padding rows appended to its vocabulary (as Qwen pads its)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    source = REPO / "paced_ds" / "assets" / "tiny-teacher"
+    model = AutoModelForCausalLM.from_pretrained(source)
+    model.resize_token_embeddings(model.config.vocab_size + extra_rows, mean_resizing=False)
+    model.save_pretrained(out)
+    AutoTokenizer.from_pretrained(source).save_pretrained(out)
+    return out
+
+
 def test_gradient_accumulation_matches_a_larger_micro_batch(tmp_path):
     """Loss normalised once by the global token count: 4 problems per rank as 1x4, 2x2 or
-    4x1 micro-batches give the same training trajectory on 2 ZeRO-3 ranks."""
+    4x1 micro-batches give the same training trajectory on 2 ZeRO-3 ranks. A teacher whose
+    vocabulary has padding rows appended scores the shared range exactly like the original."""
     data = write_problems(tmp_path / "problems.jsonl", per_level=8, with_response=True)
+    save_padded_teacher(tmp_path / "padded-teacher")
     script = tmp_path / "accumulate.py"
     script.write_text(ACCUMULATION_SCRIPT)
     overrides = small_overrides(tmp_path, **{
@@ -108,10 +138,10 @@ def test_gradient_accumulation_matches_a_larger_micro_batch(tmp_path):
     result = run([sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port",
                   str(_port()), str(script), str(tmp_path), *overrides])
     assert result.returncode == 0, explain(result)
-    runs = {name: read_jsonl(tmp_path / name / "metrics.jsonl") for name in ("mb4x1", "mb2x2", "mb1x4")}
+    runs = {name: read_jsonl(tmp_path / name / "metrics.jsonl") for name in ("mb4x1", "mb2x2", "mb1x4", "padded")}
     reference = [m["loss"] for m in runs["mb4x1"]]
     assert len(reference) == 3 and reference[-1] != reference[0]
-    for name in ("mb2x2", "mb1x4"):
+    for name in ("mb2x2", "mb1x4", "padded"):
         assert [m["loss"] for m in runs[name]] == pytest.approx(reference, rel=1e-5), name
         assert [m["grad_norm"] for m in runs[name]] == pytest.approx(
             [m["grad_norm"] for m in runs["mb4x1"]], rel=1e-4), name

@@ -51,6 +51,12 @@ def seed_everything(seed: int) -> None:
 def preflight(cfg: RunConfig):
     """Everything that can be checked before a process group exists: tokenizer, the two
     models' vocabularies, and the problems. Bad input fails here, on every rank alike."""
+    existing = Path(cfg.train.output_dir) / "checkpoints" / "latest"
+    if cfg.train.resume == "never" and existing.is_file():
+        raise UserError(f"config key train.output_dir: {cfg.train.output_dir} already holds a run with "
+                        "checkpoints; continue it with train.resume=auto or choose another train.output_dir")
+    engines.student_ds_config(cfg)  # the DeepSpeed JSONs exist and parse
+    engines.teacher_ds_config(cfg)
     tokenizer = engines.load_tokenizer(cfg)
     vocab = engines.shared_vocab_size(cfg, tokenizer)
     train_records = sources.load_train(cfg.data)
@@ -167,6 +173,7 @@ def train(cfg: RunConfig) -> dict:
         step_started = time.time()
         lr = student.get_lr()[0]  # the rate this step uses
         micro_batches = sampler.next_step()
+        step_weights = sampler.weights[[i for part in micro_batches for i in part]]
         local_tokens = sum(sum(len(examples[i]["input_ids"]) - examples[i]["response_start"]
                                for i in indices) for indices in micro_batches)
         global_tokens = dist.all_reduce_sum(torch.tensor([float(local_tokens)], dtype=torch.float64)).item()
@@ -206,7 +213,7 @@ def train(cfg: RunConfig) -> dict:
                 "loss": loss_value, "lr": lr, "tokens": counters["tokens"],
                 "samples": counters["samples"],
                 "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
-                "weight_mean": weights.float().mean().item(), "step_time_s": step_s,
+                "weight_mean": step_weights.mean().item(), "step_time_s": step_s,
                 "teacher_time_s": teacher_s, "tokens_per_s": global_tokens / step_s,
                 "epoch": sampler.epoch})
             progress.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.1e}")

@@ -8,8 +8,10 @@ machine with no GPU, DeepSpeed's CPU accelerator and gloo are used
 from __future__ import annotations
 
 import datetime
+import logging
 import os
 import socket
+import warnings
 
 import torch
 import torch.distributed as torch_dist
@@ -48,6 +50,9 @@ def init(timeout_s: int = 900) -> None:
                           MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
     # torchrun sets no LOCAL_SIZE; DeepSpeed's CPU accelerator reads it as its device count.
     os.environ.setdefault("LOCAL_SIZE", os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    # DeepSpeed's ZeRO-3 calls collectives torch has renamed; the warning is theirs to fix.
+    warnings.filterwarnings("ignore", message=r"`torch\.distributed\..*` is deprecated", category=FutureWarning)
+    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
     if not torch_dist.is_initialized():
         deepspeed.init_distributed(timeout=datetime.timedelta(seconds=timeout_s))
     accelerator = get_accelerator()

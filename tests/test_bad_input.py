@@ -1,0 +1,122 @@
+"""Bad input through the command line: one line naming the culprit, exit 2, nothing written.
+
+Config, data and model problems are caught by `paced-ds train` before any rank starts, so
+these run in-process (``cli.main``) except one that checks the real process exit code.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+
+from launch import RECIPE, REPO, cpu_env, run, write_problems
+from paced_ds import cli
+
+
+def train(tmp_path: Path, *overrides: str, capsys) -> tuple[int, str]:
+    code = cli.main(["train", "--config", str(RECIPE), "--nproc", "2",
+                     f"train.output_dir={tmp_path / 'run'}", f"data.responses_dir={tmp_path / 'responses'}",
+                     *overrides])
+    err = capsys.readouterr().err.strip()
+    return code, err
+
+
+def assert_refused(tmp_path: Path, code: int, err: str, *expected: str) -> None:
+    assert code == 2
+    lines = err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("paced-ds: error: "), err
+    for text in expected:
+        assert text in lines[0], (text, lines[0])
+    assert not (tmp_path / "run").exists()  # no run directory, so no checkpoint either
+
+
+def test_malformed_jsonl_line_names_file_and_line(tmp_path, capsys):
+    data = write_problems(tmp_path / "train.jsonl", per_level=2, with_response=True)
+    lines = data.read_text().splitlines()
+    lines[4] = '{"id": "x", "prompt": "1+1=", "answer": '
+    data.write_text("\n".join(lines) + "\n")
+    code, err = train(tmp_path, f"data.train={data}", capsys=capsys)
+    assert_refused(tmp_path, code, err, "train.jsonl:5", "not valid JSON")
+
+
+def test_missing_field_names_the_field_and_its_mapping(tmp_path, capsys):
+    data = tmp_path / "train.jsonl"
+    data.write_text(json.dumps({"id": "a", "question": "1+1="}) + "\n")
+    code, err = train(tmp_path, f"data.train={data}", "data.fields.prompt=question", capsys=capsys)
+    assert_refused(tmp_path, code, err, "train.jsonl:1", "answer")
+
+
+def test_empty_dataset(tmp_path, capsys):
+    data = tmp_path / "train.jsonl"
+    data.write_text("\n\n")
+    code, err = train(tmp_path, f"data.train={data}", capsys=capsys)
+    assert_refused(tmp_path, code, err, "train.jsonl", "no problems")
+
+
+def test_missing_data_file(tmp_path, capsys):
+    code, err = train(tmp_path, f"data.train={tmp_path / 'nope.jsonl'}", capsys=capsys)
+    assert_refused(tmp_path, code, err, "nope.jsonl", "not found")
+
+
+def test_unknown_config_key(tmp_path, capsys):
+    code, err = train(tmp_path, "train.learning_rate=1e-4", capsys=capsys)
+    assert_refused(tmp_path, code, err, "train.learning_rate")
+
+
+def test_wrong_type(tmp_path, capsys):
+    code, err = train(tmp_path, "train.steps=many", capsys=capsys)
+    assert_refused(tmp_path, code, err, "train.steps", "integer")
+
+
+def test_unknown_key_in_a_recipe_names_the_recipe(tmp_path, capsys):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("train:\n  steps: 3\n  stpes: 4\n")
+    code = cli.main(["train", "--config", str(recipe), f"train.output_dir={tmp_path / 'run'}"])
+    assert_refused(tmp_path, code, capsys.readouterr().err.strip(), "recipe.yaml", "train.stpes")
+
+
+def test_nonexistent_model_path(tmp_path, capsys):
+    code, err = train(tmp_path, f"model.teacher={tmp_path / 'no-such-teacher'}", capsys=capsys)
+    assert_refused(tmp_path, code, err, "model.teacher", "no-such-teacher")
+
+
+def test_teacher_with_a_different_tokenizer(tmp_path, capsys, train_tokenizer):
+    prose = train_tokenizer("prose-for-cli", [f"the quick brown fox {i} jumps over the lazy dog" for i in range(300)])
+    teacher = tmp_path / "teacher"
+    shutil.copytree(REPO / "paced_ds" / "assets" / "tiny-teacher", teacher)
+    for name in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json"):
+        (teacher / name).unlink(missing_ok=True)
+        if (prose / name).exists():
+            shutil.copy(prose / name, teacher / name)
+    code, err = train(tmp_path, f"model.teacher={teacher}", capsys=capsys)
+    assert_refused(tmp_path, code, err, "model.teacher", "model.student", "different tokenizers")
+
+
+def test_nvme_offload_without_a_path(tmp_path, capsys):
+    code, err = train(tmp_path, "teacher.offload=nvme", capsys=capsys)
+    assert_refused(tmp_path, code, err, "teacher.nvme_path")
+
+
+def test_process_exit_code_and_single_line(tmp_path):
+    """The installed command itself: exit status 2 and one line on stderr."""
+    result = run([sys.executable, "-m", "paced_ds.cli", "train", "--config", str(RECIPE),
+                  f"train.output_dir={tmp_path / 'run'}", "loss.kind=kl"], env=cpu_env(), timeout=120)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "paced-ds: error: config key loss.kind: 'kl' is not one of forward_kl, reverse_kl, jsd, tvd, skew_kl, akl"]
+    assert not (tmp_path / "run").exists()
+
+
+def test_existing_run_is_not_overwritten(tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    (run_dir / "checkpoints" / "step_5").mkdir(parents=True)
+    (run_dir / "checkpoints" / "latest").write_text("step_5")
+    code = cli.main(["train", "--config", str(RECIPE), f"train.output_dir={run_dir}"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1
+    assert "train.resume=auto" in err and "train.output_dir" in err
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["latest", "step_5"]
