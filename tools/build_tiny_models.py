@@ -1,6 +1,6 @@
 """Build the shipped tiny models: a SentencePiece tokenizer, a teacher and a student.
 
-    python tools/build_tiny_models.py [--out paced_ds/assets] [--teacher-minutes 16]
+    python tools/build_tiny_models.py [--out paced_ds/assets] [--teacher-steps 3000]
 
 Both models are small Llama-architecture ``LlamaForCausalLM``s trained with plain
 PyTorch on the reference arithmetic task (``paced_ds.data.arith``). The teacher sees
@@ -107,9 +107,10 @@ def accuracy_by_level(model, tokenizer, eval_sets, limit=200):
     return result
 
 
-def train_model(name, shape, tokenizer, mix, minutes, seed, eval_sets, done, lr=3e-3,
-                batch_size=128, max_steps=100_000):
-    """Train on ``mix`` (level -> share of each batch) until ``done(acc)`` or time runs out."""
+def train_model(name, shape, tokenizer, mix, steps, minutes, seed, eval_sets, done, lr=3e-3,
+                batch_size=128, eval_every=500):
+    """Train on ``mix`` (level -> share of each batch) for ``steps`` steps, stopping early
+    when ``done(acc)`` holds at an evaluation; ``minutes`` is only a safety cap."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
@@ -126,18 +127,14 @@ def train_model(name, shape, tokenizer, mix, minutes, seed, eval_sets, done, lr=
     rng = random.Random(seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
     warmup = 200
-    est_steps = max_steps
     deadline = time.time() + minutes * 60
     start = time.time()
     history = []
     step = 0
     acc = {}
-    while step < max_steps:
-        # Linear warmup, then cosine decay over the time budget (steps estimated from pace).
-        if step == 300:
-            pace = (time.time() - start) / step
-            est_steps = min(max_steps, int(minutes * 60 / pace))
-        progress = min(1.0, step / max(est_steps, 1))
+    while step < steps:
+        # Linear warmup, then cosine decay to 5% over the step budget.
+        progress = step / steps
         scale = min(1.0, (step + 1) / warmup) * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress)))
         for group in optimizer.param_groups:
             group["lr"] = lr * scale
@@ -151,7 +148,7 @@ def train_model(name, shape, tokenizer, mix, minutes, seed, eval_sets, done, lr=
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         step += 1
-        if step % 250 == 0 or time.time() > deadline:
+        if step % eval_every == 0 or step == steps or time.time() > deadline:
             acc = accuracy_by_level(model, tokenizer, eval_sets)
             elapsed = time.time() - start
             history.append({"step": step, "minutes": round(elapsed / 60, 2), "loss": loss.item(), **acc})
@@ -166,8 +163,9 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="paced_ds/assets", help="where tiny-teacher/ and tiny-student/ go")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--teacher-minutes", type=float, default=18.0)
-    parser.add_argument("--student-minutes", type=float, default=6.0)
+    parser.add_argument("--teacher-steps", type=int, default=3000)
+    parser.add_argument("--student-steps", type=int, default=1500)
+    parser.add_argument("--max-minutes", type=float, default=25.0, help="safety cap per model")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -182,14 +180,14 @@ def main():
         names = [level.name for level in arith.LEVELS]
 
         teacher, teacher_acc, teacher_hist, teacher_params = train_model(
-            "teacher", TEACHER_SHAPE, tokenizer, {"L1": 0.1, "L2": 0.2, "L3": 0.3, "L4": 0.4},
-            args.teacher_minutes, args.seed, eval_sets,
-            done=lambda acc: min(acc.values()) >= 0.97)
+            "teacher", TEACHER_SHAPE, tokenizer, {"L1": 0.15, "L2": 0.2, "L3": 0.25, "L4": 0.4},
+            args.teacher_steps, args.max_minutes, args.seed, eval_sets, lr=2e-3,
+            done=lambda acc: min(acc.values()) >= 0.99)
         hardest = names[-1]
         student, student_acc, student_hist, student_params = train_model(
-            "student", STUDENT_SHAPE, tokenizer, {"L1": 0.75, "L2": 0.15, "L3": 0.1},
-            args.student_minutes, args.seed + 1, eval_sets, lr=2e-3,
-            done=lambda acc: acc["L1"] >= 0.9 and acc[hardest] <= 0.2)
+            "student", STUDENT_SHAPE, tokenizer, {"L1": 0.88, "L2": 0.08, "L3": 0.04},
+            args.student_steps, args.max_minutes, args.seed + 1, eval_sets, lr=2e-3, eval_every=250,
+            done=lambda acc: acc["L1"] >= 0.85 and acc[hardest] <= 0.2)
 
         for label, model in (("tiny-teacher", teacher), ("tiny-student", student)):
             staging = out.parent / f".{label}.tmp"

@@ -8,12 +8,14 @@ problem set, and they are stored for later runs (see ``paced_ds.data.responses``
 
 from __future__ import annotations
 
+import hashlib
+import json
 from pathlib import Path
 
 from paced_ds.data import arith
 from paced_ds.data.records import load_problems
 from paced_ds.data.responses import (attach_responses, load_responses, problems_sha256, responses_path,
-                                     save_responses)
+                                     save_responses, teacher_key)
 from paced_ds.errors import UserError
 
 ARITH_PREFIX = "arith:"
@@ -66,14 +68,44 @@ def missing_responses(records: list[dict]) -> list[dict]:
     return [r for r in records if not r.get("response")]
 
 
+def teacher_identity(path: str) -> str:
+    """The teacher as its stored responses are keyed: its path plus a fingerprint of its
+    weights, so a retrained teacher at the same path never reuses an old teacher's answers.
+    Small models are hashed by content; large ones by weight file names, sizes and times."""
+    root = Path(path)
+    if not root.is_dir():
+        return path  # a hub name: the name is the identity
+    weights = sorted(p for p in root.iterdir() if p.suffix in (".safetensors", ".bin", ".json"))
+    digest = hashlib.sha256()
+    by_content = sum(p.stat().st_size for p in weights) <= 256 * 2**20
+    for p in weights:
+        digest.update(p.name.encode())
+        digest.update(p.read_bytes() if by_content else f"{p.stat().st_size}:{p.stat().st_mtime_ns}".encode())
+    return f"{root.resolve()}@{digest.hexdigest()[:12]}"
+
+
+def stored_header(path: Path) -> dict | None:
+    """The header line of a stored responses file (None if absent or unreadable)."""
+    try:
+        with Path(path).open() as f:
+            return json.loads(f.readline())
+    except (OSError, ValueError):
+        return None
+
+
 def with_stored_responses(records: list[dict], data_cfg, teacher: str) -> tuple[list[dict], int] | None:
     """Records with the stored teacher responses attached, and how many were dropped
-    as wrong; None when some responses are needed and none are stored yet."""
+    as wrong; None when some responses are needed and none are stored for exactly these
+    problems and this teacher (a stale file is then regenerated)."""
     needed = missing_responses(records)
     if not needed:
         return records, 0
     path = stored_responses_path(data_cfg, teacher)
-    stored = load_responses(path, teacher=teacher, data_sha256=problems_sha256(records))
+    digest = problems_sha256(records)
+    header = stored_header(path)
+    if header is not None and (header.get("data_sha256") != digest or header.get("teacher") != teacher_key(teacher)):
+        return None
+    stored = load_responses(path, teacher=teacher, data_sha256=digest)
     if stored is None:
         return None
     return attach_responses(records, stored, keep_incorrect=data_cfg.keep_incorrect)

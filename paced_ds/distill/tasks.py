@@ -13,7 +13,7 @@ from paced_ds.runtime import dist
 def generate(cfg: RunConfig) -> dict:
     """Generate, verify and store the teacher's responses for data.train (once; reused after)."""
     tokenizer, _, train_records, _ = preflight(cfg)
-    teacher_name = engines.resolve_model(cfg.model.teacher, "model.teacher")
+    teacher_name = sources.teacher_identity(engines.resolve_model(cfg.model.teacher, "model.teacher"))
     path = sources.stored_responses_path(cfg.data, teacher_name)
     needed = sources.missing_responses(train_records)
     if not needed:

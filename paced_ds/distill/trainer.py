@@ -66,7 +66,7 @@ def preflight(cfg: RunConfig):
 
 def with_teacher_responses(cfg: RunConfig, tokenizer, teacher_engine, train_records: list[dict]) -> list[dict]:
     """Train problems with a response each: their own, stored ones, or generated now by the teacher."""
-    teacher_name = engines.resolve_model(cfg.model.teacher, "model.teacher")
+    teacher_name = sources.teacher_identity(engines.resolve_model(cfg.model.teacher, "model.teacher"))
     attached = sources.with_stored_responses(train_records, cfg.data, teacher_name)
     if attached is None:
         needed = sources.missing_responses(train_records)
