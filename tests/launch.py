@@ -20,6 +20,14 @@ def cpu_env(**extra) -> dict:
     return env
 
 
+def gpu_env(**extra) -> dict:
+    """The environment of a launch on CUDA GPUs: DeepSpeed detects its CUDA accelerator itself."""
+    env = {k: v for k, v in os.environ.items() if k != "DS_ACCELERATOR"}
+    env["PYTHONUNBUFFERED"] = "1"
+    env.update({k: str(v) for k, v in extra.items()})
+    return env
+
+
 def run(cmd: list[str], *, timeout: int = 600, env: dict | None = None, cwd: Path | None = None):
     """Run ``cmd``; returns the CompletedProcess with stdout and stderr as text."""
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env or cpu_env(),

@@ -178,7 +178,7 @@ def train(cfg: RunConfig) -> dict:
                                for i in indices) for indices in micro_batches)
         global_tokens = dist.all_reduce_sum(torch.tensor([float(local_tokens)], dtype=torch.float64)).item()
 
-        loss_sum, teacher_s = torch.zeros((), dtype=torch.float64), 0.0
+        loss_sum, teacher_s = torch.zeros((), dtype=torch.float64, device=device), 0.0
         for first in range(0, len(micro_batches), group):
             # One teacher forward (one all-gather of the teacher) for `group` micro-batches.
             indices = [i for part in micro_batches[first:first + group] for i in part]
@@ -187,6 +187,8 @@ def train(cfg: RunConfig) -> dict:
             weights = sampler.weights[indices].to(device)
             teacher_started = time.time()
             batch_teacher_logits = teacher_logits(teacher, batch, vocab)
+            if device.type == "cuda":  # time the forward, not its kernel launches
+                torch.cuda.synchronize(device)
             teacher_s += time.time() - teacher_started
             for start in range(0, len(indices), mb):
                 rows = slice(start, start + mb)
@@ -198,7 +200,7 @@ def train(cfg: RunConfig) -> dict:
                     chunk_tokens=cfg.loss.chunk_tokens, **params)
                 student.backward(loss * world, scale_wrt_gas=False)
                 student.step()
-                loss_sum += float(stats["weighted_divergence_sum"])
+                loss_sum += stats["weighted_divergence_sum"].double()
             del batch_teacher_logits
 
         counters["step"] += 1
@@ -209,13 +211,17 @@ def train(cfg: RunConfig) -> dict:
             loss_value = dist.all_reduce_sum(loss_sum.reshape(1)).item() / max(global_tokens, 1.0)
             step_s = time.time() - step_started
             grad_norm = student.get_global_grad_norm()
-            tracker.log_step(step, {
+            values = {
                 "loss": loss_value, "lr": lr, "tokens": counters["tokens"],
                 "samples": counters["samples"],
                 "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
                 "weight_mean": step_weights.mean().item(), "step_time_s": step_s,
                 "teacher_time_s": teacher_s, "tokens_per_s": global_tokens / step_s,
-                "epoch": sampler.epoch})
+                "epoch": sampler.epoch}
+            if device.type == "cuda":  # this rank's peak since the previous logged step, both engines
+                values["peak_memory_bytes"] = torch.cuda.max_memory_allocated(device)
+                torch.cuda.reset_peak_memory_stats(device)
+            tracker.log_step(step, values)
             progress.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.1e}")
         progress.update(1)
 

@@ -53,11 +53,11 @@ def init(timeout_s: int = 900) -> None:
     # DeepSpeed's ZeRO-3 calls collectives torch has renamed; the warning is theirs to fix.
     warnings.filterwarnings("ignore", message=r"`torch\.distributed\..*` is deprecated", category=FutureWarning)
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+    accelerator = get_accelerator()
+    if accelerator.device_name() == "cuda":  # before NCCL starts, so it never guesses GPU 0
+        accelerator.set_device(local_rank())
     if not torch_dist.is_initialized():
         deepspeed.init_distributed(timeout=datetime.timedelta(seconds=timeout_s))
-    accelerator = get_accelerator()
-    if accelerator.device_name() == "cuda":
-        accelerator.set_device(local_rank())
 
 
 def device() -> torch.device:

@@ -10,6 +10,7 @@ import json
 import math
 from pathlib import Path
 
+from paced_ds.errors import UserError
 from paced_ds.runtime import dist
 
 
@@ -25,7 +26,11 @@ class Tracker:
         self.metrics_file = (self.output_dir / "metrics.jsonl").open(mode)
         self.eval_file = (self.output_dir / "eval.jsonl").open(mode)
         if tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                raise UserError("logging.tensorboard=true needs the tensorboard package: pip install tensorboard, "
+                                "or set logging.tensorboard=false") from None
 
             self.writer = SummaryWriter(log_dir=str(self.output_dir / "tensorboard"))
 
