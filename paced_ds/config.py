@@ -29,7 +29,7 @@ def _f(default, help: str, choices: tuple | None = None):
     return field(default=default, metadata={"help": help, "choices": choices})
 
 
-DIVERGENCE_KINDS = ("forward_kl", "reverse_kl", "jsd", "tvd", "skew_kl", "akl")
+DIVERGENCE_KINDS = ("forward_kl", "reverse_kl", "jsd", "tvd", "skew_kl", "skew_reverse_kl", "akl")
 
 
 @dataclass
@@ -69,9 +69,10 @@ class LossConfig:
     kind: str = _f("forward_kl", "token-level divergence between teacher and student", DIVERGENCE_KINDS)
     temperature: float = _f(1.0, "softmax temperature applied to both teacher and student logits")
     jsd_beta: float = _f(0.5, "mixture weight of generalized JSD (loss.kind=jsd)")
-    skew_alpha: float = _f(0.1, "teacher share of the skewed mixture (loss.kind=skew_kl)")
+    skew_alpha: float = _f(0.1, "own share of the skewed mixture (loss.kind=skew_kl: teacher's; skew_reverse_kl: student's)")
     akl_mu: float = _f(0.5, "teacher probability mass that defines the head (loss.kind=akl)")
-    chunk_tokens: int = _f(1024, "tokens per chunk of the divergence (bounds fp32 [tokens, vocab] memory)")
+    chunk_tokens: int = _f(0, "tokens per chunk of the divergence, bounding fp32 [tokens, vocab] memory "
+                              "(0 = chosen from the vocabulary size and device)")
 
 
 @dataclass
@@ -274,7 +275,7 @@ def validate(cfg: RunConfig) -> None:
     """Impossible combinations and out-of-range values, each naming its key."""
     positive = {"train.steps": cfg.train.steps, "train.micro_batch_size": cfg.train.micro_batch_size,
                 "train.grad_accum": cfg.train.grad_accum, "data.max_length": cfg.data.max_length,
-                "loss.chunk_tokens": cfg.loss.chunk_tokens, "eval.batch_size": cfg.eval.batch_size,
+                "eval.batch_size": cfg.eval.batch_size,
                 "eval.max_new_tokens": cfg.eval.max_new_tokens, "train.timeout_s": cfg.train.timeout_s,
                 "logging.log_every": cfg.logging.log_every}
     for key, value in positive.items():
@@ -283,7 +284,8 @@ def validate(cfg: RunConfig) -> None:
     non_negative = {"train.warmup_steps": cfg.train.warmup_steps, "train.save_every": cfg.train.save_every,
                     "eval.every": cfg.eval.every, "train.weight_decay": cfg.train.weight_decay,
                     "train.clip_grad": cfg.train.clip_grad, "eval.limit_per_level": cfg.eval.limit_per_level,
-                    "teacher.forward_micro_batches": cfg.teacher.forward_micro_batches}
+                    "teacher.forward_micro_batches": cfg.teacher.forward_micro_batches,
+                    "loss.chunk_tokens": cfg.loss.chunk_tokens}
     for key, value in non_negative.items():
         if value < 0:
             raise UserError(f"config key {key}: must be >= 0, got {value}")

@@ -243,7 +243,7 @@ def test_missing_recipe_file(tmp_path):
     (["train.micro_batch_size=0"], "train.micro_batch_size"),
     (["train.grad_accum=-1"], "train.grad_accum"),
     (["data.max_length=0"], "data.max_length"),
-    (["loss.chunk_tokens=0"], "loss.chunk_tokens"),
+    (["loss.chunk_tokens=-1"], "loss.chunk_tokens"),
     (["train.lr=0"], "train.lr"),
     (["train.lr=-1e-3"], "train.lr"),
     (["loss.temperature=0"], "loss.temperature"),

@@ -1,6 +1,6 @@
 """Build the shipped tiny models: a SentencePiece tokenizer, a teacher and a student.
 
-    python tools/build_tiny_models.py [--out paced_ds/assets] [--teacher-steps 3000]
+    python tools/build_tiny_models.py [--out paced_ds/assets] [--teacher-steps 2000]
 
 Both models are small Llama-architecture ``LlamaForCausalLM``s trained with plain
 PyTorch on the reference arithmetic task (``paced_ds.data.arith``). The teacher sees
@@ -163,10 +163,10 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="paced_ds/assets", help="where tiny-teacher/ and tiny-student/ go")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--teacher-steps", type=int, default=3000)
+    parser.add_argument("--teacher-steps", type=int, default=2000)
     parser.add_argument("--student-steps", type=int, default=1500)
     parser.add_argument("--max-minutes", type=float, default=25.0, help="safety cap per model")
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest for these tiny models)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     out = Path(args.out)

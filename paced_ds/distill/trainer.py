@@ -39,7 +39,7 @@ def say(message: str) -> None:
 
 def divergence_params(cfg: RunConfig) -> dict:
     return {"jsd": {"beta": cfg.loss.jsd_beta}, "skew_kl": {"alpha": cfg.loss.skew_alpha},
-            "akl": {"mu": cfg.loss.akl_mu}}.get(cfg.loss.kind, {})
+            "skew_reverse_kl": {"alpha": cfg.loss.skew_alpha}, "akl": {"mu": cfg.loss.akl_mu}}.get(cfg.loss.kind, {})
 
 
 def seed_everything(seed: int) -> None:
@@ -197,7 +197,7 @@ def train(cfg: RunConfig) -> dict:
                 loss, stats = distillation_loss(
                     student_logits, batch_teacher_logits[rows], batch["loss_mask"][rows], weights[rows],
                     kind=cfg.loss.kind, temperature=cfg.loss.temperature, normalizer=global_tokens,
-                    chunk_tokens=cfg.loss.chunk_tokens, **params)
+                    chunk_tokens=cfg.loss.chunk_tokens or None, **params)
                 student.backward(loss * world, scale_wrt_gas=False)
                 student.step()
                 loss_sum += stats["weighted_divergence_sum"].double()
