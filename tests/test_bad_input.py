@@ -107,7 +107,7 @@ def test_process_exit_code_and_single_line(tmp_path):
                   f"train.output_dir={tmp_path / 'run'}", "loss.kind=kl"], env=cpu_env(), timeout=120)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
-        "paced-ds: error: config key loss.kind: 'kl' is not one of forward_kl, reverse_kl, jsd, tvd, skew_kl, akl"]
+        "paced-ds: error: config key loss.kind: 'kl' is not one of forward_kl, reverse_kl, jsd, tvd, skew_kl, skew_reverse_kl, akl"]
     assert not (tmp_path / "run").exists()
 
 

@@ -337,8 +337,8 @@ def test_load_ds_config_bad_json_names_key_and_file_line(tmp_path):
 def test_shipped_recipe_loads_with_the_values_it_names():
     cfg = load_config(SHIPPED_RECIPE)
     written = yaml.safe_load(SHIPPED_RECIPE.read_text())
-    assert cfg.train.steps == written["train"]["steps"] == 150
-    assert cfg.train.lr == pytest.approx(2.0e-3)
+    assert cfg.train.steps == written["train"]["steps"] == 300
+    assert cfg.train.lr == pytest.approx(1.0e-3)
     assert cfg.data.max_length == 48
     assert cfg.teacher.offload == "cpu"
     # Every key the recipe names has the recipe's value in the loaded config.
