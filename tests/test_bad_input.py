@@ -120,3 +120,19 @@ def test_existing_run_is_not_overwritten(tmp_path, capsys):
     assert code == 2 and len(err.splitlines()) == 1
     assert "train.resume=auto" in err and "train.output_dir" in err
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["latest", "step_5"]
+
+
+def test_nvme_offload_says_what_to_install_when_async_io_cannot_build(tmp_path, capsys):
+    from deepspeed.ops.op_builder import AsyncIOBuilder
+
+    nvme = f"teacher.nvme_path={tmp_path / 'nvme'}"
+    if AsyncIOBuilder().is_compatible(verbose=False):
+        from paced_ds.config import load_config
+        from paced_ds.distill.engines import teacher_ds_config
+
+        ds_config = teacher_ds_config(load_config(RECIPE, ["teacher.offload=nvme", nvme]))
+        assert ds_config["zero_optimization"]["offload_param"] == {
+            **ds_config["zero_optimization"]["offload_param"], "device": "nvme", "nvme_path": str(tmp_path / "nvme")}
+    else:
+        code, err = train(tmp_path, "teacher.offload=nvme", nvme, capsys=capsys)
+        assert_refused(tmp_path, code, err, "teacher.offload=nvme", "libaio")
