@@ -155,20 +155,15 @@ def _coerce(key: str, value: Any, kind, choices) -> Any:
             out = value.lower() in ("true", "yes", "1")
         else:
             raise UserError(f"config key {key}: expected true or false, got {value!r}")
-    elif kind is int:
-        if isinstance(value, bool) or not isinstance(value, (int, str)):
-            raise UserError(f"config key {key}: expected an integer, got {value!r}")
+    elif kind in (int, float):
+        expected = "an integer" if kind is int else "a number"
+        accepted = (int, str) if kind is int else (int, float, str)
+        if isinstance(value, bool) or not isinstance(value, accepted):
+            raise UserError(f"config key {key}: expected {expected}, got {value!r}")
         try:
-            out = int(value)
+            out = kind(value)
         except ValueError:
-            raise UserError(f"config key {key}: expected an integer, got {value!r}") from None
-    elif kind is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-            raise UserError(f"config key {key}: expected a number, got {value!r}")
-        try:
-            out = float(value)
-        except ValueError:
-            raise UserError(f"config key {key}: expected a number, got {value!r}") from None
+            raise UserError(f"config key {key}: expected {expected}, got {value!r}") from None
     elif kind is str:
         if value is None:
             value = ""
