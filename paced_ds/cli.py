@@ -2,6 +2,7 @@
 
     paced-ds train    --config RECIPE [--nproc N] [--hostfile H] [key=value ...]
     paced-ds generate --config RECIPE [--nproc N] [key=value ...]
+    paced-ds estimate --config RECIPE [--nproc N] [key=value ...]
     paced-ds eval     --config RECIPE [--model DIR] [--nproc N] [key=value ...]
     paced-ds export   --run RUN_DIR [--tag step_N] [--out DIR]
     paced-ds demo     [--output-dir DIR]
@@ -80,6 +81,11 @@ def cmd_train(args) -> int:
 def cmd_generate(args) -> int:
     preflight(args.config, args.overrides)
     return launch("generate", args.config, args.overrides, args.nproc)
+
+
+def cmd_estimate(args) -> int:
+    preflight(args.config, args.overrides)
+    return launch("estimate", args.config, args.overrides, args.nproc)
 
 
 def cmd_eval(args) -> int:
@@ -167,6 +173,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_train)
     launched("generate", "write the teacher's verified reference responses for data.train").set_defaults(
         func=cmd_generate)
+    launched("estimate", "the student's pass rates from curriculum.rollouts samples per problem, "
+                         "written to <train.output_dir>/competence.jsonl").set_defaults(func=cmd_estimate)
     p = launched("eval", "greedy held-out accuracy of model.student (or --model) per difficulty")
     p.add_argument("--model", help="model directory to evaluate (sets model.student)")
     p.set_defaults(func=cmd_eval)

@@ -76,6 +76,35 @@ class LossConfig:
 
 
 @dataclass
+class CurriculumConfig:
+    mode: str = _f("paced", "per-problem weight from the pass rate p: paced = Beta kernel p^alpha (1-p)^beta, "
+                            "uniform = 1, hard_filter = 1 inside (band_lo, band_hi)",
+                   ("paced", "uniform", "hard_filter"))
+    apply: str = _f("weight", "weight = uniform draw, loss x w (the paper's form); sample = draw problems "
+                              "in proportion to w, loss unweighted (w = 0 costs nothing)", ("weight", "sample"))
+    alpha: float = _f(1.0, "Beta kernel exponent of p")
+    beta: float = _f(1.0, "Beta kernel exponent of 1 - p")
+    posterior: bool = _f(False, "use E[w(p)] under p ~ Beta(correct+1, wrong+1) instead of w(correct/trials)")
+    band_lo: float = _f(0.0, "hard_filter: lower pass-rate bound (exclusive)")
+    band_hi: float = _f(1.0, "hard_filter: upper pass-rate bound (exclusive)")
+    normalize: str = _f("dataset_mean", "weight normalisation: none, batch_mean (each step's weights average 1) "
+                                        "or dataset_mean (all problems' weights average 1)",
+                        ("none", "batch_mean", "dataset_mean"))
+    rollouts: int = _f(8, "K: student rollouts per problem to estimate its pass rate")
+    temperature: float = _f(1.0, "sampling temperature of the rollouts")
+    top_p: float = _f(1.0, "nucleus sampling of the rollouts")
+    max_new_tokens: int = _f(64, "longest rollout")
+    batch_size: int = _f(256, "rollout prompts per generation batch per rank")
+    gather: bool = _f(True, "roll out from a full copy of the student on each rank (fast, needs the memory); "
+                            "false = generate from the ZeRO-3 shards")
+    refresh: str = _f("static", "when pass rates are re-estimated: static (once, before training) or every "
+                                "curriculum.refresh_every steps", ("static", "every"))
+    refresh_every: int = _f(0, "steps between re-estimates with curriculum.refresh=every")
+    competence: str = _f("", "competence.jsonl to use instead of estimating (e.g. from `paced-ds estimate` "
+                             "or another engine); its pass rates are kept static")
+
+
+@dataclass
 class TeacherConfig:
     backend: str = _f("engine", "where teacher logits come from: a ZeRO-3 inference engine on the student's ranks",
                       ("engine",))
@@ -128,6 +157,7 @@ class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     loss: LossConfig = field(default_factory=LossConfig)
+    curriculum: CurriculumConfig = field(default_factory=CurriculumConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -296,6 +326,24 @@ def validate(cfg: RunConfig) -> None:
         raise UserError(f"config key loss.skew_alpha: must be in [0, 1), got {cfg.loss.skew_alpha}")
     if not 0 < cfg.loss.akl_mu <= 1:
         raise UserError(f"config key loss.akl_mu: must be in (0, 1], got {cfg.loss.akl_mu}")
+    c = cfg.curriculum
+    for key, value in (("curriculum.alpha", c.alpha), ("curriculum.beta", c.beta)):
+        if value < 0:
+            raise UserError(f"config key {key}: must be >= 0, got {value}")
+    if not 0 <= c.band_lo < c.band_hi <= 1:
+        raise UserError(f"config key curriculum.band_lo: the band needs 0 <= band_lo < band_hi <= 1, "
+                        f"got ({c.band_lo}, {c.band_hi})")
+    for key, value in (("curriculum.rollouts", c.rollouts), ("curriculum.max_new_tokens", c.max_new_tokens),
+                       ("curriculum.batch_size", c.batch_size)):
+        if value <= 0:
+            raise UserError(f"config key {key}: must be > 0, got {value}")
+    if not c.temperature > 0 or not 0 < c.top_p <= 1:
+        raise UserError("config key curriculum.temperature: must be > 0 (and curriculum.top_p in (0, 1])")
+    if c.refresh == "every" and c.refresh_every <= 0:
+        raise UserError("config key curriculum.refresh_every: must be > 0 with curriculum.refresh=every")
+    if c.competence and c.refresh != "static":
+        raise UserError("config key curriculum.competence: a given competence file is static; "
+                        "drop it or set curriculum.refresh=static")
     if cfg.teacher.offload == "nvme" and not cfg.teacher.nvme_path:
         raise UserError("config key teacher.nvme_path: required when teacher.offload=nvme")
     if cfg.train.offload_optimizer == "cpu" and cfg.train.zero_stage == 1:

@@ -2,7 +2,8 @@
 
 Also ``torchrun -m paced_ds.train ...`` and, for one process, ``python -m paced_ds.train``.
 ``--task`` selects what the ranks do: ``train`` (default), ``generate`` (teacher reference
-responses only) or ``eval`` (held-out accuracy of ``model.student``).
+responses only), ``estimate`` (the student's pass rates, competence.jsonl) or ``eval``
+(held-out accuracy of ``model.student``).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import sys
 from paced_ds.errors import UserError
 from paced_ds.runtime.dist import ensure_accelerator_env
 
-TASKS = ("train", "generate", "eval")
+TASKS = ("train", "generate", "estimate", "eval")
 
 
 def parse_args(argv=None):
@@ -36,6 +37,8 @@ def run(task: str, cfg) -> dict:
         return trainer.train(cfg)
     if task == "generate":
         return tasks.generate(cfg)
+    if task == "estimate":
+        return tasks.estimate_competence(cfg)
     return tasks.evaluate(cfg)
 
 

@@ -150,7 +150,8 @@ def test_state_dict_is_plain_data():
     sampler = ranks(10, 1, 3, 1, seed=2)[0]
     for _ in range(4):
         sampler.next_step()
-    assert sampler.state_dict() == {"seed": 2, "epoch": 1, "position": 2, "num_problems": 10}
+    assert sampler.state_dict() == {"seed": 2, "epoch": 1, "position": 2, "num_problems": 10, "version": 0,
+                                    "apply": "weight"}
 
 
 def test_load_state_dict_with_a_different_problem_count_raises():
@@ -188,3 +189,63 @@ def test_given_weights_are_kept_as_float32():
 def test_no_problems_raises():
     with pytest.raises(ValueError):
         ProblemSampler(0, seed=0, world_size=1, rank=0, micro_batch_size=1, grad_accum=1)
+
+
+# ---------------------------------------------------------------------------------------
+# weights: the curriculum's two ways of applying them
+
+def weighted(apply: str, weights, seed: int = 0, world: int = 2, rank: int = 0, mb: int = 5):
+    return ProblemSampler(len(weights), seed=seed, world_size=world, rank=rank, micro_batch_size=mb,
+                          grad_accum=1, weights=torch.tensor(weights, dtype=torch.float32), apply=apply)
+
+
+def test_sample_mode_draws_in_proportion_to_the_weights_and_never_a_zero():
+    weights = [0.0, 1.0, 2.0, 3.0, 0.0, 4.0]
+    sampler = weighted("sample", weights, world=1, mb=6)
+    counts = torch.zeros(len(weights))
+    for _ in range(3000):
+        for index in sampler.next_step()[0]:
+            counts[index] += 1
+    assert counts[0] == 0 and counts[4] == 0
+    expected = torch.tensor(weights) / sum(weights)
+    assert torch.allclose(counts / counts.sum(), expected, atol=0.01)
+    assert sampler.loss_weights([1, 2, 3]).tolist() == [1.0, 1.0, 1.0]  # the draw did the weighting
+
+
+def test_weight_mode_keeps_the_uniform_order_and_weights_the_loss():
+    weights = [0.0, 0.5, 1.0, 0.25]
+    plain = ProblemSampler(4, seed=3, world_size=1, rank=0, micro_batch_size=4, grad_accum=1)
+    sampler = weighted("weight", weights, seed=3, world=1, mb=4)
+    assert sampler.next_step() == plain.next_step()
+    assert sampler.loss_weights([2, 0, 3]).tolist() == [1.0, 0.0, 0.25]
+
+
+def test_sample_mode_plan_is_shared_by_ranks_and_shards_are_disjoint():
+    weights = [float(i % 4) for i in range(40)]
+    samplers = [weighted("sample", weights, world=2, rank=r) for r in range(2)]
+    assert samplers[0].plan_digest() == samplers[1].plan_digest()
+    first, second = samplers[0].next_step()[0], samplers[1].next_step()[0]
+    plan = samplers[0]._plan[:10].tolist()
+    assert first + second == plan
+
+
+def test_refresh_in_sample_mode_redraws_and_resumes_exactly():
+    weights = torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0])
+    sampler = weighted("sample", weights.tolist(), world=1, mb=3)
+    sampler.next_step()
+    new_weights = torch.tensor([8.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0])
+    sampler.set_weights(new_weights)
+    state = sampler.state_dict()
+    after = [sampler.next_step() for _ in range(5)]
+    assert {i for step in after for part in step for i in part} <= {0, 3, 7}  # only non-zero weights
+    fresh = weighted("sample", weights.tolist(), world=1, mb=3)
+    fresh.set_weights(new_weights)
+    fresh.load_state_dict(state)
+    assert [fresh.next_step() for _ in range(5)] == after
+
+
+def test_all_zero_weights_are_refused_in_sample_mode():
+    with pytest.raises(ValueError, match="every weight is 0"):
+        weighted("sample", [0.0, 0.0, 0.0])
+    sampler = weighted("weight", [0.0, 0.0, 0.0])  # weight mode: drawn, the trainer skips the step
+    assert sampler.loss_weights([0, 1]).tolist() == [0.0, 0.0]

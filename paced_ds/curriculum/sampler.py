@@ -1,13 +1,15 @@
-"""The problem sampler: one global plan per epoch, identical on every rank, sharded by rank.
+"""The rank-aware ZPD sampler: one global plan per epoch, identical on every rank, sharded by rank.
 
-The plan is a permutation of the problem indices drawn from ``(seed, epoch)`` alone, so
-every rank derives the same plan without communicating, and a restart that restores
-``(epoch, position)`` continues exactly where it stopped. Each optimizer step takes the
-next ``world * micro_batch * grad_accum`` problems of the plan; rank r takes its
-contiguous slice of each micro-batch.
+The plan is drawn from ``(seed, epoch, weights version)`` and the weights alone, so every
+rank that holds the same competence table derives the same plan without communicating,
+and a restart that restores ``(epoch, position, version)`` and the table continues exactly.
+Each optimizer step takes the next ``world * micro_batch * grad_accum`` problems of the
+plan; rank r takes its contiguous slice of each micro-batch.
 
-Per-problem weights are the curriculum's hook: ``weights`` maps a problem index to its
-loss weight (1.0 for every problem until a curriculum sets them).
+``apply="weight"`` (the paper's form): the plan is a uniform permutation and each
+problem's loss is multiplied by its weight. ``apply="sample"``: the plan draws problems
+with replacement in proportion to their weights and the loss is unweighted, so problems
+with weight 0 are never drawn and cost no compute.
 """
 
 from __future__ import annotations
@@ -16,30 +18,67 @@ import hashlib
 
 import torch
 
+APPLY_MODES = ("weight", "sample")
+
 
 class ProblemSampler:
     def __init__(self, num_problems: int, *, seed: int, world_size: int, rank: int,
-                 micro_batch_size: int, grad_accum: int, weights: torch.Tensor | None = None):
+                 micro_batch_size: int, grad_accum: int, weights: torch.Tensor | None = None,
+                 apply: str = "weight"):
         if num_problems <= 0:
             raise ValueError("the sampler needs at least one problem")
+        if apply not in APPLY_MODES:
+            raise ValueError(f"apply must be one of {APPLY_MODES}, got {apply!r}")
         self.num_problems = num_problems
         self.seed = seed
         self.world_size = world_size
         self.rank = rank
         self.micro_batch_size = micro_batch_size
         self.grad_accum = grad_accum
-        self.weights = torch.ones(num_problems) if weights is None else weights.to(torch.float32)
+        self.apply = apply
+        self.weights = torch.ones(num_problems)
         self.epoch = 0
         self.position = 0  # index into the current epoch's plan
-        self._plan = self._make_plan(self.epoch)
+        self.version = 0  # how many times the weights changed; keys the sample-mode plan
+        if weights is not None:
+            self._check(weights)
+            self.weights = weights.detach().to(torch.float32).cpu()
+        self._plan = self._make_plan()
 
     @property
     def global_batch(self) -> int:
         return self.world_size * self.micro_batch_size * self.grad_accum
 
-    def _make_plan(self, epoch: int) -> torch.Tensor:
-        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-        return torch.randperm(self.num_problems, generator=generator)
+    def _check(self, weights: torch.Tensor) -> None:
+        if weights.shape != (self.num_problems,):
+            raise ValueError(f"weights have shape {tuple(weights.shape)}, expected ({self.num_problems},)")
+        if not torch.isfinite(weights).all() or (weights < 0).any():
+            raise ValueError("weights must be finite and >= 0")
+        if self.apply == "sample" and not weights.sum() > 0:
+            raise ValueError("every weight is 0: the sampler has no problem to draw")
+
+    def _make_plan(self) -> torch.Tensor:
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        if self.apply == "weight":
+            return torch.randperm(self.num_problems, generator=generator)
+        # Keyed by the weights' version too, so a refresh draws afresh yet reproducibly.
+        generator.manual_seed(self.seed * 1_000_003 + self.epoch + 7_919 * self.version)
+        return torch.multinomial(self.weights.double(), self.num_problems, replacement=True, generator=generator)
+
+    def set_weights(self, weights: torch.Tensor) -> None:
+        """New weights (after a competence refresh). In sample mode the rest of the epoch is
+        redrawn from them; in weight mode the order stays and only the loss weights change."""
+        self._check(weights)
+        self.weights = weights.detach().to(torch.float32).cpu()
+        self.version += 1
+        if self.apply == "sample":
+            self._plan = self._make_plan()
+
+    def loss_weights(self, indices: list[int]) -> torch.Tensor:
+        """The per-problem loss weights of ``indices`` (1 in sample mode: the draw did the weighting)."""
+        if self.apply == "sample":
+            return torch.ones(len(indices))
+        return self.weights[indices]
 
     def plan_digest(self) -> str:
         """A short hash of the current epoch's plan (ranks compare it to detect disagreement)."""
@@ -51,7 +90,7 @@ class ProblemSampler:
             if self.position >= self.num_problems:
                 self.epoch += 1
                 self.position = 0
-                self._plan = self._make_plan(self.epoch)
+                self._plan = self._make_plan()
             step = min(count - len(taken), self.num_problems - self.position)
             taken += self._plan[self.position:self.position + step].tolist()
             self.position += step
@@ -70,11 +109,14 @@ class ProblemSampler:
 
     def state_dict(self) -> dict:
         return {"seed": self.seed, "epoch": self.epoch, "position": self.position,
-                "num_problems": self.num_problems}
+                "num_problems": self.num_problems, "version": self.version, "apply": self.apply}
 
     def load_state_dict(self, state: dict) -> None:
+        """Restore the position; set the weights first (they are recomputed from the
+        competence table the checkpoint holds), so the plan is redrawn exactly."""
         if state["num_problems"] != self.num_problems:
             raise ValueError(f"checkpoint sampler covers {state['num_problems']} problems, this run has "
                              f"{self.num_problems}")
         self.seed, self.epoch, self.position = state["seed"], state["epoch"], state["position"]
-        self._plan = self._make_plan(self.epoch)
+        self.version = state.get("version", 0)
+        self._plan = self._make_plan()

@@ -1,4 +1,5 @@
-"""The launcher tasks besides training: teacher responses (`generate`) and held-out accuracy (`eval`)."""
+"""The launcher tasks besides training: teacher responses (`generate`), the student's
+competence (`estimate`) and held-out accuracy (`eval`)."""
 
 from __future__ import annotations
 
@@ -46,3 +47,28 @@ def evaluate(cfg: RunConfig) -> dict:
     say(f"{cfg.model.student}: accuracy {result['accuracy']:.1%} on {result['count']} problems | "
         + " ".join(f"{k} {v:.0%}" for k, v in levels.items()))
     return result
+
+
+def estimate_competence(cfg: RunConfig) -> dict:
+    """K rollouts per training problem from model.student; competence.jsonl in train.output_dir."""
+    from pathlib import Path
+
+    from paced_ds.curriculum import estimate
+    from paced_ds.curriculum.curriculum import Curriculum
+
+    tokenizer, _, train_records, _ = preflight(cfg)
+    dist.init(cfg.train.timeout_s)
+    model = engines.build_teacher(cfg, name=engines.resolve_model(cfg.model.student, "model.student"))
+    curriculum = Curriculum(cfg, train_records)
+    result = estimate.estimate(model, tokenizer, train_records, curriculum.table, cfg, seed=cfg.train.seed + 1)
+    weights = curriculum.weights()
+    path = Path(cfg.train.output_dir) / "competence.jsonl"
+    if dist.is_main():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        curriculum.write(cfg.train.output_dir, weights)
+    dist.barrier()
+    summary = curriculum.summary(weights)
+    say(f"{result['rollouts']} rollouts in {result['seconds']:.1f} s; mean pass rate {result['pass_rate_mean']:.1%}; "
+        + " ".join(f"{k.split('_')[-1]} {v:.2f}" for k, v in summary.items() if "pass_rate_" in k)
+        + f"; written to {path}")
+    return {"path": str(path), **result, **summary}

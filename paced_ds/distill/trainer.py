@@ -22,6 +22,8 @@ import numpy as np
 import torch
 
 from paced_ds.config import RunConfig
+from paced_ds.curriculum import estimate
+from paced_ds.curriculum.curriculum import Curriculum
 from paced_ds.curriculum.sampler import ProblemSampler
 from paced_ds.data import sources
 from paced_ds.data.collate import collate_train, encode
@@ -55,6 +57,8 @@ def preflight(cfg: RunConfig):
     if cfg.train.resume == "never" and existing.is_file():
         raise UserError(f"config key train.output_dir: {cfg.train.output_dir} already holds a run with "
                         "checkpoints; continue it with train.resume=auto or choose another train.output_dir")
+    if cfg.curriculum.competence and not Path(cfg.curriculum.competence).is_file():
+        raise UserError(f"config key curriculum.competence: no file {cfg.curriculum.competence}")
     engines.student_ds_config(cfg)  # the DeepSpeed JSONs exist and parse
     engines.teacher_ds_config(cfg)
     tokenizer = engines.load_tokenizer(cfg)
@@ -145,12 +149,18 @@ def train(cfg: RunConfig) -> dict:
         f"student ZeRO-{cfg.train.zero_stage}, teacher ZeRO-3 offload={cfg.teacher.offload}; "
         f"loss {cfg.loss.kind}")
 
+    curriculum = Curriculum(cfg, train_records)
     sampler = ProblemSampler(len(examples), seed=cfg.train.seed, world_size=world, rank=rank,
-                             micro_batch_size=cfg.train.micro_batch_size, grad_accum=cfg.train.grad_accum)
-    counters = {"step": 0, "tokens": 0, "samples": 0}
+                             micro_batch_size=cfg.train.micro_batch_size, grad_accum=cfg.train.grad_accum,
+                             apply=cfg.curriculum.apply)
+    counters = {"step": 0, "tokens": 0, "samples": 0, "skipped_zero_weight": 0}
     resume_from = checkpoint.find_resume(output_dir, cfg.train.resume)
     if resume_from is not None:
         client_state = checkpoint.load(student, *resume_from)
+        curriculum.table.load_state_dict(client_state["competence"])
+        curriculum.estimates = client_state.get("estimates", 0)
+        if curriculum.active:
+            sampler.set_weights(curriculum.weights())
         sampler.load_state_dict(client_state["sampler"])
         counters.update(client_state["counters"])
         say(f"resumed from {resume_from[0] / resume_from[1]} at step {counters['step']}")
@@ -162,6 +172,9 @@ def train(cfg: RunConfig) -> dict:
     before = None
     if resume_from is None:
         before = run_eval(cfg, student, tokenizer, eval_records, tracker, 0, "before training")
+        if curriculum.active:
+            update_curriculum(cfg, curriculum, sampler, student, tokenizer, train_records, tracker, step=0)
+    curriculum_scalars = curriculum.summary(sampler.weights) if curriculum.active else {}
 
     params = divergence_params(cfg)
     group = cfg.teacher.forward_micro_batches or cfg.train.grad_accum
@@ -172,11 +185,21 @@ def train(cfg: RunConfig) -> dict:
     while counters["step"] < cfg.train.steps:
         step_started = time.time()
         lr = student.get_lr()[0]  # the rate this step uses
+        epoch_before = sampler.epoch
         micro_batches = sampler.next_step()
-        step_weights = sampler.weights[[i for part in micro_batches for i in part]]
-        local_tokens = sum(sum(len(examples[i]["input_ids"]) - examples[i]["response_start"]
-                               for i in indices) for indices in micro_batches)
-        global_tokens = dist.all_reduce_sum(torch.tensor([float(local_tokens)], dtype=torch.float64)).item()
+        if sampler.epoch != epoch_before or counters["step"] == 0:
+            check_agreement(sampler, curriculum)
+        step_indices = [i for part in micro_batches for i in part]
+        step_weights = sampler.loss_weights(step_indices)
+        local_tokens = sum(len(examples[i]["input_ids"]) - examples[i]["response_start"] for i in step_indices)
+        global_tokens, global_weight, global_count = dist.all_reduce_sum(torch.tensor(
+            [float(local_tokens), step_weights.sum().item(), float(len(step_indices))], dtype=torch.float64)).tolist()
+        if global_weight == 0:
+            # Every problem of this step has weight 0: no step, no division by zero; counted.
+            counters["skipped_zero_weight"] += 1
+            continue
+        # curriculum.normalize=batch_mean: this step's weights average 1 over all ranks.
+        weight_scale = global_count / global_weight if cfg.curriculum.normalize == "batch_mean" else 1.0
 
         loss_sum, teacher_s = torch.zeros((), dtype=torch.float64, device=device), 0.0
         for first in range(0, len(micro_batches), group):
@@ -184,7 +207,7 @@ def train(cfg: RunConfig) -> dict:
             indices = [i for part in micro_batches[first:first + group] for i in part]
             batch = {k: v.to(device) for k, v in collate_train([examples[i] for i in indices],
                                                                tokenizer.pad_token_id).items()}
-            weights = sampler.weights[indices].to(device)
+            weights = (sampler.loss_weights(indices) * weight_scale).to(device)
             teacher_started = time.time()
             batch_teacher_logits = teacher_logits(teacher, batch, vocab)
             if device.type == "cuda":  # time the forward, not its kernel launches
@@ -215,9 +238,10 @@ def train(cfg: RunConfig) -> dict:
                 "loss": loss_value, "lr": lr, "tokens": counters["tokens"],
                 "samples": counters["samples"],
                 "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
-                "weight_mean": step_weights.mean().item(), "step_time_s": step_s,
+                "weight_mean": global_weight * weight_scale / global_count, "step_time_s": step_s,
                 "teacher_time_s": teacher_s, "tokens_per_s": global_tokens / step_s,
-                "epoch": sampler.epoch}
+                "epoch": sampler.epoch, "skipped_zero_weight": counters["skipped_zero_weight"],
+                **curriculum_scalars}
             if device.type == "cuda":  # this rank's peak since the previous logged step, both engines
                 values["peak_memory_bytes"] = torch.cuda.max_memory_allocated(device)
                 torch.cuda.reset_peak_memory_stats(device)
@@ -225,15 +249,18 @@ def train(cfg: RunConfig) -> dict:
             progress.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.1e}")
         progress.update(1)
 
+        if curriculum.due(step) and step < cfg.train.steps:
+            update_curriculum(cfg, curriculum, sampler, student, tokenizer, train_records, tracker, step=step)
+            curriculum_scalars = curriculum.summary(sampler.weights)
         if cfg.eval.every and step % cfg.eval.every == 0 and step < cfg.train.steps:
             run_eval(cfg, student, tokenizer, eval_records, tracker, step, "during training")
         if cfg.train.save_every and step % cfg.train.save_every == 0 and step < cfg.train.steps:
-            save(cfg, student, sampler, counters)
+            save(cfg, student, sampler, counters, curriculum)
     progress.close()
 
     # ---- finish ---------------------------------------------------------------------------
     after = run_eval(cfg, student, tokenizer, eval_records, tracker, counters["step"], "after training")
-    save(cfg, student, sampler, counters)
+    save(cfg, student, sampler, counters, curriculum)
     exported = None
     if cfg.train.export:
         exported = checkpoint.export_student(student, tokenizer, output_dir / "student")
@@ -243,7 +270,45 @@ def train(cfg: RunConfig) -> dict:
             "output_dir": output_dir}
 
 
-def save(cfg: RunConfig, student, sampler: ProblemSampler, counters: dict) -> None:
-    client_state = {"sampler": sampler.state_dict(), "counters": dict(counters), "config": cfg.to_dict()}
+def update_curriculum(cfg: RunConfig, curriculum: Curriculum, sampler: ProblemSampler, student, tokenizer,
+                      records: list[dict], tracker, *, step: int) -> None:
+    """(Re-)estimate competence (or read the given file), then reweight the sampler and report."""
+    if cfg.curriculum.competence:
+        unmatched = curriculum.load_given(cfg.curriculum.competence)
+        say(f"competence read from {cfg.curriculum.competence}"
+            + (f" ({unmatched} ids there are not in this run)" if unmatched else ""))
+    else:
+        total = len(records) * cfg.curriculum.rollouts
+        progress = progress_bar(total // dist.world_size(), f"rollouts (K={cfg.curriculum.rollouts})", cfg)
+        result = estimate.estimate(student, tokenizer, records, curriculum.table, cfg,
+                                   seed=cfg.train.seed + 7 * curriculum.estimates + 1, progress=progress)
+        progress.close()
+        say(f"competence estimated at step {step}: {result['rollouts']} rollouts, mean pass rate "
+            f"{result['pass_rate_mean']:.1%}, {result['seconds']:.1f} s")
+    curriculum.record_estimate(step)
+    weights = curriculum.weights()
+    sampler.set_weights(weights)
+    summary = curriculum.summary(weights)
+    say("curriculum: " + ", ".join(f"{k.split('/')[-1]} {v:.3g}" for k, v in summary.items()
+                                   if "share" in k or "pass_rate_" in k))
+    if dist.is_main():
+        curriculum.write(cfg.train.output_dir, weights)
+    curriculum.log(tracker, step, weights)
+
+
+def check_agreement(sampler: ProblemSampler, curriculum: Curriculum) -> None:
+    """Every rank must hold the same plan and competence table; one that does not is named."""
+    mine = (sampler.plan_digest(), curriculum.table.digest())
+    everyone = dist.all_gather_objects(mine)
+    for other_rank, theirs in enumerate(everyone):
+        if theirs != everyone[0]:
+            raise UserError(f"rank {other_rank} disagrees with rank 0 about the epoch-{sampler.epoch} plan "
+                            f"(plan {theirs[0]} vs {everyone[0][0]}, competence {theirs[1]} vs {everyone[0][1]}): "
+                            "were the ranks given different data or competence files?")
+
+
+def save(cfg: RunConfig, student, sampler: ProblemSampler, counters: dict, curriculum: Curriculum) -> None:
+    client_state = {"sampler": sampler.state_dict(), "counters": dict(counters), "config": cfg.to_dict(),
+                    "competence": curriculum.table.state_dict(), "estimates": curriculum.estimates}
     path = checkpoint.save(student, cfg.train.output_dir, counters["step"], client_state)
     say(f"checkpoint saved: {path}")

@@ -62,6 +62,12 @@ class Tracker:
         if self.enabled and self.writer is not None:
             self.writer.add_histogram(tag, values, step)
 
+    def image(self, tag: str, rgb, step: int) -> None:
+        """An [H, W, 3] uint8 array as a TensorBoard image."""
+        if self.enabled and self.writer is not None:
+            self.writer.add_image(tag, rgb, step, dataformats="HWC")
+            self.writer.flush()
+
     def close(self) -> None:
         if not self.enabled:
             return

@@ -1,0 +1,120 @@
+"""The run's curriculum: competence table -> per-problem weights, and what to report of them.
+
+A plain object the training loop calls: when to (re-)estimate, the weights the sampler
+and the loss use, the scalars, histograms and picture that show how competence moves.
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import torch
+
+from paced_ds.curriculum.competence import CompetenceTable, level_pass_rates
+from paced_ds.curriculum.kernel import curriculum_weights, normalize, weight_summary
+from paced_ds.errors import UserError
+
+PICTURE_BINS = 10
+
+
+class Curriculum:
+    def __init__(self, cfg, records: list[dict]):
+        self.cfg = cfg.curriculum
+        self.table = CompetenceTable([r["id"] for r in records])
+        self.difficulties = [str(r.get("difficulty", "all")) for r in records]
+        self.history: list[tuple[int, torch.Tensor]] = []  # (step, pass-rate histogram) per estimate
+        self.estimates = 0
+
+    @property
+    def active(self) -> bool:
+        """Whether pass rates matter: every mode but uniform, or a given competence file."""
+        return self.cfg.mode != "uniform" or bool(self.cfg.competence)
+
+    def load_given(self, path: str) -> int:
+        """Counts from a competence.jsonl (curriculum.competence); returns unmatched ids."""
+        given = CompetenceTable.read_jsonl(path, self.table.ids)
+        self.table.load_state_dict(given.state_dict())
+        return given.unmatched
+
+    def due(self, step: int) -> bool:
+        """Whether to re-estimate after optimizer step ``step`` (curriculum.refresh=every)."""
+        return (self.active and not self.cfg.competence and self.cfg.refresh == "every"
+                and step % self.cfg.refresh_every == 0)
+
+    def weights(self) -> torch.Tensor:
+        """Per-problem weights from the table: the kernel, normalised as configured.
+
+        In sample mode these are the draw's probabilities (unnormalised is fine); in
+        weight mode they multiply the loss, and ``dataset_mean`` makes them average 1.
+        """
+        weights = curriculum_weights(self.table.correct, self.table.trials, mode=self.cfg.mode,
+                                     alpha=self.cfg.alpha, beta=self.cfg.beta, posterior=self.cfg.posterior,
+                                     band=(self.cfg.band_lo, self.cfg.band_hi))
+        if not weights.sum() > 0:
+            raise UserError(f"curriculum.mode={self.cfg.mode}: every problem has weight 0 (are all pass rates "
+                            "0 or 1?); try curriculum.posterior=true, another band, or curriculum.mode=uniform")
+        if self.cfg.apply == "weight" and self.cfg.normalize == "dataset_mean":
+            weights = normalize(weights, "dataset_mean", dataset_weights=weights)
+        return weights.float()
+
+    def summary(self, weights: torch.Tensor) -> dict:
+        """Curriculum scalars for metrics.jsonl and TensorBoard (estimated problems only)."""
+        tried = self.table.trials > 0
+        if not tried.any():
+            return {}
+        rates = self.table.pass_rates()[tried]
+        stats = weight_summary(rates, weights[tried])
+        out = {f"curriculum/{key}": value for key, value in stats.items()}
+        for level, rate in level_pass_rates(self.table, self.difficulties).items():
+            out[f"curriculum/pass_rate_{level}"] = rate
+        out["curriculum/estimates"] = self.estimates
+        return out
+
+    def record_estimate(self, step: int) -> None:
+        self.estimates += 1
+        rates = self.table.pass_rates()
+        rates = rates[~torch.isnan(rates)]
+        counts = torch.histc(rates.float(), bins=PICTURE_BINS, min=0.0, max=1.0)
+        self.history.append((step, counts / counts.sum().clamp(min=1)))
+
+    def write(self, output_dir: str | Path, weights: torch.Tensor) -> Path:
+        return self.table.write_jsonl(Path(output_dir) / "competence.jsonl", weights=weights)
+
+    def log(self, tracker, step: int, weights: torch.Tensor) -> None:
+        """Histograms of pass rates and weights, and the curriculum picture (rank 0 only)."""
+        rates = self.table.pass_rates()
+        tried = ~torch.isnan(rates)
+        if tried.any():
+            tracker.histogram("curriculum/pass_rate", rates[tried], step)
+            tracker.histogram("curriculum/weight", weights[tried], step)
+        if self.history:
+            tracker.image("curriculum/pass_rate_over_steps", self.picture(), step)
+
+    def picture(self):
+        """An RGB array: the pass-rate distribution (rows: bins of p) at each estimate (columns)."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        import numpy as np
+
+        grid = torch.stack([counts for _, counts in self.history], dim=1).numpy()
+        steps = [step for step, _ in self.history]
+        fig, ax = plt.subplots(figsize=(5, 3.2), dpi=100)
+        ax.imshow(grid, origin="lower", aspect="auto", cmap="viridis", vmin=0, vmax=max(grid.max(), 1e-9),
+                  extent=(-0.5, len(steps) - 0.5, 0, 1))
+        ax.set_xticks(range(len(steps)))
+        ax.set_xticklabels([str(s) for s in steps], fontsize=7)
+        ax.set_xlabel("optimizer step of the estimate")
+        ax.set_ylabel("pass rate p")
+        ax.set_title("share of problems per pass-rate bin", fontsize=9)
+        fig.tight_layout()
+        buffer = io.BytesIO()
+        fig.savefig(buffer, format="png")
+        plt.close(fig)
+        buffer.seek(0)
+        from PIL import Image
+
+        return np.asarray(Image.open(buffer).convert("RGB"))
+

@@ -1,0 +1,76 @@
+"""Competence from student rollouts: K sampled answers per problem, verified, counted.
+
+Each rank rolls out its strided share of the ``problems x K`` prompts and records its
+(correct, trials) counts; one all-reduce merges them so that every rank holds the same
+competence table, from which every rank computes the same weights and sampler plan.
+
+``curriculum.gather=true`` rolls out from a full, plain copy of the student on each rank
+(its ZeRO-3 partitions gathered once per generation phase): no collective per token, and
+ranks may finish at different times. ``false`` generates from the shards, every forward
+all-gathering each layer, with all ranks stepping together; use it when a full copy of
+the student does not fit on one device.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from paced_ds import verify
+from paced_ds.curriculum.competence import CompetenceTable
+from paced_ds.distill import generation
+from paced_ds.runtime import dist
+
+
+def plain_copy(engine):
+    """A full, non-partitioned copy of the engine's model on this rank, for generation."""
+    import deepspeed
+    from transformers import AutoModelForCausalLM
+
+    module = engine.module
+    if not engine.zero_optimization_partition_weights():
+        return module
+    with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
+        state = {name: tensor.detach().clone() for name, tensor in module.state_dict().items()}
+    copy = AutoModelForCausalLM.from_config(module.config, dtype=next(iter(state.values())).dtype)
+    copy.load_state_dict(state, strict=False)
+    copy.tie_weights()
+    copy.config.use_cache = True
+    return copy.to(dist.device()).eval()
+
+
+def estimate(engine, tokenizer, records: list[dict], table: CompetenceTable, cfg, *, seed: int,
+             progress=None) -> dict:
+    """Replace ``table``'s counts with fresh ones from ``curriculum.rollouts`` samples per problem.
+
+    Collective: every rank calls it with the same records. Returns timing and counts.
+    """
+    cur = cfg.curriculum
+    started = time.time()
+    prompts = generation.prompt_ids(tokenizer, records, cfg.data)
+    expanded = [ids for ids in prompts for _ in range(cur.rollouts)]  # problem i -> K copies
+    torch.manual_seed(seed * 1_000_003 + dist.rank())
+    sampling = dict(max_new_tokens=cur.max_new_tokens, do_sample=True, temperature=cur.temperature,
+                    top_p=cur.top_p)
+    if cur.gather:
+        model = plain_copy(engine)
+        indices = list(range(dist.rank(), len(expanded), dist.world_size()))
+        outputs = generation.generate(model, tokenizer, [expanded[i] for i in indices],
+                                      batch_size=cur.batch_size, synced=False, progress=progress, **sampling)
+        outputs = dict(zip(indices, outputs))
+        del model
+    else:
+        outputs = generation.sharded_generate(engine.module, tokenizer, expanded, batch_size=cur.batch_size,
+                                              progress=progress, **sampling)
+    problem_indices, correct = [], []
+    for index, ids in outputs.items():
+        problem = index // cur.rollouts
+        text = tokenizer.decode(ids, skip_special_tokens=True)
+        problem_indices.append(problem)
+        correct.append(int(verify.is_correct(text, records[problem]["answer"])))
+    table.reset_()
+    table.record(problem_indices, correct, [1] * len(correct))
+    table.all_reduce_()
+    return {"rollouts": len(expanded), "seconds": time.time() - started,
+            "pass_rate_mean": float(table.correct.sum() / table.trials.sum().clamp(min=1))}
