@@ -71,6 +71,12 @@ class LossConfig:
     jsd_beta: float = _f(0.5, "mixture weight of generalized JSD (loss.kind=jsd)")
     skew_alpha: float = _f(0.1, "own share of the skewed mixture (loss.kind=skew_kl: teacher's; skew_reverse_kl: student's)")
     akl_mu: float = _f(0.5, "teacher probability mass that defines the head (loss.kind=akl)")
+    schedule: str = _f("off_policy", "off_policy = loss.kind on teacher responses; on_policy = loss.kind on fresh "
+                                     "student rollouts; two_stage = off_policy, then loss.stage2_kind on_policy "
+                                     "from loss.switch_at", ("off_policy", "on_policy", "two_stage"))
+    stage2_kind: str = _f("reverse_kl", "divergence of the second (on-policy) stage of loss.schedule=two_stage",
+                          DIVERGENCE_KINDS)
+    switch_at: float = _f(0.5, "two_stage: the switch, as a share of train.steps (< 1) or a step number (>= 1)")
     chunk_tokens: int = _f(0, "tokens per chunk of the divergence, bounding fp32 [tokens, vocab] memory "
                               "(0 = chosen from the vocabulary size and device)")
 
@@ -97,9 +103,13 @@ class CurriculumConfig:
     batch_size: int = _f(256, "rollout prompts per generation batch per rank")
     gather: bool = _f(True, "roll out from a full copy of the student on each rank (fast, needs the memory); "
                             "false = generate from the ZeRO-3 shards")
-    refresh: str = _f("static", "when pass rates are re-estimated: static (once, before training) or every "
-                                "curriculum.refresh_every steps", ("static", "every"))
-    refresh_every: int = _f(0, "steps between re-estimates with curriculum.refresh=every")
+    refresh: str = _f("static", "when pass rates are re-estimated: static (once, before training), every "
+                                "(K fresh rollouts every curriculum.refresh_every steps) or on_policy (from the "
+                                "on-policy stage's own rollouts, free)", ("static", "every", "on_policy"))
+    refresh_every: int = _f(0, "steps between re-estimates (refresh=every) or merges of on-policy outcomes "
+                               "(refresh=on_policy)")
+    decay: float = _f(0.5, "refresh=on_policy: weight kept by the older counts at each merge")
+    reestimate_at_switch: bool = _f(False, "two_stage: re-estimate competence when the on-policy stage starts")
     competence: str = _f("", "competence.jsonl to use instead of estimating (e.g. from `paced-ds estimate` "
                              "or another engine); its pass rates are kept static")
 
@@ -111,6 +121,10 @@ class TeacherConfig:
     offload: str = _f("none", "where the teacher's partitioned parameters live", ("none", "cpu", "nvme"))
     nvme_path: str = _f("", "directory for teacher.offload=nvme")
     ds_config: str = _f("auto", "DeepSpeed JSON for the teacher; auto = ds_configs/teacher_zero3[_offload_*].json")
+    self_distill: bool = _f(False, "the teacher is a frozen copy of the initial student that sees the reference "
+                                   "answer in its prompt (needs an on-policy loss.schedule)")
+    privileged_template: str = _f("The answer is {answer}.\n{prompt}",
+                                  "self-distillation: the teacher's prompt, with {answer} and {prompt}")
     forward_micro_batches: int = _f(0, "micro-batches per teacher forward (0 = the whole optimizer step: "
                                        "one all-gather of the teacher per step, more logits memory)")
 
@@ -339,8 +353,20 @@ def validate(cfg: RunConfig) -> None:
             raise UserError(f"config key {key}: must be > 0, got {value}")
     if not c.temperature > 0 or not 0 < c.top_p <= 1:
         raise UserError("config key curriculum.temperature: must be > 0 (and curriculum.top_p in (0, 1])")
-    if c.refresh == "every" and c.refresh_every <= 0:
-        raise UserError("config key curriculum.refresh_every: must be > 0 with curriculum.refresh=every")
+    if c.refresh in ("every", "on_policy") and c.refresh_every <= 0:
+        raise UserError(f"config key curriculum.refresh_every: must be > 0 with curriculum.refresh={c.refresh}")
+    if c.refresh == "on_policy" and cfg.loss.schedule == "off_policy":
+        raise UserError("config key curriculum.refresh: on_policy needs on-policy rollouts "
+                        "(loss.schedule=on_policy or two_stage)")
+    if not 0 <= c.decay <= 1:
+        raise UserError(f"config key curriculum.decay: must be in [0, 1], got {c.decay}")
+    if not cfg.loss.switch_at > 0:
+        raise UserError(f"config key loss.switch_at: must be > 0, got {cfg.loss.switch_at}")
+    if cfg.teacher.self_distill and cfg.loss.schedule == "off_policy":
+        raise UserError("config key teacher.self_distill: the privileged teacher scores the student's own "
+                        "rollouts; set loss.schedule=on_policy (or two_stage)")
+    if cfg.teacher.self_distill and not all(k in cfg.teacher.privileged_template for k in ("{answer}", "{prompt}")):
+        raise UserError("config key teacher.privileged_template: must contain {answer} and {prompt}")
     if c.competence and c.refresh != "static":
         raise UserError("config key curriculum.competence: a given competence file is static; "
                         "drop it or set curriculum.refresh=static")

@@ -14,6 +14,7 @@ import torch
 from paced_ds.curriculum.competence import CompetenceTable, level_pass_rates
 from paced_ds.curriculum.kernel import curriculum_weights, normalize, weight_summary
 from paced_ds.errors import UserError
+from paced_ds.runtime import dist
 
 PICTURE_BINS = 10
 
@@ -25,6 +26,9 @@ class Curriculum:
         self.difficulties = [str(r.get("difficulty", "all")) for r in records]
         self.history: list[tuple[int, torch.Tensor]] = []  # (step, pass-rate histogram) per estimate
         self.estimates = 0
+        # On-policy outcomes since the last merge (curriculum.refresh=on_policy), the same on every rank.
+        self.observed_correct = torch.zeros(len(records), dtype=torch.float64)
+        self.observed_trials = torch.zeros(len(records), dtype=torch.float64)
 
     @property
     def active(self) -> bool:
@@ -36,6 +40,33 @@ class Curriculum:
         given = CompetenceTable.read_jsonl(path, self.table.ids)
         self.table.load_state_dict(given.state_dict())
         return given.unmatched
+
+    def observe(self, indices: list[int], correct: list[int]) -> None:
+        """Collective: every rank's on-policy outcomes of this step, gathered so that every
+        rank holds the same observations (small: one (index, 0/1) pair per problem)."""
+        for part_indices, part_correct in dist.all_gather_objects((list(indices), list(correct))):
+            index = torch.tensor(part_indices, dtype=torch.long)
+            self.observed_correct.index_add_(0, index, torch.tensor(part_correct, dtype=torch.float64))
+            self.observed_trials.index_add_(0, index, torch.ones(len(part_indices), dtype=torch.float64))
+
+    def merge_observed(self, decay: float) -> None:
+        """Fold the observations since the last merge into the table, the older counts
+        discounted by ``decay`` (so pass rates follow the student as it learns)."""
+        self.table.correct = self.table.correct * decay + self.observed_correct
+        self.table.trials = self.table.trials * decay + self.observed_trials
+        self.observed_correct.zero_()
+        self.observed_trials.zero_()
+
+    def state_dict(self) -> dict:
+        return {"competence": self.table.state_dict(), "estimates": self.estimates,
+                "observed_correct": self.observed_correct.tolist(),
+                "observed_trials": self.observed_trials.tolist()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.table.load_state_dict(state["competence"])
+        self.estimates = state["estimates"]
+        self.observed_correct = torch.tensor(state["observed_correct"], dtype=torch.float64)
+        self.observed_trials = torch.tensor(state["observed_trials"], dtype=torch.float64)
 
     def due(self, step: int) -> bool:
         """Whether to re-estimate after optimizer step ``step`` (curriculum.refresh=every)."""

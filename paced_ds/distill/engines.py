@@ -114,14 +114,14 @@ def load_tokenizer(cfg: RunConfig):
     return tokenizer
 
 
-def shared_vocab_size(cfg: RunConfig, student_tokenizer) -> int:
+def shared_vocab_size(cfg: RunConfig, student_tokenizer, teacher: str | None = None) -> int:
     """The token range both models score; a different tokenizer is an error, padding rows are not.
 
     Checked from the config files alone (no weights loaded), before any engine is built.
     """
     from transformers import AutoConfig, AutoTokenizer
 
-    teacher_name = resolve_model(cfg.model.teacher, "model.teacher")
+    teacher_name = teacher or resolve_model(cfg.model.teacher, "model.teacher")
     student_name = resolve_model(cfg.model.student, "model.student")
     try:
         teacher_tokenizer = AutoTokenizer.from_pretrained(teacher_name, trust_remote_code=cfg.model.trust_remote_code)

@@ -27,7 +27,8 @@ from paced_ds.curriculum.curriculum import Curriculum
 from paced_ds.curriculum.sampler import ProblemSampler
 from paced_ds.data import sources
 from paced_ds.data.collate import collate_train, encode
-from paced_ds.distill import engines, generation
+from paced_ds.data.prompts import privileged_prompt
+from paced_ds.distill import engines, generation, onpolicy
 from paced_ds.distill.losses import distillation_loss
 from paced_ds.errors import UserError
 from paced_ds.runtime import checkpoint, dist
@@ -39,9 +40,37 @@ def say(message: str) -> None:
         print(f"paced-ds: {message}", flush=True)
 
 
-def divergence_params(cfg: RunConfig) -> dict:
+def divergence_params(cfg: RunConfig, kind: str) -> dict:
     return {"jsd": {"beta": cfg.loss.jsd_beta}, "skew_kl": {"alpha": cfg.loss.skew_alpha},
-            "skew_reverse_kl": {"alpha": cfg.loss.skew_alpha}, "akl": {"mu": cfg.loss.akl_mu}}.get(cfg.loss.kind, {})
+            "skew_reverse_kl": {"alpha": cfg.loss.skew_alpha}, "akl": {"mu": cfg.loss.akl_mu}}.get(kind, {})
+
+
+def teacher_path(cfg: RunConfig) -> str:
+    """model.teacher, or model.student when the student distils into itself."""
+    if cfg.teacher.self_distill:
+        return engines.resolve_model(cfg.model.student, "model.student")
+    return engines.resolve_model(cfg.model.teacher, "model.teacher")
+
+
+def schedule_switch(cfg: RunConfig) -> int | None:
+    """The first on-policy step: 0 for on_policy, loss.switch_at for two_stage, None for off_policy."""
+    if cfg.loss.schedule == "off_policy":
+        return None
+    if cfg.loss.schedule == "on_policy":
+        return 0
+    at = cfg.loss.switch_at
+    return int(round(at * cfg.train.steps)) if at < 1 else int(at)
+
+
+def privileged_prompt_ids(cfg: RunConfig, tokenizer, records: list[dict]) -> list[list[int]]:
+    """Self-distillation: each problem's prompt with its reference answer shown to the teacher."""
+    shown = [{**r, "prompt": privileged_prompt(r["prompt"], r["answer"], cfg.teacher.privileged_template)}
+             for r in records]
+    return generation.prompt_ids(tokenizer, shown, cfg.data)
+
+
+def to_device(batch: dict, device) -> dict:
+    return {key: value.to(device) for key, value in batch.items()}
 
 
 def seed_everything(seed: int) -> None:
@@ -62,7 +91,7 @@ def preflight(cfg: RunConfig):
     engines.student_ds_config(cfg)  # the DeepSpeed JSONs exist and parse
     engines.teacher_ds_config(cfg)
     tokenizer = engines.load_tokenizer(cfg)
-    vocab = engines.shared_vocab_size(cfg, tokenizer)
+    vocab = engines.shared_vocab_size(cfg, tokenizer, teacher=teacher_path(cfg))
     train_records = sources.load_train(cfg.data)
     eval_records = sources.limit_per_level(sources.load_eval(cfg.data), cfg.eval.limit_per_level)
     return tokenizer, vocab, train_records, eval_records
@@ -70,7 +99,7 @@ def preflight(cfg: RunConfig):
 
 def with_teacher_responses(cfg: RunConfig, tokenizer, teacher_engine, train_records: list[dict]) -> list[dict]:
     """Train problems with a response each: their own, stored ones, or generated now by the teacher."""
-    teacher_name = sources.teacher_identity(engines.resolve_model(cfg.model.teacher, "model.teacher"))
+    teacher_name = sources.teacher_identity(teacher_path(cfg))
     attached = sources.with_stored_responses(train_records, cfg.data, teacher_name)
     if attached is None:
         needed = sources.missing_responses(train_records)
@@ -141,24 +170,26 @@ def train(cfg: RunConfig) -> dict:
     output_dir = Path(cfg.train.output_dir)
     seed_everything(cfg.train.seed + rank)
 
-    teacher = engines.build_teacher(cfg)
-    train_records = with_teacher_responses(cfg, tokenizer, teacher, train_records)
-    examples = tokenize_problems(cfg, tokenizer, train_records)
+    # Self-distillation: the teacher is a frozen copy of the initial student.
+    teacher = engines.build_teacher(cfg, name=teacher_path(cfg))
+    examples = None  # off-policy sequences; a purely on-policy run needs no teacher responses
+    if cfg.loss.schedule != "on_policy":
+        train_records = with_teacher_responses(cfg, tokenizer, teacher, train_records)
+        examples = tokenize_problems(cfg, tokenizer, train_records)
     student, _ = engines.build_student(cfg)
     say(f"{len(train_records)} training problems, {len(eval_records)} held-out; {world} ranks; "
         f"student ZeRO-{cfg.train.zero_stage}, teacher ZeRO-3 offload={cfg.teacher.offload}; "
-        f"loss {cfg.loss.kind}")
+        f"loss {cfg.loss.kind} ({cfg.loss.schedule})" + (", self-distillation" if cfg.teacher.self_distill else ""))
 
     curriculum = Curriculum(cfg, train_records)
-    sampler = ProblemSampler(len(examples), seed=cfg.train.seed, world_size=world, rank=rank,
+    sampler = ProblemSampler(len(train_records), seed=cfg.train.seed, world_size=world, rank=rank,
                              micro_batch_size=cfg.train.micro_batch_size, grad_accum=cfg.train.grad_accum,
                              apply=cfg.curriculum.apply)
     counters = {"step": 0, "tokens": 0, "samples": 0, "skipped_zero_weight": 0}
     resume_from = checkpoint.find_resume(output_dir, cfg.train.resume)
     if resume_from is not None:
         client_state = checkpoint.load(student, *resume_from)
-        curriculum.table.load_state_dict(client_state["competence"])
-        curriculum.estimates = client_state.get("estimates", 0)
+        curriculum.load_state_dict(client_state["curriculum"])
         if curriculum.active:
             sampler.set_weights(curriculum.weights())
         sampler.load_state_dict(client_state["sampler"])
@@ -176,22 +207,50 @@ def train(cfg: RunConfig) -> dict:
             update_curriculum(cfg, curriculum, sampler, student, tokenizer, train_records, tracker, step=0)
     curriculum_scalars = curriculum.summary(sampler.weights) if curriculum.active else {}
 
-    params = divergence_params(cfg)
     group = cfg.teacher.forward_micro_batches or cfg.train.grad_accum
     mb = cfg.train.micro_batch_size
+    switch_step = schedule_switch(cfg)
+    prompts = generation.prompt_ids(tokenizer, train_records, cfg.data) if switch_step is not None else None
+    privileged = privileged_prompt_ids(cfg, tokenizer, train_records) if cfg.teacher.self_distill else None
     progress = progress_bar(cfg.train.steps, "distilling", cfg, initial=counters["step"])
 
     # ---- the loop -------------------------------------------------------------------------
     while counters["step"] < cfg.train.steps:
         step_started = time.time()
         lr = student.get_lr()[0]  # the rate this step uses
+        on_policy = switch_step is not None and counters["step"] >= switch_step
+        if on_policy and counters["step"] == switch_step and cfg.loss.schedule == "two_stage":
+            say(f"step {switch_step}: switching to on-policy {cfg.loss.stage2_kind}")
+            if cfg.curriculum.reestimate_at_switch and curriculum.active:
+                update_curriculum(cfg, curriculum, sampler, student, tokenizer, train_records, tracker,
+                                  step=switch_step)
+                curriculum_scalars = curriculum.summary(sampler.weights)
+        kind = cfg.loss.stage2_kind if on_policy and cfg.loss.schedule == "two_stage" else cfg.loss.kind
+        params = divergence_params(cfg, kind)
         epoch_before = sampler.epoch
         micro_batches = sampler.next_step()
         if sampler.epoch != epoch_before or counters["step"] == 0:
             check_agreement(sampler, curriculum)
         step_indices = [i for part in micro_batches for i in part]
+
+        # The sequences this step scores: teacher responses, or the student's own rollouts.
+        rollout_s = 0.0
+        if on_policy:
+            rollout_started = time.time()
+            responses = onpolicy.rollouts(student, tokenizer, [prompts[i] for i in step_indices], cfg)
+            step_examples = [onpolicy.example(prompts[i], r, tokenizer.eos_token_id, cfg.data.max_length)
+                             for i, r in zip(step_indices, responses)]
+            if cfg.curriculum.refresh == "on_policy":
+                correct = onpolicy.outcomes(tokenizer, responses, [train_records[i]["answer"] for i in step_indices])
+                curriculum.observe(step_indices, correct)
+            rollout_s = time.time() - rollout_started
+        else:
+            step_examples = [examples[i] for i in step_indices]
+        teacher_examples = ([onpolicy.teacher_example(privileged[i], e) for i, e in zip(step_indices, step_examples)]
+                            if privileged is not None else None)
+
         step_weights = sampler.loss_weights(step_indices)
-        local_tokens = sum(len(examples[i]["input_ids"]) - examples[i]["response_start"] for i in step_indices)
+        local_tokens = sum(len(e["input_ids"]) - e["response_start"] for e in step_examples)
         global_tokens, global_weight, global_count = dist.all_reduce_sum(torch.tensor(
             [float(local_tokens), step_weights.sum().item(), float(len(step_indices))], dtype=torch.float64)).tolist()
         if global_weight == 0:
@@ -202,25 +261,29 @@ def train(cfg: RunConfig) -> dict:
         weight_scale = global_count / global_weight if cfg.curriculum.normalize == "batch_mean" else 1.0
 
         loss_sum, teacher_s = torch.zeros((), dtype=torch.float64, device=device), 0.0
-        for first in range(0, len(micro_batches), group):
+        for first in range(0, len(step_examples), group * mb):
             # One teacher forward (one all-gather of the teacher) for `group` micro-batches.
-            indices = [i for part in micro_batches[first:first + group] for i in part]
-            batch = {k: v.to(device) for k, v in collate_train([examples[i] for i in indices],
-                                                               tokenizer.pad_token_id).items()}
-            weights = (sampler.loss_weights(indices) * weight_scale).to(device)
+            positions = slice(first, first + group * mb)
+            batch = to_device(collate_train(step_examples[positions], tokenizer.pad_token_id), device)
+            teacher_batch = batch if teacher_examples is None else to_device(
+                collate_train(teacher_examples[positions], tokenizer.pad_token_id), device)
+            weights = (step_weights[positions] * weight_scale).to(device)
             teacher_started = time.time()
-            batch_teacher_logits = teacher_logits(teacher, batch, vocab)
+            batch_teacher_logits = teacher_logits(teacher, teacher_batch, vocab)
             if device.type == "cuda":  # time the forward, not its kernel launches
                 torch.cuda.synchronize(device)
             teacher_s += time.time() - teacher_started
-            for start in range(0, len(indices), mb):
+            for start in range(0, len(weights), mb):
                 rows = slice(start, start + mb)
                 student_logits = student(input_ids=batch["input_ids"][rows],
                                          attention_mask=batch["attention_mask"][rows]).logits[..., :vocab]
-                loss, stats = distillation_loss(
-                    student_logits, batch_teacher_logits[rows], batch["loss_mask"][rows], weights[rows],
-                    kind=cfg.loss.kind, temperature=cfg.loss.temperature, normalizer=global_tokens,
-                    chunk_tokens=cfg.loss.chunk_tokens or None, **params)
+                pair = (student_logits, batch_teacher_logits[rows], batch["loss_mask"][rows], weights[rows])
+                if teacher_examples is not None:  # different prompts: pair the response tokens
+                    pair = onpolicy.aligned(student_logits, batch["loss_mask"][rows], batch_teacher_logits[rows],
+                                            teacher_batch["loss_mask"][rows], weights[rows])
+                loss, stats = distillation_loss(*pair, kind=kind, temperature=cfg.loss.temperature,
+                                                normalizer=global_tokens,
+                                                chunk_tokens=cfg.loss.chunk_tokens or None, **params)
                 student.backward(loss * world, scale_wrt_gas=False)
                 student.step()
                 loss_sum += stats["weighted_divergence_sum"].double()
@@ -239,7 +302,8 @@ def train(cfg: RunConfig) -> dict:
                 "samples": counters["samples"],
                 "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
                 "weight_mean": global_weight * weight_scale / global_count, "step_time_s": step_s,
-                "teacher_time_s": teacher_s, "tokens_per_s": global_tokens / step_s,
+                "teacher_time_s": teacher_s, "rollout_time_s": rollout_s, "tokens_per_s": global_tokens / step_s,
+                "on_policy": int(on_policy),
                 "epoch": sampler.epoch, "skipped_zero_weight": counters["skipped_zero_weight"],
                 **curriculum_scalars}
             if device.type == "cuda":  # this rank's peak since the previous logged step, both engines
@@ -249,6 +313,10 @@ def train(cfg: RunConfig) -> dict:
             progress.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.1e}")
         progress.update(1)
 
+        if cfg.curriculum.refresh == "on_policy" and on_policy and step % cfg.curriculum.refresh_every == 0:
+            curriculum.merge_observed(cfg.curriculum.decay)
+            refresh_weights(cfg, curriculum, sampler, tracker, step)
+            curriculum_scalars = curriculum.summary(sampler.weights)
         if curriculum.due(step) and step < cfg.train.steps:
             update_curriculum(cfg, curriculum, sampler, student, tokenizer, train_records, tracker, step=step)
             curriculum_scalars = curriculum.summary(sampler.weights)
@@ -285,6 +353,11 @@ def update_curriculum(cfg: RunConfig, curriculum: Curriculum, sampler: ProblemSa
         progress.close()
         say(f"competence estimated at step {step}: {result['rollouts']} rollouts, mean pass rate "
             f"{result['pass_rate_mean']:.1%}, {result['seconds']:.1f} s")
+    refresh_weights(cfg, curriculum, sampler, tracker, step)
+
+
+def refresh_weights(cfg: RunConfig, curriculum: Curriculum, sampler: ProblemSampler, tracker, step: int) -> None:
+    """New pass rates in the table: reweight the sampler, write competence.jsonl, report."""
     curriculum.record_estimate(step)
     weights = curriculum.weights()
     sampler.set_weights(weights)
@@ -309,6 +382,6 @@ def check_agreement(sampler: ProblemSampler, curriculum: Curriculum) -> None:
 
 def save(cfg: RunConfig, student, sampler: ProblemSampler, counters: dict, curriculum: Curriculum) -> None:
     client_state = {"sampler": sampler.state_dict(), "counters": dict(counters), "config": cfg.to_dict(),
-                    "competence": curriculum.table.state_dict(), "estimates": curriculum.estimates}
+                    "curriculum": curriculum.state_dict()}
     path = checkpoint.save(student, cfg.train.output_dir, counters["step"], client_state)
     say(f"checkpoint saved: {path}")
