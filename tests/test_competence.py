@@ -234,6 +234,10 @@ def merge_on_rank(rank: int, tmp_dir: str) -> None:
     """One rank of the 2-rank merge test (module level, so spawned children can import it)."""
     torch.set_num_threads(1)
     os.environ["DS_ACCELERATOR"] = "cpu"
+    # deepspeed before the process group, as dist.init() does: imported after it (by
+    # all_reduce_sum), gloo's teardown aborts the process at exit one time in three.
+    import deepspeed  # noqa: F401
+
     torch_dist.init_process_group("gloo", init_method=f"file://{tmp_dir}/store", rank=rank, world_size=2)
     try:
         table = CompetenceTable(IDS)

@@ -105,9 +105,9 @@ class CompetenceTable:
     def load_state_dict(self, state: dict) -> None:
         """Replace every count with ``state``'s; refuse a state made for other problems."""
         if state["ids"] != self.ids:
-            raise UserError(f"the saved competence table is for other problems: {_id_difference(state['ids'], self.ids)}; "
-                            "resume with the data the checkpoint was trained on, or start afresh "
-                            "(train.resume=never)")
+            difference = _id_difference(state["ids"], self.ids)
+            raise UserError(f"the saved competence table is for other problems: {difference}; resume with "
+                            "the data the checkpoint was trained on, or start afresh (train.resume=never)")
         self.correct = torch.tensor(state["correct"], dtype=torch.float64)
         self.trials = torch.tensor(state["trials"], dtype=torch.float64)
         self.pending_correct.zero_()
