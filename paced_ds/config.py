@@ -69,7 +69,8 @@ class LossConfig:
     kind: str = _f("forward_kl", "token-level divergence between teacher and student", DIVERGENCE_KINDS)
     temperature: float = _f(1.0, "softmax temperature applied to both teacher and student logits")
     jsd_beta: float = _f(0.5, "mixture weight of generalized JSD (loss.kind=jsd)")
-    skew_alpha: float = _f(0.1, "own share of the skewed mixture (loss.kind=skew_kl: teacher's; skew_reverse_kl: student's)")
+    skew_alpha: float = _f(0.1, "own share of the skewed mixture (loss.kind=skew_kl: the teacher's; "
+                                "skew_reverse_kl: the student's)")
     akl_mu: float = _f(0.5, "teacher probability mass that defines the head (loss.kind=akl)")
     schedule: str = _f("off_policy", "off_policy = loss.kind on teacher responses; on_policy = loss.kind on fresh "
                                      "student rollouts; two_stage = off_policy, then loss.stage2_kind on_policy "

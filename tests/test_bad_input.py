@@ -11,7 +11,6 @@ import shutil
 import sys
 from pathlib import Path
 
-import pytest
 
 from launch import RECIPE, REPO, cpu_env, run, write_problems
 from paced_ds import cli

@@ -12,7 +12,7 @@ import torch
 import torch.distributed as torch_dist
 import torch.multiprocessing as torch_mp
 
-from paced_ds.curriculum import competence
+from paced_ds.runtime import files
 from paced_ds.curriculum.competence import CompetenceTable, level_pass_rates
 from paced_ds.errors import UserError
 
@@ -144,7 +144,7 @@ def test_write_jsonl_is_atomic(tmp_path, monkeypatch):
     def disk_full(fd):
         raise OSError("No space left on device")
 
-    monkeypatch.setattr(competence.os, "fsync", disk_full)
+    monkeypatch.setattr(files.os, "fsync", disk_full)
     with pytest.raises(OSError, match="No space"):
         merged(indices=[1], correct=[1], trials=[2]).write_jsonl(path)
     assert path.read_text() == before and os.listdir(tmp_path) == ["competence.jsonl"]

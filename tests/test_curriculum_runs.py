@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from launch import RECIPE, cpu_env, explain, paced_ds, read_jsonl, run, small_overrides
+from launch import RECIPE, explain, paced_ds, read_jsonl, run, small_overrides
 
 pytestmark = pytest.mark.distributed
 
@@ -39,7 +39,8 @@ args = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]
 out, scenarios, common = args[0], json.loads(args[1]), args[2:]
 for name, extra in scenarios.items():
     extra = [e.replace("{out}", out) for e in extra]
-    train(load_config(sys.argv[0].replace("scenarios.py", "recipe.yaml"), common + extra + [f"train.output_dir={out}/{name}"]))
+    recipe = sys.argv[0].replace("scenarios.py", "recipe.yaml")
+    train(load_config(recipe, common + extra + [f"train.output_dir={out}/{name}"]))
 """
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from launch import RECIPE, REPO, cpu_env, explain, paced_ds, read_jsonl, run, small_overrides, write_problems
+from launch import RECIPE, REPO, explain, paced_ds, read_jsonl, run, small_overrides, write_problems
 
 pytestmark = pytest.mark.distributed
 

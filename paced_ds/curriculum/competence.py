@@ -18,12 +18,12 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 from pathlib import Path
 
 import torch
 
 from paced_ds.errors import UserError
+from paced_ds.runtime.files import write_jsonl_atomic
 from paced_ds.runtime.dist import all_reduce_sum, is_main
 
 Counts = list[int] | list[float] | torch.Tensor
@@ -128,23 +128,13 @@ class CompetenceTable:
             raise ValueError(f"{len(weights)} weights for {len(self.ids)} problems")
         weight_values = [None] * len(self.ids) if weights is None else [float(w) for w in weights]
         rates = self.pass_rates().tolist()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-        try:
-            with tmp.open("w", encoding="utf-8") as f:
-                for i, problem_id in enumerate(self.ids):
-                    weight = weight_values[i]
-                    line = {"id": problem_id, "correct": _plain_number(self.correct[i].item()),
-                            "trials": _plain_number(self.trials[i].item()),
-                            "pass_rate": None if math.isnan(rates[i]) else rates[i],
-                            "weight": weight if weight is not None and math.isfinite(weight) else None}
-                    f.write(json.dumps(line, ensure_ascii=False) + "\n")
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
-        return path
+        rows = ({"id": problem_id, "correct": _plain_number(self.correct[i].item()),
+                 "trials": _plain_number(self.trials[i].item()),
+                 "pass_rate": None if math.isnan(rates[i]) else rates[i],
+                 "weight": weight_values[i] if weight_values[i] is not None and math.isfinite(weight_values[i])
+                 else None}
+                for i, problem_id in enumerate(self.ids))
+        return write_jsonl_atomic(path, rows)
 
     @classmethod
     def read_jsonl(cls, path, ids: list[str]) -> "CompetenceTable":

@@ -14,10 +14,11 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 import random
 from pathlib import Path
 from typing import Iterator
+
+from paced_ds.runtime.files import write_jsonl_atomic
 
 
 @dataclasses.dataclass(frozen=True)
@@ -142,16 +143,8 @@ def dataset(split: str, per_level: int | dict[str, int], seed: int = 0,
 
 
 def write_jsonl(records: list[dict], path: str | Path, with_response: bool = True) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    with tmp.open("w") as f:
-        for record in records:
-            if not with_response:
-                record = {k: v for k, v in record.items() if k != "response"}
-            f.write(json.dumps(record) + "\n")
-    tmp.replace(path)
-    return path
+    rows = records if with_response else [{k: v for k, v in r.items() if k != "response"} for r in records]
+    return write_jsonl_atomic(path, rows)
 
 
 def corpus_lines(seed: int = 0) -> Iterator[str]:

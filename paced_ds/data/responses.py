@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 from pathlib import Path
 
 from paced_ds.errors import UserError
+from paced_ds.runtime.files import write_jsonl_atomic
 
 FORMAT_VERSION = 1
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
@@ -63,19 +63,8 @@ def save_responses(path, rows: list[dict], *, teacher: str, data_sha256: str) ->
     path.parent.mkdir(parents=True, exist_ok=True)
     header = {"paced_ds_responses": FORMAT_VERSION, "teacher": teacher_key(teacher),
               "data_sha256": data_sha256, "count": len(rows)}
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    try:
-        with tmp.open("w", encoding="utf-8") as f:
-            f.write(json.dumps(header) + "\n")
-            for row in rows:
-                line = {"id": str(row["id"]), "response": row["response"], "correct": bool(row["correct"])}
-                f.write(json.dumps(line, ensure_ascii=False) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    lines = [{"id": str(row["id"]), "response": row["response"], "correct": bool(row["correct"])} for row in rows]
+    return write_jsonl_atomic(path, [header, *lines])
 
 
 def load_responses(path, *, teacher: str, data_sha256: str) -> dict[str, dict] | None:
