@@ -98,12 +98,6 @@ class CurriculumConfig:
                                         "or dataset_mean (all problems' weights average 1)",
                         ("none", "batch_mean", "dataset_mean"))
     rollouts: int = _f(8, "K: student rollouts per problem to estimate its pass rate")
-    temperature: float = _f(1.0, "sampling temperature of the rollouts")
-    top_p: float = _f(1.0, "nucleus sampling of the rollouts")
-    max_new_tokens: int = _f(64, "longest rollout")
-    batch_size: int = _f(256, "rollout prompts per generation batch per rank")
-    gather: bool = _f(True, "roll out from a full copy of the student on each rank (fast, needs the memory); "
-                            "false = generate from the ZeRO-3 shards")
     refresh: str = _f("static", "when pass rates are re-estimated: static (once, before training), every "
                                 "(K fresh rollouts every curriculum.refresh_every steps) or on_policy (from the "
                                 "on-policy stage's own rollouts, free)", ("static", "every", "on_policy"))
@@ -113,6 +107,16 @@ class CurriculumConfig:
     reestimate_at_switch: bool = _f(False, "two_stage: re-estimate competence when the on-policy stage starts")
     competence: str = _f("", "competence.jsonl to use instead of estimating (e.g. from `paced-ds estimate` "
                              "or another engine); its pass rates are kept static")
+
+
+@dataclass
+class RolloutConfig:
+    temperature: float = _f(1.0, "sampling temperature of student rollouts (competence estimates, on-policy steps)")
+    top_p: float = _f(1.0, "nucleus sampling of student rollouts")
+    max_new_tokens: int = _f(64, "longest rollout")
+    batch_size: int = _f(256, "rollout prompts per generation batch per rank")
+    gather: bool = _f(True, "roll out from a full copy of the student gathered once per generation phase "
+                            "(fast, needs the memory); false = generate from the ZeRO-3 shards")
 
 
 @dataclass
@@ -173,6 +177,7 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     curriculum: CurriculumConfig = field(default_factory=CurriculumConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -348,12 +353,15 @@ def validate(cfg: RunConfig) -> None:
     if not 0 <= c.band_lo < c.band_hi <= 1:
         raise UserError(f"config key curriculum.band_lo: the band needs 0 <= band_lo < band_hi <= 1, "
                         f"got ({c.band_lo}, {c.band_hi})")
-    for key, value in (("curriculum.rollouts", c.rollouts), ("curriculum.max_new_tokens", c.max_new_tokens),
-                       ("curriculum.batch_size", c.batch_size)):
+    r = cfg.rollout
+    for key, value in (("curriculum.rollouts", c.rollouts), ("rollout.max_new_tokens", r.max_new_tokens),
+                       ("rollout.batch_size", r.batch_size)):
         if value <= 0:
             raise UserError(f"config key {key}: must be > 0, got {value}")
-    if not c.temperature > 0 or not 0 < c.top_p <= 1:
-        raise UserError("config key curriculum.temperature: must be > 0 (and curriculum.top_p in (0, 1])")
+    if not r.temperature > 0:
+        raise UserError(f"config key rollout.temperature: must be > 0, got {r.temperature}")
+    if not 0 < r.top_p <= 1:
+        raise UserError(f"config key rollout.top_p: must be in (0, 1], got {r.top_p}")
     if c.refresh in ("every", "on_policy") and c.refresh_every <= 0:
         raise UserError(f"config key curriculum.refresh_every: must be > 0 with curriculum.refresh={c.refresh}")
     if c.refresh == "on_policy" and cfg.loss.schedule == "off_policy":

@@ -27,7 +27,7 @@ SCENARIOS = {
     "two_stage": ["loss.schedule=two_stage", "loss.switch_at=2", "curriculum.refresh=on_policy",
                   "curriculum.refresh_every=1", "curriculum.reestimate_at_switch=true"],
     "self_distill": ["teacher.self_distill=true", "loss.kind=reverse_kl", "loss.schedule=on_policy",
-                     "curriculum.gather=false"],
+                     "rollout.gather=false"],
     "given_competence": ["curriculum.competence={out}/paced_weight/competence.jsonl"],
 }
 
@@ -52,7 +52,7 @@ def runs(tmp_path_factory):
     overrides = small_overrides(out, **{
         "train.steps": 4, "train.micro_batch_size": 4, "train.grad_accum": 2, "data.eval": "",
         "train.export": "false", "data.arith_train_per_level": 12, "curriculum.rollouts": 4,
-        "curriculum.max_new_tokens": 16, "train.lr": 1e-3})
+        "rollout.max_new_tokens": 16, "train.lr": 1e-3})
     from paced_ds.runtime.dist import free_port
 
     result = run([sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port",
@@ -160,7 +160,7 @@ def test_given_competence_file_replaces_estimation(runs):
 def test_estimate_command_writes_competence(tmp_path):
     result = paced_ds("estimate", "--config", RECIPE, "--nproc", 2,
                       *small_overrides(tmp_path, **{"data.arith_train_per_level": 5, "curriculum.rollouts": 4,
-                                                    "curriculum.max_new_tokens": 16}))
+                                                    "rollout.max_new_tokens": 16}))
     assert result.returncode == 0, explain(result)
     rows = read_jsonl(tmp_path / "run" / "competence.jsonl")
     assert len(rows) == 20 and all(r["trials"] == 4 for r in rows)

@@ -4,7 +4,7 @@ Each rank rolls out its strided share of the ``problems x K`` prompts and record
 (correct, trials) counts; one all-reduce merges them so that every rank holds the same
 competence table, from which every rank computes the same weights and sampler plan.
 
-``curriculum.gather=true`` rolls out from a full, plain copy of the student on each rank
+``rollout.gather=true`` rolls out from a full, plain copy of the student on each rank
 (its ZeRO-3 partitions gathered once per generation phase): no collective per token, and
 ranks may finish at different times. ``false`` generates from the shards, every forward
 all-gathering each layer, with all ranks stepping together; use it when a full copy of
@@ -46,22 +46,22 @@ def estimate(engine, tokenizer, records: list[dict], table: CompetenceTable, cfg
 
     Collective: every rank calls it with the same records. Returns timing and counts.
     """
-    cur = cfg.curriculum
+    cur, rollout = cfg.curriculum, cfg.rollout
     started = time.time()
     prompts = generation.prompt_ids(tokenizer, records, cfg.data)
     expanded = [ids for ids in prompts for _ in range(cur.rollouts)]  # problem i -> K copies
     torch.manual_seed(seed * 1_000_003 + dist.rank())
-    sampling = dict(max_new_tokens=cur.max_new_tokens, do_sample=True, temperature=cur.temperature,
-                    top_p=cur.top_p)
-    if cur.gather:
+    sampling = dict(max_new_tokens=rollout.max_new_tokens, do_sample=True, temperature=rollout.temperature,
+                    top_p=rollout.top_p)
+    if rollout.gather:
         model = plain_copy(engine)
         indices = list(range(dist.rank(), len(expanded), dist.world_size()))
         outputs = generation.generate(model, tokenizer, [expanded[i] for i in indices],
-                                      batch_size=cur.batch_size, synced=False, progress=progress, **sampling)
+                                      batch_size=rollout.batch_size, synced=False, progress=progress, **sampling)
         outputs = dict(zip(indices, outputs))
         del model
     else:
-        outputs = generation.sharded_generate(engine.module, tokenizer, expanded, batch_size=cur.batch_size,
+        outputs = generation.sharded_generate(engine.module, tokenizer, expanded, batch_size=rollout.batch_size,
                                               progress=progress, **sampling)
     problem_indices, correct = [], []
     for index, ids in outputs.items():

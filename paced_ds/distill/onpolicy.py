@@ -19,13 +19,13 @@ from paced_ds.distill import generation
 def rollouts(student_engine, tokenizer, prompts: list[list[int]], cfg) -> list[list[int]]:
     """One sampled response (token ids, without eos) per prompt, from the current student.
 
-    Collective with ``curriculum.gather=false`` (every rank has the same number of
+    Collective with ``rollout.gather=false`` (every rank has the same number of
     prompts per step, so ZeRO-3's synced generation lines up).
     """
-    cur = cfg.curriculum
-    sampling = dict(max_new_tokens=cur.max_new_tokens, do_sample=True, temperature=cur.temperature,
-                    top_p=cur.top_p, batch_size=cur.batch_size)
-    if cur.gather:
+    rollout = cfg.rollout
+    sampling = dict(max_new_tokens=rollout.max_new_tokens, do_sample=True, temperature=rollout.temperature,
+                    top_p=rollout.top_p, batch_size=rollout.batch_size)
+    if rollout.gather:
         model = plain_copy(student_engine)
         return generation.generate(model, tokenizer, prompts, synced=False, **sampling)
     return generation.generate(student_engine.module, tokenizer, prompts, synced=True, **sampling)
