@@ -84,6 +84,9 @@ class LossConfig:
 
 @dataclass
 class CurriculumConfig:
+    kernel: str = _f("beta", "beta = w(p) = p^alpha (1-p)^beta with the alpha, beta given; calibrated = alpha, "
+                             "beta fitted to the measured gradient SNR at each probe (needs snr.every)",
+                     ("beta", "calibrated"))
     mode: str = _f("paced", "per-problem weight from the pass rate p: paced = Beta kernel p^alpha (1-p)^beta, "
                             "uniform = 1, hard_filter = 1 inside (band_lo, band_hi)",
                    ("paced", "uniform", "hard_filter"))
@@ -107,6 +110,14 @@ class CurriculumConfig:
     reestimate_at_switch: bool = _f(False, "two_stage: re-estimate competence when the on-policy stage starts")
     competence: str = _f("", "competence.jsonl to use instead of estimating (e.g. from `paced-ds estimate` "
                              "or another engine); its pass rates are kept static")
+
+
+@dataclass
+class SnrConfig:
+    every: int = _f(0, "gradient-SNR probe every N optimizer steps (0 = off)")
+    buckets: str = _f("0,0.25,0.5,0.75,1", "pass-rate bucket edges: buckets {0}, (e0, e1], ..., (e_k-1, 1), {1}")
+    per_bucket: int = _f(16, "problems probed per bucket (each costs one forward and backward)")
+    params: str = _f("", "regular expression on parameter names the probe covers (empty = all)")
 
 
 @dataclass
@@ -178,6 +189,7 @@ class RunConfig:
     loss: LossConfig = field(default_factory=LossConfig)
     curriculum: CurriculumConfig = field(default_factory=CurriculumConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    snr: SnrConfig = field(default_factory=SnrConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -367,6 +379,13 @@ def validate(cfg: RunConfig) -> None:
     if c.refresh == "on_policy" and cfg.loss.schedule == "off_policy":
         raise UserError("config key curriculum.refresh: on_policy needs on-policy rollouts "
                         "(loss.schedule=on_policy or two_stage)")
+    if cfg.snr.every < 0 or cfg.snr.per_bucket < 2:
+        raise UserError("config key snr.per_bucket: must be >= 2 (and snr.every >= 0)")
+    if cfg.snr.every and cfg.loss.schedule == "on_policy":
+        raise UserError("config key snr.every: the probe uses the teacher's responses; it needs "
+                        "loss.schedule=off_policy or two_stage")
+    if c.kernel == "calibrated" and not (cfg.snr.every and c.mode == "paced"):
+        raise UserError("config key curriculum.kernel: calibrated needs snr.every > 0 and curriculum.mode=paced")
     if not 0 <= c.decay <= 1:
         raise UserError(f"config key curriculum.decay: must be in [0, 1], got {c.decay}")
     if not cfg.loss.switch_at > 0:

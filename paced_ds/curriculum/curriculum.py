@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from paced_ds.curriculum.calibrate import fit_kernel
 from paced_ds.curriculum.competence import CompetenceTable, level_pass_rates
 from paced_ds.curriculum.kernel import curriculum_weights, normalize, weight_summary
 from paced_ds.errors import UserError
@@ -22,18 +23,22 @@ PICTURE_BINS = 10
 class Curriculum:
     def __init__(self, cfg, records: list[dict]):
         self.cfg = cfg.curriculum
+        self.probing = cfg.snr.every > 0  # the SNR probe buckets problems by pass rate
         self.table = CompetenceTable([r["id"] for r in records])
         self.difficulties = [str(r.get("difficulty", "all")) for r in records]
         self.history: list[tuple[int, torch.Tensor]] = []  # (step, pass-rate histogram) per estimate
         self.estimates = 0
+        self.alpha, self.beta = self.cfg.alpha, self.cfg.beta  # refit by calibrate() with kernel=calibrated
         # On-policy outcomes since the last merge (curriculum.refresh=on_policy), the same on every rank.
         self.observed_correct = torch.zeros(len(records), dtype=torch.float64)
         self.observed_trials = torch.zeros(len(records), dtype=torch.float64)
 
     @property
     def active(self) -> bool:
-        """Whether pass rates matter: every mode but uniform, or a given competence file."""
-        return self.cfg.mode != "uniform" or bool(self.cfg.competence)
+        """Whether pass rates matter: every mode but uniform, a given competence file, or an SNR probe."""
+        return self.cfg.mode != "uniform" or bool(self.cfg.competence) or self.probing
+
+
 
     def load_given(self, path: str) -> int:
         """Counts from a competence.jsonl (curriculum.competence); returns unmatched ids."""
@@ -59,12 +64,14 @@ class Curriculum:
 
     def state_dict(self) -> dict:
         return {"competence": self.table.state_dict(), "estimates": self.estimates,
+                "alpha": self.alpha, "beta": self.beta,
                 "observed_correct": self.observed_correct.tolist(),
                 "observed_trials": self.observed_trials.tolist()}
 
     def load_state_dict(self, state: dict) -> None:
         self.table.load_state_dict(state["competence"])
         self.estimates = state["estimates"]
+        self.alpha, self.beta = state["alpha"], state["beta"]
         self.observed_correct = torch.tensor(state["observed_correct"], dtype=torch.float64)
         self.observed_trials = torch.tensor(state["observed_trials"], dtype=torch.float64)
 
@@ -80,7 +87,7 @@ class Curriculum:
         weight mode they multiply the loss, and ``dataset_mean`` makes them average 1.
         """
         weights = curriculum_weights(self.table.correct, self.table.trials, mode=self.cfg.mode,
-                                     alpha=self.cfg.alpha, beta=self.cfg.beta, posterior=self.cfg.posterior,
+                                     alpha=self.alpha, beta=self.beta, posterior=self.cfg.posterior,
                                      band=(self.cfg.band_lo, self.cfg.band_hi))
         if not weights.sum() > 0:
             raise UserError(f"curriculum.mode={self.cfg.mode}: every problem has weight 0 (are all pass rates "
@@ -100,7 +107,16 @@ class Curriculum:
         for level, rate in level_pass_rates(self.table, self.difficulties).items():
             out[f"curriculum/pass_rate_{level}"] = rate
         out["curriculum/estimates"] = self.estimates
+        out["curriculum/alpha"], out["curriculum/beta"] = self.alpha, self.beta
         return out
+
+    def calibrate(self, snr_result: dict):
+        """curriculum.kernel=calibrated: refit alpha, beta to the measured SNR curve (smoothed)."""
+        buckets = [v for v in snr_result["buckets"].values() if v is not None]
+        fit = fit_kernel([v["pass_rate"] for v in buckets], [v["snr"] for v in buckets],
+                         previous=(self.alpha, self.beta))
+        self.alpha, self.beta = fit.alpha, fit.beta
+        return fit
 
     def record_estimate(self, step: int) -> None:
         self.estimates += 1

@@ -22,7 +22,8 @@ import numpy as np
 import torch
 
 from paced_ds.config import RunConfig
-from paced_ds.curriculum import estimate
+from paced_ds.curriculum import estimate, snr
+from paced_ds.curriculum.calibrate import bucket_edges
 from paced_ds.curriculum.curriculum import Curriculum
 from paced_ds.curriculum.sampler import ProblemSampler
 from paced_ds.data import sources
@@ -206,6 +207,12 @@ def train(cfg: RunConfig) -> dict:
         if curriculum.active:
             update_curriculum(cfg, curriculum, sampler, student, tokenizer, train_records, tracker, step=0)
     curriculum_scalars = curriculum.summary(sampler.weights) if curriculum.active else {}
+    buckets = bucket_edges(cfg.snr.buckets) if cfg.snr.every else None
+    snr_scalars = {}
+    if cfg.snr.every and resume_from is None:
+        snr_scalars = run_probe(cfg, curriculum, sampler, student, teacher, tokenizer, examples, buckets, tracker,
+                                vocab=vocab, step=0)
+        curriculum_scalars = curriculum.summary(sampler.weights)
 
     group = cfg.teacher.forward_micro_batches or cfg.train.grad_accum
     mb = cfg.train.micro_batch_size
@@ -305,7 +312,7 @@ def train(cfg: RunConfig) -> dict:
                 "teacher_time_s": teacher_s, "rollout_time_s": rollout_s, "tokens_per_s": global_tokens / step_s,
                 "on_policy": int(on_policy),
                 "epoch": sampler.epoch, "skipped_zero_weight": counters["skipped_zero_weight"],
-                **curriculum_scalars}
+                **curriculum_scalars, **snr_scalars}
             if device.type == "cuda":  # this rank's peak since the previous logged step, both engines
                 values["peak_memory_bytes"] = torch.cuda.max_memory_allocated(device)
                 torch.cuda.reset_peak_memory_stats(device)
@@ -319,6 +326,10 @@ def train(cfg: RunConfig) -> dict:
             curriculum_scalars = curriculum.summary(sampler.weights)
         if curriculum.due(step) and step < cfg.train.steps:
             update_curriculum(cfg, curriculum, sampler, student, tokenizer, train_records, tracker, step=step)
+            curriculum_scalars = curriculum.summary(sampler.weights)
+        if cfg.snr.every and step % cfg.snr.every == 0:
+            snr_scalars = run_probe(cfg, curriculum, sampler, student, teacher, tokenizer, examples, buckets,
+                                    tracker, vocab=vocab, step=step)
             curriculum_scalars = curriculum.summary(sampler.weights)
         if cfg.eval.every and step % cfg.eval.every == 0 and step < cfg.train.steps:
             run_eval(cfg, student, tokenizer, eval_records, tracker, step, "during training")
@@ -356,9 +367,11 @@ def update_curriculum(cfg: RunConfig, curriculum: Curriculum, sampler: ProblemSa
     refresh_weights(cfg, curriculum, sampler, tracker, step)
 
 
-def refresh_weights(cfg: RunConfig, curriculum: Curriculum, sampler: ProblemSampler, tracker, step: int) -> None:
-    """New pass rates in the table: reweight the sampler, write competence.jsonl, report."""
-    curriculum.record_estimate(step)
+def refresh_weights(cfg: RunConfig, curriculum: Curriculum, sampler: ProblemSampler, tracker, step: int,
+                    new_estimate: bool = True) -> None:
+    """New pass rates (or a new kernel): reweight the sampler, write competence.jsonl, report."""
+    if new_estimate:
+        curriculum.record_estimate(step)
     weights = curriculum.weights()
     sampler.set_weights(weights)
     summary = curriculum.summary(weights)
@@ -367,6 +380,28 @@ def refresh_weights(cfg: RunConfig, curriculum: Curriculum, sampler: ProblemSamp
     if dist.is_main():
         curriculum.write(cfg.train.output_dir, weights)
     curriculum.log(tracker, step, weights)
+
+
+def run_probe(cfg: RunConfig, curriculum: Curriculum, sampler: ProblemSampler, student, teacher, tokenizer,
+              examples: list[dict], buckets, tracker, *, vocab: int, step: int) -> dict:
+    """The gradient-SNR probe (collective); with curriculum.kernel=calibrated, refit and reweight."""
+    result = snr.probe(student, teacher, tokenizer, examples, curriculum.table.pass_rates(), buckets, cfg,
+                       vocab=vocab, seed=cfg.train.seed * 7_919 + step, loss_params=divergence_params(cfg, cfg.loss.kind))
+    scalars = {f"snr/{name}": v["snr"] for name, v in result["buckets"].items() if v is not None}
+    scalars["snr/probe_time_s"] = result["seconds"]
+    say(f"gradient SNR at step {step} ({result['problems']} problems, {result['params']} parameters, "
+        f"{result['seconds']:.1f} s): " + ", ".join(f"{name} {v['snr']:.3g} (n={v['count']})" if v else f"{name} -"
+                                                  for name, v in result["buckets"].items()))
+    tracker.image("snr/snr_vs_pass_rate", snr.picture(result), step)
+    if dist.is_main():
+        with open(Path(cfg.train.output_dir) / "snr.jsonl", "a") as f:
+            f.write(json.dumps({"step": step, **result}) + "\n")
+    if cfg.curriculum.kernel == "calibrated":
+        fit = curriculum.calibrate(result)
+        say(f"calibrated kernel: alpha {curriculum.alpha:.3f}, beta {curriculum.beta:.3f}"
+            + ("" if fit.fitted else f" (kept: {fit.reason})"))
+        refresh_weights(cfg, curriculum, sampler, tracker, step, new_estimate=False)
+    return scalars
 
 
 def check_agreement(sampler: ProblemSampler, curriculum: Curriculum) -> None:
