@@ -3,6 +3,7 @@
     paced-ds train    --config RECIPE [--nproc N] [--hostfile H] [key=value ...]
     paced-ds generate --config RECIPE [--nproc N] [key=value ...]
     paced-ds estimate --config RECIPE [--nproc N] [key=value ...]
+    paced-ds snr      --config RECIPE [--model DIR | --run RUN_DIR [--tag step_N]] [key=value ...]
     paced-ds eval     --config RECIPE [--model DIR] [--nproc N] [key=value ...]
     paced-ds export   --run RUN_DIR [--tag step_N] [--out DIR]
     paced-ds demo     [--output-dir DIR]
@@ -86,6 +87,20 @@ def cmd_generate(args) -> int:
 def cmd_estimate(args) -> int:
     preflight(args.config, args.overrides)
     return launch("estimate", args.config, args.overrides, args.nproc)
+
+
+def cmd_snr(args) -> int:
+    overrides = list(args.overrides)
+    if args.run:  # a checkpoint: merge its ZeRO shards into a Hugging Face directory first
+        from paced_ds.runtime.export import export_checkpoint
+
+        model = export_checkpoint(args.run, tag=args.tag)
+        print(f"paced-ds: checkpoint exported to {model}")
+        overrides.append(f"model.student={model}")
+    elif args.model:
+        overrides.append(f"model.student={args.model}")
+    preflight(args.config, overrides)
+    return launch("snr", args.config, overrides, args.nproc)
 
 
 def cmd_eval(args) -> int:
@@ -175,6 +190,11 @@ def build_parser() -> argparse.ArgumentParser:
         func=cmd_generate)
     launched("estimate", "the student's pass rates from curriculum.rollouts samples per problem, "
                          "written to <train.output_dir>/competence.jsonl").set_defaults(func=cmd_estimate)
+    p = launched("snr", "gradient SNR per pass-rate bucket of model.student, --model or a checkpoint (--run)")
+    p.add_argument("--model", help="model directory to probe (sets model.student)")
+    p.add_argument("--run", help="run directory whose checkpoint to probe")
+    p.add_argument("--tag", help="checkpoint tag with --run (default: latest)")
+    p.set_defaults(func=cmd_snr)
     p = launched("eval", "greedy held-out accuracy of model.student (or --model) per difficulty")
     p.add_argument("--model", help="model directory to evaluate (sets model.student)")
     p.set_defaults(func=cmd_eval)

@@ -131,3 +131,13 @@ def test_two_rank_run_logs_finite_snr_for_two_buckets_and_calibrates(tmp_path):
     assert [p["step"] for p in probes] == [0, 5, 10]
     assert "calibrated kernel: alpha" in result.stdout
     assert {"curriculum/alpha", "curriculum/beta"} <= set(metrics[-1])
+    # `paced-ds snr` on that run's checkpoint: merged offline, probed on 2 ranks, a table and snr.json.
+    probed = paced_ds("snr", "--config", RECIPE, "--nproc", 2, "--run", tmp_path / "run",
+                      *small_overrides(tmp_path, **{"train.output_dir": tmp_path / "probe", "snr.per_bucket": 4,
+                                                    "data.arith_train_per_level": 12, "curriculum.rollouts": 4,
+                                                    "rollout.max_new_tokens": 16, "data.eval": ""}))
+    assert probed.returncode == 0, explain(probed)
+    assert "| bucket | problems | mean pass rate | SNR |" in probed.stdout
+    saved = json.loads((tmp_path / "probe" / "snr.json").read_text())
+    assert set(saved["buckets"]) == {"p=0", "(0,0.25]", "(0.25,0.5]", "(0.5,0.75]", "(0.75,1)", "p=1"}
+    assert (tmp_path / "run" / "student-step_10" / "config.json").is_file()

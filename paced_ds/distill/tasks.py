@@ -72,3 +72,41 @@ def estimate_competence(cfg: RunConfig) -> dict:
         + " ".join(f"{k.split('_')[-1]} {v:.2f}" for k, v in summary.items() if "pass_rate_" in k)
         + f"; written to {path}")
     return {"path": str(path), **result, **summary}
+
+
+def measure_snr(cfg: RunConfig) -> dict:
+    """Gradient SNR per pass-rate bucket of model.student (e.g. a checkpoint's export) on data.train."""
+    import json
+    from pathlib import Path
+
+    from paced_ds.curriculum import estimate, snr
+    from paced_ds.curriculum.calibrate import bucket_edges
+    from paced_ds.curriculum.curriculum import Curriculum
+    from paced_ds.distill.trainer import divergence_params, teacher_path, tokenize_problems, with_teacher_responses
+
+    tokenizer, vocab, train_records, _ = preflight(cfg)
+    dist.init(cfg.train.timeout_s)
+    teacher = engines.build_teacher(cfg, name=teacher_path(cfg))
+    train_records = with_teacher_responses(cfg, tokenizer, teacher, train_records)
+    examples = tokenize_problems(cfg, tokenizer, train_records)
+    student = engines.build_teacher(cfg, name=engines.resolve_model(cfg.model.student, "model.student"))
+    curriculum = Curriculum(cfg, train_records)
+    if cfg.curriculum.competence:
+        curriculum.load_given(cfg.curriculum.competence)
+    else:
+        estimate.estimate(student, tokenizer, train_records, curriculum.table, cfg, seed=cfg.train.seed + 1)
+    result = snr.probe(student, teacher, tokenizer, examples, curriculum.table.pass_rates(),
+                       bucket_edges(cfg.snr.buckets), cfg, vocab=vocab, seed=cfg.train.seed,
+                       loss_params=divergence_params(cfg, cfg.loss.kind))
+    path = Path(cfg.train.output_dir) / "snr.json"
+    if dist.is_main():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(result, indent=1))
+        print("| bucket | problems | mean pass rate | SNR | ||E g||^2 | tr Cov g |\n|---|---|---|---|---|---|")
+        for name, v in result["buckets"].items():
+            print(f"| {name} | {v['count']} | {v['pass_rate']:.3f} | {v['snr']:.4g} | {v['signal']:.4g} | "
+                  f"{v['noise']:.4g} |" if v else f"| {name} | < 2 | | no value | | |")
+        print(f"paced-ds: {result['problems']} problems over {result['params']} parameters in "
+              f"{result['seconds']:.1f} s; written to {path}")
+    dist.barrier()
+    return result
