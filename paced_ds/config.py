@@ -173,6 +173,7 @@ class EvalConfig:
     max_new_tokens: int = _f(32, "longest greedy answer")
     batch_size: int = _f(64, "prompts per generation batch per rank")
     limit_per_level: int = _f(0, "at most this many held-out problems per difficulty level (0 = all)")
+    record_problems: bool = _f(False, "list the ids of the solved problems in eval.jsonl (to measure forgetting)")
 
 
 @dataclass

@@ -64,6 +64,7 @@ def estimate(engine, tokenizer, records: list[dict], table: CompetenceTable, cfg
         outputs = generation.sharded_generate(engine.module, tokenizer, expanded, batch_size=rollout.batch_size,
                                               progress=progress, **sampling)
     problem_indices, correct = [], []
+    local_tokens = sum(len(expanded[index]) + len(ids) for index, ids in outputs.items())
     for index, ids in outputs.items():
         problem = index // cur.rollouts
         text = tokenizer.decode(ids, skip_special_tokens=True)
@@ -72,5 +73,6 @@ def estimate(engine, tokenizer, records: list[dict], table: CompetenceTable, cfg
     table.reset_()
     table.record(problem_indices, correct, [1] * len(correct))
     table.all_reduce_()
-    return {"rollouts": len(expanded), "seconds": time.time() - started,
+    forward_tokens = int(dist.all_reduce_sum(torch.tensor([float(local_tokens)], dtype=torch.float64)).item())
+    return {"rollouts": len(expanded), "seconds": time.time() - started, "forward_tokens": forward_tokens,
             "pass_rate_mean": float(table.correct.sum() / table.trials.sum().clamp(min=1))}

@@ -91,17 +91,24 @@ def evaluate(module, tokenizer, records: list[dict], data_cfg, eval_cfg, progres
                                max_new_tokens=eval_cfg.max_new_tokens, progress=progress)
     levels = sorted({str(r.get("difficulty", "all")) for r in records})
     counts = torch.zeros(len(levels), 2, dtype=torch.float64)  # correct, total per level
+    solved = []
     for index, ids in outputs.items():
         record = records[index]
         level = levels.index(str(record.get("difficulty", "all")))
         text = tokenizer.decode(ids, skip_special_tokens=True)
-        counts[level, 0] += float(verify.is_correct(text, record["answer"]))
+        correct = verify.is_correct(text, record["answer"])
+        counts[level, 0] += float(correct)
         counts[level, 1] += 1
+        if correct and eval_cfg.record_problems:
+            solved.append(record["id"])
     counts = dist.all_reduce_sum(counts)
     by_level = {level: counts[i, 0].item() / max(counts[i, 1].item(), 1) for i, level in enumerate(levels)}
     total = counts.sum(0)
-    return {"accuracy": total[0].item() / max(total[1].item(), 1), "by_difficulty": by_level,
-            "count": int(total[1].item())}
+    result = {"accuracy": total[0].item() / max(total[1].item(), 1), "by_difficulty": by_level,
+              "count": int(total[1].item())}
+    if eval_cfg.record_problems:  # which problems were solved (for forgetting), gathered from every rank
+        result["solved"] = sorted(i for part in dist.all_gather_objects(solved) for i in part)
+    return result
 
 
 def teacher_responses(module, tokenizer, records: list[dict], data_cfg, *, batch_size: int,

@@ -186,7 +186,9 @@ def train(cfg: RunConfig) -> dict:
     sampler = ProblemSampler(len(train_records), seed=cfg.train.seed, world_size=world, rank=rank,
                              micro_batch_size=cfg.train.micro_batch_size, grad_accum=cfg.train.grad_accum,
                              apply=cfg.curriculum.apply)
-    counters = {"step": 0, "tokens": 0, "samples": 0, "skipped_zero_weight": 0}
+    # tokens: response tokens trained on; forward_tokens: every token through the student,
+    # rollouts (competence estimates, on-policy steps) included.
+    counters = {"step": 0, "tokens": 0, "samples": 0, "skipped_zero_weight": 0, "forward_tokens": 0}
     resume_from = checkpoint.find_resume(output_dir, cfg.train.resume)
     if resume_from is not None:
         client_state = checkpoint.load(student, *resume_from)
@@ -205,7 +207,8 @@ def train(cfg: RunConfig) -> dict:
     if resume_from is None:
         before = run_eval(cfg, student, tokenizer, eval_records, tracker, 0, "before training")
         if curriculum.active:
-            update_curriculum(cfg, curriculum, sampler, student, tokenizer, train_records, tracker, step=0)
+            counters["forward_tokens"] += update_curriculum(cfg, curriculum, sampler, student, tokenizer,
+                                                            train_records, tracker, step=0)
     curriculum_scalars = curriculum.summary(sampler.weights) if curriculum.active else {}
     buckets = bucket_edges(cfg.snr.buckets) if cfg.snr.every else None
     snr_scalars = {}
@@ -229,8 +232,8 @@ def train(cfg: RunConfig) -> dict:
         if on_policy and counters["step"] == switch_step and cfg.loss.schedule == "two_stage":
             say(f"step {switch_step}: switching to on-policy {cfg.loss.stage2_kind}")
             if cfg.curriculum.reestimate_at_switch and curriculum.active:
-                update_curriculum(cfg, curriculum, sampler, student, tokenizer, train_records, tracker,
-                                  step=switch_step)
+                counters["forward_tokens"] += update_curriculum(cfg, curriculum, sampler, student, tokenizer,
+                                                                train_records, tracker, step=switch_step)
                 curriculum_scalars = curriculum.summary(sampler.weights)
         kind = cfg.loss.stage2_kind if on_policy and cfg.loss.schedule == "two_stage" else cfg.loss.kind
         params = divergence_params(cfg, kind)
@@ -258,8 +261,11 @@ def train(cfg: RunConfig) -> dict:
 
         step_weights = sampler.loss_weights(step_indices)
         local_tokens = sum(len(e["input_ids"]) - e["response_start"] for e in step_examples)
-        global_tokens, global_weight, global_count = dist.all_reduce_sum(torch.tensor(
-            [float(local_tokens), step_weights.sum().item(), float(len(step_indices))], dtype=torch.float64)).tolist()
+        # The student sees every sequence once in training, and once more while it generated it.
+        local_forward = sum(len(e["input_ids"]) for e in step_examples) * (2 if on_policy else 1)
+        global_tokens, global_weight, global_count, global_forward = dist.all_reduce_sum(torch.tensor(
+            [float(local_tokens), step_weights.sum().item(), float(len(step_indices)), float(local_forward)],
+            dtype=torch.float64)).tolist()
         if global_weight == 0:
             # Every problem of this step has weight 0: no step, no division by zero; counted.
             counters["skipped_zero_weight"] += 1
@@ -298,6 +304,7 @@ def train(cfg: RunConfig) -> dict:
 
         counters["step"] += 1
         counters["tokens"] += int(global_tokens)
+        counters["forward_tokens"] += int(global_forward)
         counters["samples"] += sampler.global_batch
         step = counters["step"]
         if step % cfg.logging.log_every == 0 or step == cfg.train.steps:
@@ -306,6 +313,7 @@ def train(cfg: RunConfig) -> dict:
             grad_norm = student.get_global_grad_norm()
             values = {
                 "loss": loss_value, "lr": lr, "tokens": counters["tokens"],
+                "forward_tokens": counters["forward_tokens"],
                 "samples": counters["samples"],
                 "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
                 "weight_mean": global_weight * weight_scale / global_count, "step_time_s": step_s,
@@ -325,7 +333,8 @@ def train(cfg: RunConfig) -> dict:
             refresh_weights(cfg, curriculum, sampler, tracker, step)
             curriculum_scalars = curriculum.summary(sampler.weights)
         if curriculum.due(step) and step < cfg.train.steps:
-            update_curriculum(cfg, curriculum, sampler, student, tokenizer, train_records, tracker, step=step)
+            counters["forward_tokens"] += update_curriculum(cfg, curriculum, sampler, student, tokenizer,
+                                                            train_records, tracker, step=step)
             curriculum_scalars = curriculum.summary(sampler.weights)
         if cfg.snr.every and step % cfg.snr.every == 0:
             snr_scalars = run_probe(cfg, curriculum, sampler, student, teacher, tokenizer, examples, buckets,
@@ -350,8 +359,10 @@ def train(cfg: RunConfig) -> dict:
 
 
 def update_curriculum(cfg: RunConfig, curriculum: Curriculum, sampler: ProblemSampler, student, tokenizer,
-                      records: list[dict], tracker, *, step: int) -> None:
-    """(Re-)estimate competence (or read the given file), then reweight the sampler and report."""
+                      records: list[dict], tracker, *, step: int) -> int:
+    """(Re-)estimate competence (or read the given file), then reweight the sampler and report.
+    Returns the student forward tokens the rollouts cost."""
+    forward_tokens = 0
     if cfg.curriculum.competence:
         unmatched = curriculum.load_given(cfg.curriculum.competence)
         say(f"competence read from {cfg.curriculum.competence}"
@@ -364,7 +375,9 @@ def update_curriculum(cfg: RunConfig, curriculum: Curriculum, sampler: ProblemSa
         progress.close()
         say(f"competence estimated at step {step}: {result['rollouts']} rollouts, mean pass rate "
             f"{result['pass_rate_mean']:.1%}, {result['seconds']:.1f} s")
+        forward_tokens = result["forward_tokens"]
     refresh_weights(cfg, curriculum, sampler, tracker, step)
+    return forward_tokens
 
 
 def refresh_weights(cfg: RunConfig, curriculum: Curriculum, sampler: ProblemSampler, tracker, step: int,

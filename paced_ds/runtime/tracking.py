@@ -49,7 +49,7 @@ class Tracker:
         if not self.enabled:
             return
         row = {"step": step, "accuracy": result["accuracy"], "by_difficulty": result["by_difficulty"],
-               "count": result["count"]}
+               "count": result["count"], **({"solved": result["solved"]} if "solved" in result else {})}
         self.eval_file.write(json.dumps(row) + "\n")
         self.eval_file.flush()
         if self.writer is not None:
