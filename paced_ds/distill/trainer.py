@@ -201,6 +201,7 @@ def train(cfg: RunConfig) -> dict:
     elif dist.is_main():
         output_dir.mkdir(parents=True, exist_ok=True)
         (output_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
+        (output_dir / "snr.jsonl").unlink(missing_ok=True)  # appended per probe: a fresh run starts it anew
     tracker = Tracker(output_dir, tensorboard=cfg.logging.tensorboard, resume=resume_from is not None)
 
     before = None
