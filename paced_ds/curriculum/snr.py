@@ -124,7 +124,9 @@ def probe(student_engine, teacher_engine, tokenizer, examples: list[dict], pass_
         if parts is not None:
             parts["pass_rate"] = float(sums[b, size + 2]) / count
         result[bucket.name] = parts
-    return {"buckets": result, "seconds": time.time() - started, "params": size, "problems": len(chosen)}
+    forward_tokens = sum(len(examples[i]["input_ids"]) for _, i in chosen)  # all ranks' probed sequences
+    return {"buckets": result, "seconds": time.time() - started, "params": size, "problems": len(chosen),
+            "forward_tokens": forward_tokens}
 
 
 def picture(result: dict):

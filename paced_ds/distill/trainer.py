@@ -215,7 +215,7 @@ def train(cfg: RunConfig) -> dict:
     snr_scalars = {}
     if cfg.snr.every and resume_from is None:
         snr_scalars = run_probe(cfg, curriculum, sampler, student, teacher, tokenizer, examples, buckets, tracker,
-                                vocab=vocab, step=0)
+                                vocab=vocab, step=0, counters=counters)
         curriculum_scalars = curriculum.summary(sampler.weights)
 
     group = cfg.teacher.forward_micro_batches or cfg.train.grad_accum
@@ -339,7 +339,7 @@ def train(cfg: RunConfig) -> dict:
             curriculum_scalars = curriculum.summary(sampler.weights)
         if cfg.snr.every and step % cfg.snr.every == 0:
             snr_scalars = run_probe(cfg, curriculum, sampler, student, teacher, tokenizer, examples, buckets,
-                                    tracker, vocab=vocab, step=step)
+                                    tracker, vocab=vocab, step=step, counters=counters)
             curriculum_scalars = curriculum.summary(sampler.weights)
         if cfg.eval.every and step % cfg.eval.every == 0 and step < cfg.train.steps:
             run_eval(cfg, student, tokenizer, eval_records, tracker, step, "during training")
@@ -397,12 +397,14 @@ def refresh_weights(cfg: RunConfig, curriculum: Curriculum, sampler: ProblemSamp
 
 
 def run_probe(cfg: RunConfig, curriculum: Curriculum, sampler: ProblemSampler, student, teacher, tokenizer,
-              examples: list[dict], buckets, tracker, *, vocab: int, step: int) -> dict:
-    """The gradient-SNR probe (collective); with curriculum.kernel=calibrated, refit and reweight."""
+              examples: list[dict], buckets, tracker, *, vocab: int, step: int, counters: dict) -> dict:
+    """The gradient-SNR probe (collective); with curriculum.kernel=calibrated, refit and reweight.
+    Its student forward tokens are added to ``counters``; returns the scalars to log."""
     result = snr.probe(student, teacher, tokenizer, examples, curriculum.table.pass_rates(), buckets, cfg,
                        vocab=vocab, seed=cfg.train.seed * 7_919 + step, loss_params=divergence_params(cfg, cfg.loss.kind))
     scalars = {f"snr/{name}": v["snr"] for name, v in result["buckets"].items() if v is not None}
     scalars["snr/probe_time_s"] = result["seconds"]
+    counters["forward_tokens"] += result["forward_tokens"]
     say(f"gradient SNR at step {step} ({result['problems']} problems, {result['params']} parameters, "
         f"{result['seconds']:.1f} s): " + ", ".join(f"{name} {v['snr']:.3g} (n={v['count']})" if v else f"{name} -"
                                                   for name, v in result["buckets"].items()))
