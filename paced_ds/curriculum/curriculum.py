@@ -6,7 +6,6 @@ and the loss use, the scalars, histograms and picture that show how competence m
 
 from __future__ import annotations
 
-import io
 from pathlib import Path
 
 import torch
@@ -16,6 +15,7 @@ from paced_ds.curriculum.competence import CompetenceTable, level_pass_rates
 from paced_ds.curriculum.kernel import curriculum_weights, normalize, weight_summary
 from paced_ds.errors import UserError
 from paced_ds.runtime import dist
+from paced_ds.runtime.tracking import figure_rgb, new_figure
 
 PICTURE_BINS = 10
 
@@ -140,15 +140,9 @@ class Curriculum:
 
     def picture(self):
         """An RGB array: the pass-rate distribution (rows: bins of p) at each estimate (columns)."""
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-        import numpy as np
-
         grid = torch.stack([counts for _, counts in self.history], dim=1).numpy()
         steps = [step for step, _ in self.history]
-        fig, ax = plt.subplots(figsize=(5, 3.2), dpi=100)
+        fig, ax = new_figure(5, 3.2)
         ax.imshow(grid, origin="lower", aspect="auto", cmap="viridis", vmin=0, vmax=max(grid.max(), 1e-9),
                   extent=(-0.5, len(steps) - 0.5, 0, 1))
         ax.set_xticks(range(len(steps)))
@@ -156,12 +150,5 @@ class Curriculum:
         ax.set_xlabel("optimizer step of the estimate")
         ax.set_ylabel("pass rate p")
         ax.set_title("share of problems per pass-rate bin", fontsize=9)
-        fig.tight_layout()
-        buffer = io.BytesIO()
-        fig.savefig(buffer, format="png")
-        plt.close(fig)
-        buffer.seek(0)
-        from PIL import Image
-
-        return np.asarray(Image.open(buffer).convert("RGB"))
+        return figure_rgb(fig)
 

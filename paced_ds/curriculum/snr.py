@@ -35,6 +35,7 @@ from paced_ds.data.collate import collate_train
 from paced_ds.distill.losses import distillation_loss
 from paced_ds.errors import UserError
 from paced_ds.runtime import dist
+from paced_ds.runtime.tracking import figure_rgb, new_figure
 
 
 def choose_problems(pass_rates: torch.Tensor, buckets, per_bucket: int, seed: int) -> list[tuple[int, int]]:
@@ -131,17 +132,8 @@ def probe(student_engine, teacher_engine, tokenizer, examples: list[dict], pass_
 
 def picture(result: dict):
     """An RGB array: SNR against pass rate, one point per bucket with a value."""
-    import io
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
-    from PIL import Image
-
     points = [(v["pass_rate"], v["snr"]) for v in result["buckets"].values() if v and math.isfinite(v["snr"])]
-    fig, ax = plt.subplots(figsize=(4.5, 3.2), dpi=100)
+    fig, ax = new_figure(4.5, 3.2)
     if points:
         xs, ys = zip(*sorted(points))
         ax.plot(xs, ys, "o-")
@@ -149,9 +141,4 @@ def picture(result: dict):
     ax.set_xlabel("pass rate p (bucket mean)")
     ax.set_ylabel("gradient SNR")
     ax.set_title("SNR = ||E g||^2 / tr Cov g per bucket", fontsize=9)
-    fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png")
-    plt.close(fig)
-    buffer.seek(0)
-    return np.asarray(Image.open(buffer).convert("RGB"))
+    return figure_rgb(fig)
