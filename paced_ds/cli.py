@@ -8,6 +8,8 @@
     paced-ds export   --run RUN_DIR [--tag step_N] [--out DIR]
     paced-ds demo     [--output-dir DIR]
     paced-ds config   [--config RECIPE] [key=value ...] [--reference]
+    paced-ds plan     --teacher SIZE|DIR --student SIZE|DIR --nodes N --gpus-per-node G --gpu-mem 80GB
+                      [--cpu-mem 1TB] [--seq-len L] [--micro-batch B] [--vocab V] [--teacher-gpus T]
 
 ``train``, ``generate`` and ``eval`` check the config, models and data here, then start
 the deepspeed launcher on this node (``DS_ACCELERATOR=cpu`` when no GPU is present), as
@@ -170,6 +172,42 @@ def cmd_config(args) -> int:
     return 0
 
 
+def cmd_plan(args) -> int:
+    from paced_ds.runtime import memory
+
+    for flag, value in (("--nodes", args.nodes), ("--gpus-per-node", args.gpus_per_node),
+                        ("--seq-len", args.seq_len), ("--micro-batch", args.micro_batch)):
+        if value < 1:
+            raise UserError(f"{flag} must be >= 1, got {value}")
+    if args.vocab is not None and args.vocab < 1:
+        raise UserError(f"--vocab must be >= 1, got {args.vocab}")
+    if args.teacher_gpus is not None and args.teacher_gpus < 1:
+        raise UserError(f"--teacher-gpus must be >= 1, got {args.teacher_gpus}")
+    teacher = memory.model_shape(args.teacher, args.vocab, "--teacher")
+    student = memory.model_shape(args.student, args.vocab, "--student")
+    gpu_mem = memory.parse_bytes(args.gpu_mem, "--gpu-mem")
+    cpu_mem = memory.parse_bytes(args.cpu_mem, "--cpu-mem")
+    rows = memory.plan(student, teacher, args.nodes, args.gpus_per_node, gpu_mem, cpu_mem,
+                       args.seq_len, args.micro_batch, args.teacher_gpus)
+    world = args.nodes * args.gpus_per_node
+    print(f"teacher {teacher.params / 1e9:.1f}B params (hidden {teacher.hidden}, {teacher.layers} layers), "
+          f"student {student.params / 1e9:.1f}B (hidden {student.hidden}, {student.layers} layers); "
+          f"{args.nodes} x {args.gpus_per_node} GPUs of {gpu_mem / memory.GIB:.1f} GiB (fits: total <= "
+          f"{memory.GPU_FIT_FRACTION:.0%}), {cpu_mem / memory.GIB:.0f} GiB CPU per node; "
+          f"micro-batch {args.micro_batch} x {args.seq_len} tokens, {args.dtype}; GiB per GPU / per node\n")
+    print(memory.render_markdown(rows))
+    best = memory.recommend(rows)
+    if best is None:
+        print(f"\nnothing fits on {world} GPUs: add nodes, or shorten --seq-len / --micro-batch")
+    else:
+        optimizer = "offload_optimizer=cpu" if best.optimizer == "cpu" else "optimizer on the GPU"
+        teacher_setting = {"resident": "teacher.offload=none", "cpu": "teacher.offload=cpu",
+                           "nvme": "teacher.offload=nvme",
+                           "dedicated": f"teacher.backend=pipelined teacher.ranks={best.teacher_gpus}"}[best.placement]
+        print(f"\nrecommended: {best.placement} teacher ({teacher_setting}), student {optimizer}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="paced-ds", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -216,6 +254,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reference", action="store_true", help="markdown table of every key")
     p.add_argument("overrides", nargs="*")
     p.set_defaults(func=cmd_config)
+
+    p = sub.add_parser(
+        "plan", help="per-GPU and per-node memory of each teacher placement; which fit",
+        description="Per-GPU and per-node CPU memory of the ZeRO-3 student (optimizer on the GPU or "
+                    "offloaded) next to each teacher placement, and the first that fits, in the order "
+                    "resident > cpu > dedicated > nvme: a resident sharded teacher is fastest (nothing "
+                    "streamed per step), cpu offload streams its bf16 params over PCIe every forward, "
+                    "dedicated ranks take GPUs away from the student, nvme streams from disk.")
+    p.add_argument("--teacher", required=True, help="parameter count like 70B, or a Hugging Face model directory")
+    p.add_argument("--student", required=True, help="parameter count like 7B, or a Hugging Face model directory")
+    p.add_argument("--nodes", type=int, default=1, help="nodes (default 1)")
+    p.add_argument("--gpus-per-node", type=int, default=8, help="GPUs per node (default 8)")
+    p.add_argument("--gpu-mem", default="80GB", help="memory per GPU, e.g. 80GB (10^9 B) or 80GiB (default 80GB)")
+    p.add_argument("--cpu-mem", default="1TB", help="CPU memory per node (default 1TB)")
+    p.add_argument("--seq-len", type=int, default=4096, help="tokens per sequence (default 4096)")
+    p.add_argument("--micro-batch", type=int, default=1, help="sequences per GPU per micro-step (default 1)")
+    p.add_argument("--vocab", type=int, help="vocabulary of a model given as a size (default 152064, Qwen)")
+    p.add_argument("--teacher-gpus", type=int,
+                   help="GPUs of a dedicated teacher (default: the fewest that hold its bf16 params in 80%% of a GPU)")
+    p.add_argument("--dtype", default="bf16", choices=("bf16", "fp16"),
+                   help="16-bit mixed precision (the only kind modelled; default bf16)")
+    p.set_defaults(func=cmd_plan)
     return parser
 
 

@@ -54,13 +54,17 @@ def main(argv=None) -> int:
     try:
         cfg = load_config(args.config, args.overrides)
         result = run(args.task, cfg)
+        if args.result_json and dist.is_main():
+            with open(args.result_json, "w") as f:
+                json.dump(result, f, default=str, indent=1)
     except UserError as err:
         where = f" (rank {dist.rank()})" if dist.world_size() > 1 else ""
         print(f"paced-ds: error{where}: {err}", file=sys.stderr, flush=True)
         return 2
-    if args.result_json and dist.is_main():
-        with open(args.result_json, "w") as f:
-            json.dump(result, f, default=str, indent=1)
+    finally:
+        # Tear gloo/NCCL down before the interpreter does: left to exit, gloo's threads
+        # sometimes abort the process ("terminate called without an active exception").
+        dist.shutdown()
     return 0
 
 

@@ -41,6 +41,8 @@ for name, extra in scenarios.items():
     extra = [e.replace("{out}", out) for e in extra]
     recipe = sys.argv[0].replace("scenarios.py", "recipe.yaml")
     train(load_config(recipe, common + extra + [f"train.output_dir={out}/{name}"]))
+from paced_ds.runtime import dist as _dist
+_dist.shutdown()
 """
 
 

@@ -110,6 +110,8 @@ for name, mb, gas, extra in runs:
     cfg = load_config(None, common + extra + [f"train.output_dir={out}/{name}", f"train.micro_batch_size={mb}",
                                               f"train.grad_accum={gas}"])
     train(cfg)
+from paced_ds.runtime import dist as _dist
+_dist.shutdown()
 """
 
 

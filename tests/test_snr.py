@@ -34,6 +34,8 @@ result = snr.probe(student, teacher, tokenizer, examples, pass_rates, bucket_edg
                    vocab=vocab, seed=3, loss_params={})
 if dist.is_main():
     json.dump({"result": result, "pass_rates": pass_rates.tolist()}, open(out, "w"))
+from paced_ds.runtime import dist as _dist
+_dist.shutdown()
 """
 # Buckets: p=0 (many), (0,.25] (many), (.25,.5] (many), (.5,.75] (one problem only), p=1 (many).
 PASS_RATES = [0.0, 0.25, 0.5, 1.0, 0.125, 0.375, 0.0, 0.25, 0.5, 1.0, 0.125, 0.375]

@@ -60,6 +60,12 @@ def init(timeout_s: int = 900) -> None:
         deepspeed.init_distributed(timeout=datetime.timedelta(seconds=timeout_s))
 
 
+def shutdown() -> None:
+    """Destroy the process group (idempotent); call once a rank's work is done."""
+    if torch_dist.is_initialized():
+        torch_dist.destroy_process_group()
+
+
 def device() -> torch.device:
     from deepspeed.accelerator import get_accelerator
 
