@@ -2,6 +2,7 @@
 
     paced-ds train    --config RECIPE [--nproc N] [--hostfile H] [key=value ...]
     paced-ds generate --config RECIPE [--nproc N] [key=value ...]
+    paced-ds cache-teacher --config RECIPE [--nproc N] teacher.cache=DIR [teacher.topk=K] [key=value ...]
     paced-ds estimate --config RECIPE [--nproc N] [key=value ...]
     paced-ds snr      --config RECIPE [--model DIR | --run RUN_DIR [--tag step_N]] [key=value ...]
     paced-ds eval     --config RECIPE [--model DIR] [--nproc N] [key=value ...]
@@ -84,6 +85,11 @@ def cmd_train(args) -> int:
 def cmd_generate(args) -> int:
     preflight(args.config, args.overrides)
     return launch("generate", args.config, args.overrides, args.nproc)
+
+
+def cmd_cache_teacher(args) -> int:
+    preflight(args.config, args.overrides)
+    return launch("cache-teacher", args.config, args.overrides, args.nproc)
 
 
 def cmd_estimate(args) -> int:
@@ -226,6 +232,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_train)
     launched("generate", "write the teacher's verified reference responses for data.train").set_defaults(
         func=cmd_generate)
+    launched("cache-teacher", "the teacher's top-k log-probs on data.train's responses, written to teacher.cache "
+                              "for teacher.backend=cache").set_defaults(func=cmd_cache_teacher)
     launched("estimate", "the student's pass rates from curriculum.rollouts samples per problem, "
                          "written to <train.output_dir>/competence.jsonl").set_defaults(func=cmd_estimate)
     p = launched("snr", "gradient SNR per pass-rate bucket of model.student, --model or a checkpoint (--run)")

@@ -132,8 +132,11 @@ class RolloutConfig:
 
 @dataclass
 class TeacherConfig:
-    backend: str = _f("engine", "where teacher logits come from: a ZeRO-3 inference engine on the student's ranks",
-                      ("engine",))
+    backend: str = _f("engine", "where teacher logits come from: engine = a ZeRO-3 inference engine on the "
+                                "student's ranks; cache = top-k log-probs stored by `paced-ds cache-teacher`",
+                      ("engine", "cache"))
+    cache: str = _f("", "teacher cache directory (teacher.backend=cache, and where `paced-ds cache-teacher` writes)")
+    topk: int = _f(0, "teacher log-probs kept per token by the cache (0 = the full distribution)")
     offload: str = _f("none", "where the teacher's partitioned parameters live", ("none", "cpu", "nvme"))
     nvme_path: str = _f("", "directory for teacher.offload=nvme")
     ds_config: str = _f("auto", "DeepSpeed JSON for the teacher; auto = ds_configs/teacher_zero3[_offload_*].json")
@@ -399,6 +402,14 @@ def validate(cfg: RunConfig) -> None:
     if c.competence and c.refresh != "static":
         raise UserError("config key curriculum.competence: a given competence file is static; "
                         "drop it or set curriculum.refresh=static")
+    if cfg.teacher.topk < 0:
+        raise UserError(f"config key teacher.topk: must be >= 0, got {cfg.teacher.topk}")
+    if cfg.teacher.backend == "cache":
+        if not cfg.teacher.cache:
+            raise UserError("config key teacher.cache: required with teacher.backend=cache")
+        if cfg.loss.schedule != "off_policy" or cfg.teacher.self_distill or cfg.snr.every:
+            raise UserError("config key teacher.backend: a cache holds the teacher's view of its own responses "
+                            "only; on-policy schedules, self-distillation and the SNR probe need teacher.backend=engine")
     if cfg.teacher.offload == "nvme" and not cfg.teacher.nvme_path:
         raise UserError("config key teacher.nvme_path: required when teacher.offload=nvme")
     if cfg.train.offload_optimizer == "cpu" and cfg.train.zero_stage == 1:

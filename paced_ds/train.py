@@ -2,7 +2,7 @@
 
 Also ``torchrun -m paced_ds.train ...`` and, for one process, ``python -m paced_ds.train``.
 ``--task`` selects what the ranks do: ``train`` (default), ``generate`` (teacher reference
-responses only), ``estimate`` (the student's pass rates, competence.jsonl), ``snr``
+responses only), ``cache-teacher`` (its top-k log-probs, for teacher.backend=cache), ``estimate`` (the student's pass rates, competence.jsonl), ``snr``
 (gradient SNR per pass-rate bucket) or ``eval``
 (held-out accuracy of ``model.student``).
 """
@@ -16,7 +16,7 @@ import sys
 from paced_ds.errors import UserError
 from paced_ds.runtime.dist import ensure_accelerator_env
 
-TASKS = ("train", "generate", "estimate", "snr", "eval")
+TASKS = ("train", "generate", "cache-teacher", "estimate", "snr", "eval")
 
 
 def parse_args(argv=None):
@@ -40,6 +40,8 @@ def run(task: str, cfg) -> dict:
         return tasks.generate(cfg)
     if task == "estimate":
         return tasks.estimate_competence(cfg)
+    if task == "cache-teacher":
+        return tasks.cache_teacher(cfg)
     if task == "snr":
         return tasks.measure_snr(cfg)
     return tasks.evaluate(cfg)

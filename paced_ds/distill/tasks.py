@@ -110,3 +110,53 @@ def measure_snr(cfg: RunConfig) -> dict:
               f"{result['seconds']:.1f} s; written to {path}")
     dist.barrier()
     return result
+
+
+def cache_teacher(cfg: RunConfig) -> dict:
+    """The teacher's top-k log-probs on data.train's responses, stored in teacher.cache."""
+    import math
+    from pathlib import Path
+
+    import torch
+
+    from paced_ds.data.collate import collate_train
+    from paced_ds.distill import cache
+    from paced_ds.distill.trainer import teacher_logits, teacher_path, tokenize_problems, with_teacher_responses
+
+    if not cfg.teacher.cache:
+        raise UserError("config key teacher.cache: name the directory the cache is written to")
+    tokenizer, vocab, train_records, _ = preflight(cfg)
+    dist.init(cfg.train.timeout_s)
+    teacher = engines.build_teacher(cfg, name=teacher_path(cfg))
+    records = with_teacher_responses(cfg, tokenizer, teacher, train_records)
+    examples = tokenize_problems(cfg, tokenizer, records)
+    mine = list(range(dist.rank(), len(examples), dist.world_size()))
+    batch_size = cfg.eval.batch_size
+    batches = math.ceil(math.ceil(len(examples) / dist.world_size()) / batch_size)
+    k = cfg.teacher.topk or vocab
+    parts, offsets, ids = [], [0], []
+    for b in range(batches):  # every rank makes the same number of (collective) teacher forwards
+        chunk = mine[b * batch_size:(b + 1) * batch_size]
+        batch = {key: value.to(dist.device()) for key, value in
+                 collate_train([examples[i] for i in chunk] or [examples[0]], tokenizer.pad_token_id).items()}
+        logits = teacher_logits(teacher, batch, vocab)
+        if not chunk:
+            continue
+        for row, index in enumerate(chunk):
+            mask = batch["loss_mask"][row:row + 1]
+            parts.append(cache.compress(logits[row:row + 1], mask, k, cfg.loss.temperature))
+            offsets.append(offsets[-1] + int(mask.sum()))
+            ids.append(records[index]["id"])
+    directory = Path(cfg.teacher.cache)
+    empty = (torch.zeros(0, k, dtype=torch.int32), torch.zeros(0, k), torch.zeros(0))
+    stacked = [torch.cat([p[j] for p in parts]) if parts else empty[j] for j in range(3)]
+    cache.write_shard(directory, dist.rank(), ids, *stacked, offsets)
+    dist.barrier()
+    manifest = cache.expected_manifest(teacher=sources.teacher_identity(teacher_path(cfg)), tokenizer=tokenizer,
+                                       topk=cfg.teacher.topk, vocab=vocab, records=records, examples=examples)
+    if dist.is_main():
+        cache.write_manifest(directory, manifest, dist.world_size())
+    dist.barrier()
+    tokens = int(dist.all_reduce_sum(torch.tensor([float(offsets[-1])])).item())
+    say(f"teacher cache: {len(examples)} problems, {tokens} response tokens, top-{k} of {vocab} in {directory}")
+    return {"path": str(directory), "problems": len(examples), "tokens": tokens, "k": k}

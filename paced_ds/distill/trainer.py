@@ -29,7 +29,7 @@ from paced_ds.curriculum.sampler import ProblemSampler
 from paced_ds.data import sources
 from paced_ds.data.collate import collate_train, encode
 from paced_ds.data.prompts import privileged_prompt
-from paced_ds.distill import engines, generation, onpolicy
+from paced_ds.distill import cache, engines, generation, onpolicy
 from paced_ds.distill.losses import distillation_loss
 from paced_ds.errors import UserError
 from paced_ds.runtime import checkpoint, dist
@@ -44,6 +44,13 @@ def say(message: str) -> None:
 def divergence_params(cfg: RunConfig, kind: str) -> dict:
     return {"jsd": {"beta": cfg.loss.jsd_beta}, "skew_kl": {"alpha": cfg.loss.skew_alpha},
             "skew_reverse_kl": {"alpha": cfg.loss.skew_alpha}, "akl": {"mu": cfg.loss.akl_mu}}.get(kind, {})
+
+
+def open_cache(cfg: RunConfig, tokenizer, vocab: int, records: list[dict], examples: list[dict]):
+    """The teacher cache, checked against this run's teacher, tokenizer, k and problems."""
+    expected = cache.expected_manifest(teacher=sources.teacher_identity(teacher_path(cfg)), tokenizer=tokenizer,
+                                       topk=cfg.teacher.topk, vocab=vocab, records=records, examples=examples)
+    return cache.TeacherCache(cfg.teacher.cache, expected)
 
 
 def teacher_path(cfg: RunConfig) -> str:
@@ -102,6 +109,9 @@ def with_teacher_responses(cfg: RunConfig, tokenizer, teacher_engine, train_reco
     """Train problems with a response each: their own, stored ones, or generated now by the teacher."""
     teacher_name = sources.teacher_identity(teacher_path(cfg))
     attached = sources.with_stored_responses(train_records, cfg.data, teacher_name)
+    if attached is None and teacher_engine is None:
+        raise UserError("teacher.backend=cache: the teacher's responses are not stored for these problems; "
+                        "run `paced-ds cache-teacher` (it generates and stores them) first")
     if attached is None:
         needed = sources.missing_responses(train_records)
         say(f"generating teacher responses for {len(needed)} problems (stored for later runs)")
@@ -171,15 +181,19 @@ def train(cfg: RunConfig) -> dict:
     output_dir = Path(cfg.train.output_dir)
     seed_everything(cfg.train.seed + rank)
 
-    # Self-distillation: the teacher is a frozen copy of the initial student.
-    teacher = engines.build_teacher(cfg, name=teacher_path(cfg))
+    # Self-distillation: the teacher is a frozen copy of the initial student. A cached
+    # teacher needs no engine at all.
+    cached = cfg.teacher.backend == "cache"
+    teacher = None if cached else engines.build_teacher(cfg, name=teacher_path(cfg))
     examples = None  # off-policy sequences; a purely on-policy run needs no teacher responses
     if cfg.loss.schedule != "on_policy":
         train_records = with_teacher_responses(cfg, tokenizer, teacher, train_records)
         examples = tokenize_problems(cfg, tokenizer, train_records)
+    teacher_cache = open_cache(cfg, tokenizer, vocab, train_records, examples) if cached else None
     student, _ = engines.build_student(cfg)
     say(f"{len(train_records)} training problems, {len(eval_records)} held-out; {world} ranks; "
-        f"student ZeRO-{cfg.train.zero_stage}, teacher ZeRO-3 offload={cfg.teacher.offload}; "
+        f"student ZeRO-{cfg.train.zero_stage}, teacher "
+        + (f"cache {cfg.teacher.cache}" if cached else f"ZeRO-3 offload={cfg.teacher.offload}") + "; "
         f"loss {cfg.loss.kind} ({cfg.loss.schedule})" + (", self-distillation" if cfg.teacher.self_distill else ""))
 
     curriculum = Curriculum(cfg, train_records)
@@ -283,7 +297,11 @@ def train(cfg: RunConfig) -> dict:
                 collate_train(teacher_examples[positions], tokenizer.pad_token_id), device)
             weights = (step_weights[positions] * weight_scale).to(device)
             teacher_started = time.time()
-            batch_teacher_logits = teacher_logits(teacher, teacher_batch, vocab)
+            if teacher_cache is not None:
+                ids = [train_records[i]["id"] for i in step_indices[positions]]
+                batch_teacher_logits = teacher_cache.batch_logits(ids, teacher_batch["loss_mask"])
+            else:
+                batch_teacher_logits = teacher_logits(teacher, teacher_batch, vocab)
             if device.type == "cuda":  # time the forward, not its kernel launches
                 torch.cuda.synchronize(device)
             teacher_s += time.time() - teacher_started
