@@ -54,10 +54,42 @@ def find_resume(output_dir: str | Path, resume: str) -> tuple[Path, str] | None:
     return path.parent, path.name
 
 
+TRUSTED_MODULES = ("deepspeed.",)  # classes DeepSpeed itself pickles into its checkpoints (e.g. ZeroStageEnum)
+
+
+def verify_safe(directory: Path) -> None:
+    """Refuse a checkpoint holding pickled objects beyond tensors, plain data and DeepSpeed's own
+    classes, before DeepSpeed (whose loader unpickles freely) ever opens it.
+
+    Each file is read by torch's weights-only unpickler (memory-mapped, so nothing large is
+    read twice); a class from a trusted module is allowed and the file read again.
+    """
+    import importlib
+    import re
+
+    for path in sorted(directory.glob("*.pt")):
+        allowed: list = []
+        while True:
+            try:
+                with torch.serialization.safe_globals(allowed):
+                    torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+                break
+            except Exception as err:  # torch raises UnpicklingError (or RuntimeError) for a refused global
+                found = re.search(r"GLOBAL ([\w.]+)", str(err))
+                name = found.group(1) if found else None
+                if name is None or not name.startswith(TRUSTED_MODULES) or len(allowed) > 50:
+                    what = f"the global {name}" if name else str(err).splitlines()[0]
+                    raise UserError(f"{path}: refusing to load this checkpoint: it holds a pickled object "
+                                    f"that is not plain data ({what}); only load checkpoints you made") from None
+                module, attribute = name.rsplit(".", 1)
+                allowed.append(getattr(importlib.import_module(module), attribute))
+
+
 def load(engine, root: Path, tag: str) -> dict:
     """Collective: restores the engine and returns the client state saved with it."""
     if not (root / tag).is_dir():
         raise UserError(f"config key train.resume: checkpoint {root / tag} does not exist")
+    verify_safe(root / tag)
     path, client_state = engine.load_checkpoint(str(root), tag=tag, load_module_strict=True,
                                                 load_optimizer_states=True, load_lr_scheduler_states=True)
     if path is None:
