@@ -1,4 +1,5 @@
-"""tools/compare_curricula.py: its aggregation of run directories, on hand-made runs (no launch)."""
+"""tools/compare_curricula.py and its report (tools/curricula_report.py): planning, resuming and
+the aggregation of run directories, on hand-made runs (no launch)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
-import compare_curricula as cc
+import compare_curricula as cc  # noqa: E402
+import curricula_report as report  # noqa: E402
 
 from paced_ds.errors import UserError
 
@@ -34,32 +36,32 @@ def snr_row(step, values):
 
 
 def test_mean_std_is_the_sample_std_and_skips_missing_values():
-    assert cc.mean_std([1.0, 2.0, 3.0]) == {"mean": 2.0, "std": 1.0, "n": 3}
-    assert cc.mean_std([4.0, None, math.inf]) == {"mean": 4.0, "std": None, "n": 1}
-    assert cc.mean_std([]) == {"mean": None, "std": None, "n": 0}
+    assert report.mean_std([1.0, 2.0, 3.0]) == {"mean": 2.0, "std": 1.0, "n": 3}
+    assert report.mean_std([4.0, None, math.inf]) == {"mean": 4.0, "std": None, "n": 1}
+    assert report.mean_std([]) == {"mean": None, "std": None, "n": 0}
 
 
 def test_forgetting_is_the_share_of_base_solved_problems_lost():
-    assert cc.forgetting(run(0.5, ["b", "c"])["evals"]) == 0.5
-    assert cc.forgetting(run(0.5, ["a", "b", "c"])["evals"]) == 0.0
+    assert report.forgetting(run(0.5, ["b", "c"])["evals"]) == 0.5
+    assert report.forgetting(run(0.5, ["a", "b", "c"])["evals"]) == 0.0
     no_record = [{k: v for k, v in row.items() if k != "solved"} for row in run(0.5, [])["evals"]]
-    assert cc.forgetting(no_record) is None
+    assert report.forgetting(no_record) is None
 
 
 def test_first_reaching_takes_the_first_evaluation_and_its_forward_tokens():
     r = run(0.75, [], middle=0.6)
-    assert cc.first_reaching(r["evals"], r["metrics"], 0.6) == {"step": 10, "forward_tokens": 2000}
-    assert cc.first_reaching(r["evals"], r["metrics"], 0.7) == {"step": 20, "forward_tokens": 3000}
-    assert cc.first_reaching(r["evals"], r["metrics"], 0.5) == {"step": 0, "forward_tokens": 0}
-    assert cc.first_reaching(r["evals"], r["metrics"], 0.8) is None
+    assert report.first_reaching(r["evals"], r["metrics"], 0.6) == {"step": 10, "forward_tokens": 2000}
+    assert report.first_reaching(r["evals"], r["metrics"], 0.7) == {"step": 20, "forward_tokens": 3000}
+    assert report.first_reaching(r["evals"], r["metrics"], 0.5) == {"step": 0, "forward_tokens": 0}
+    assert report.first_reaching(r["evals"], r["metrics"], 0.8) is None
     # A mean of k/N accuracies that rounds a hair above one of them still counts as reached.
-    assert cc.first_reaching(r["evals"], r["metrics"], (0.6 + 0.6 + 0.6) / 3)["step"] == 10
+    assert report.first_reaching(r["evals"], r["metrics"], (0.6 + 0.6 + 0.6) / 3)["step"] == 10
 
 
 def test_summarize_base_row_levels_baseline_and_reaching():
     runs = {"forward_kl": {0: run(0.6, ["a"]), 1: run(0.7, ["a", "b"])},
             "paced": {0: run(0.75, ["a", "b"], middle=0.7), 1: run(0.5, ["b"])}}
-    results = cc.summarize(runs)
+    results = report.summarize(runs)
     assert results["levels"] == ["L1", "L2"] and results["steps"] == 20 and results["seeds"] == [0, 1]
     assert results["base"]["accuracy"]["all"]["mean"] == 0.5 and results["base"]["accuracy"]["L1"]["mean"] == 1.0
     assert results["base"]["same_in_every_run"]
@@ -77,11 +79,11 @@ def test_summarize_base_row_levels_baseline_and_reaching():
 
 
 def test_summarize_without_the_baseline_has_no_threshold():
-    results = cc.summarize({"paced": {0: run(0.6, ["a"])}})
+    results = report.summarize({"paced": {0: run(0.6, ["a"])}})
     assert results["baseline_accuracy"] is None and "to_baseline" not in results["methods"]["paced"]
-    assert "forward_kl was not run" in cc.markdown(results)
+    assert "forward_kl was not run" in report.markdown(results)
     with pytest.raises(UserError, match="no finished run"):
-        cc.summarize({})
+        report.summarize({})
 
 
 def test_snr_at_step_zero_over_seeds_keeps_the_bucket_order_and_skips_empty_buckets():
@@ -89,7 +91,7 @@ def test_snr_at_step_zero_over_seeds_keeps_the_bucket_order_and_skips_empty_buck
     seed1 = [snr_row(0, {"p=0": (0.0, 0.0), "(0,0.5]": (0.4, 0.35), "p=1": None})]
     runs = {"forward_kl": {0: run(0.6, []), 1: run(0.6, [])},
             "paced": {0: run(0.6, [], snr=seed0), 1: run(0.6, [], snr=seed1)}}
-    snr = cc.summarize(runs)["snr"]
+    snr = report.summarize(runs)["snr"]
     assert snr["source"] == "paced" and list(snr["buckets"]) == ["p=0", "(0,0.5]", "p=1"]
     middle = snr["buckets"]["(0,0.5]"]
     assert middle["snr"]["mean"] == pytest.approx(0.3) and middle["snr"]["std"] == pytest.approx(math.sqrt(0.02))
@@ -101,7 +103,7 @@ def test_snr_at_step_zero_over_seeds_keeps_the_bucket_order_and_skips_empty_buck
 def test_markdown_has_the_four_tables():
     runs = {"forward_kl": {0: run(0.6, ["a"]), 1: run(0.7, ["a", "b"])},
             "paced": {0: run(0.4, ["a"], snr=[snr_row(0, {"p=0": (0.0, 0.0), "(0,1)": (0.5, 0.4)})])}}
-    text = cc.markdown(cc.summarize(runs))
+    text = report.markdown(report.summarize(runs))
     assert "| base (step 0) | 2 | 100.0 ± 0.0 | 0.0 ± 0.0 | 50.0 ± 0.0 |" in text
     assert "| forward_kl | 2 | 65.0 ± 7.1 | 65.0 ± 7.1 | 65.0 ± 7.1 |" in text
     assert "| paced | not reached |  | 0/1 |" in text
@@ -135,12 +137,12 @@ def test_load_runs_leaves_out_unfinished_runs_and_refuses_mixed_lengths(tmp_path
 
     write("paced", 0, 20, 20)
     write("paced", 1, 20, 10)
-    runs = cc.load_runs(tmp_path, ["forward_kl", "paced"])
+    runs = report.load_runs(tmp_path, ["forward_kl", "paced"])
     assert list(runs) == ["paced"] and list(runs["paced"]) == [0]
-    assert cc.load_runs(tmp_path, ["paced"], seeds=3)["paced"].keys() == {0}
+    assert report.load_runs(tmp_path, ["paced"], seeds=3)["paced"].keys() == {0}
     write("forward_kl", 0, 30, 30)
     with pytest.raises(UserError, match="different lengths"):
-        cc.load_runs(tmp_path, ["forward_kl", "paced"])
+        report.load_runs(tmp_path, ["forward_kl", "paced"])
 
 
 def test_the_default_comparison_fits_the_hour_budget():
