@@ -1,6 +1,7 @@
 """``paced-ds``: the command line.
 
     paced-ds train    --config RECIPE [--nproc N] [--hostfile H] [key=value ...]
+    paced-ds teacher-serve --config RECIPE [--nproc T] [--hostfile H] teacher.address=HOST:PORT [key=value ...]
     paced-ds generate --config RECIPE [--nproc N] [key=value ...]
     paced-ds cache-teacher --config RECIPE [--nproc N] teacher.cache=DIR [teacher.topk=K] [key=value ...]
     paced-ds estimate --config RECIPE [--nproc N] [key=value ...]
@@ -23,8 +24,10 @@ import argparse
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from paced_ds.config import REPO_ROOT, describe, load_config
@@ -40,18 +43,21 @@ def default_nproc() -> int:
     return torch.cuda.device_count() if torch.cuda.is_available() else 2
 
 
-def launch(task: str, recipe: str | None, overrides: list[str], nproc: int, hostfile: str | None = None,
-           result_json: str | None = None) -> int:
-    """Run ``paced_ds.train --task TASK`` on ``nproc`` ranks of this node with the deepspeed launcher."""
+def launch_command(task: str, recipe: str | None, overrides: list[str], nproc: int, hostfile: str | None = None,
+                   result_json: str | None = None, gpus: list[int] | None = None, threads_share: int = 0):
+    """The deepspeed launcher command (and its environment) running ``paced_ds.train --task TASK``
+    on ``nproc`` ranks of this node, or on the nodes of ``hostfile``; ``gpus`` pins the GPUs."""
     ensure_accelerator_env()
     env = dict(os.environ)
     cpu = env.get("DS_ACCELERATOR") == "cpu"
     if cpu:
         # One rank per share of the cores; more threads than cores slows every rank down.
-        env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+        env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // (threads_share or nproc))))
     cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--master_port", str(free_port())]
     if hostfile:
         cmd += ["--hostfile", hostfile]
+    elif gpus and not cpu:
+        cmd += ["--include", "localhost:" + ",".join(map(str, gpus))]
     else:
         cmd += ["--num_gpus", str(nproc)]
     cmd += ["--module", "paced_ds.train", "--task", task]
@@ -60,7 +66,60 @@ def launch(task: str, recipe: str | None, overrides: list[str], nproc: int, host
     if result_json:
         cmd += ["--result-json", result_json]
     cmd += list(overrides)
+    return cmd, env
+
+
+def launch(task: str, recipe: str | None, overrides: list[str], nproc: int, hostfile: str | None = None,
+           result_json: str | None = None) -> int:
+    """Run ``paced_ds.train --task TASK`` on ``nproc`` ranks of this node with the deepspeed launcher."""
+    cmd, env = launch_command(task, recipe, overrides, nproc, hostfile, result_json)
     return subprocess.call(cmd, env=env)
+
+
+def launch_pipelined(recipe: str | None, overrides: list[str], nproc: int, teacher_ranks: int,
+                     hostfile: str | None = None) -> int:
+    """teacher.backend=pipelined on this node: a teacher job on ``teacher_ranks`` ranks (the GPUs
+    after the students') and the student job on ``nproc``, joined at a free local port.
+    Whichever fails first, the other is stopped."""
+    address = [f"teacher.address=127.0.0.1:{free_port()}"]
+    share = nproc + teacher_ranks
+    teacher_cmd, teacher_env = launch_command("teacher-serve", recipe, overrides + address, teacher_ranks,
+                                              gpus=list(range(nproc, share)), threads_share=share)
+    student_cmd, student_env = launch_command("train", recipe, overrides + address, nproc, hostfile,
+                                              gpus=list(range(nproc)), threads_share=share)
+    teacher = subprocess.Popen(teacher_cmd, env=teacher_env, start_new_session=True)
+    students = subprocess.Popen(student_cmd, env=student_env, start_new_session=True)
+    jobs = {"teacher": teacher, "student": students}
+    try:
+        while True:
+            failed = [name for name, job in jobs.items() if job.poll() not in (None, 0)]
+            if failed or students.poll() == 0:
+                break
+            time.sleep(0.2)
+        if failed:
+            other = jobs["student" if failed[0] == "teacher" else "teacher"]
+            print(f"paced-ds: the {failed[0]} job failed (exit {jobs[failed[0]].returncode}); stopping the "
+                  f"{'student' if failed[0] == 'teacher' else 'teacher'} job", file=sys.stderr, flush=True)
+            stop(other, grace_s=30)
+            return jobs[failed[0]].returncode
+        return teacher.wait(timeout=300)
+    except (KeyboardInterrupt, subprocess.TimeoutExpired):
+        for job in jobs.values():
+            stop(job, grace_s=5)
+        return 1
+
+
+def stop(job: subprocess.Popen, grace_s: float) -> None:
+    """Give a launched job ``grace_s`` to notice on its own, then end its whole process group."""
+    try:
+        job.wait(timeout=grace_s)
+    except subprocess.TimeoutExpired:
+        os.killpg(job.pid, signal.SIGTERM)
+        try:
+            job.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            os.killpg(job.pid, signal.SIGKILL)
+            job.wait()
 
 
 def preflight(recipe: str | None, overrides: list[str]):
@@ -76,10 +135,21 @@ def cmd_train(args) -> int:
     cfg = preflight(args.config, args.overrides)
     if args.nproc < 1:
         raise UserError(f"--nproc must be >= 1, got {args.nproc}")
-    code = launch("train", args.config, args.overrides, args.nproc, args.hostfile)
+    if cfg.teacher.backend == "pipelined" and not cfg.teacher.address:
+        code = launch_pipelined(args.config, args.overrides, args.nproc, cfg.teacher.ranks, args.hostfile)
+    else:
+        code = launch("train", args.config, args.overrides, args.nproc, args.hostfile)
     if code == 0:
         print(f"paced-ds: run directory {cfg.train.output_dir}")
     return code
+
+
+def cmd_teacher_serve(args) -> int:
+    cfg = preflight(args.config, args.overrides)
+    if not cfg.teacher.address:
+        raise UserError("config key teacher.address: name the HOST:PORT this teacher job listens on "
+                        "(the student job is started with the same teacher.address)")
+    return launch("teacher-serve", args.config, args.overrides, args.nproc, args.hostfile)
 
 
 def cmd_generate(args) -> int:
@@ -230,6 +300,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = launched("train", "distil: start the deepspeed launcher on this node")
     p.add_argument("--hostfile", help="deepspeed hostfile for a multi-node run")
     p.set_defaults(func=cmd_train)
+    p = launched("teacher-serve", "the teacher job of teacher.backend=pipelined: serves the student job that "
+                                  "names the same teacher.address")
+    p.add_argument("--hostfile", help="deepspeed hostfile: the teacher's nodes")
+    p.set_defaults(func=cmd_teacher_serve)
     launched("generate", "write the teacher's verified reference responses for data.train").set_defaults(
         func=cmd_generate)
     launched("cache-teacher", "the teacher's top-k log-probs on data.train's responses, written to teacher.cache "

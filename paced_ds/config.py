@@ -133,10 +133,16 @@ class RolloutConfig:
 @dataclass
 class TeacherConfig:
     backend: str = _f("engine", "where teacher logits come from: engine = a ZeRO-3 inference engine on the "
-                                "student's ranks; cache = top-k log-probs stored by `paced-ds cache-teacher`",
-                      ("engine", "cache"))
+                                "student's ranks; pipelined = a teacher job on its own ranks that computes the "
+                                "next steps' logits ahead; cache = top-k log-probs stored by `paced-ds cache-teacher`",
+                      ("engine", "pipelined", "cache"))
+    ranks: int = _f(1, "teacher.backend=pipelined: ranks of the teacher job `paced-ds train` starts beside the "
+                       "students (ZeRO-3 among them)")
+    address: str = _f("", "teacher.backend=pipelined: HOST:PORT of a teacher job started with `paced-ds "
+                          "teacher-serve` (empty: `paced-ds train` starts one on this node)")
     cache: str = _f("", "teacher cache directory (teacher.backend=cache, and where `paced-ds cache-teacher` writes)")
-    topk: int = _f(0, "teacher log-probs kept per token by the cache (0 = the full distribution)")
+    topk: int = _f(0, "teacher log-probs kept per token by the cache or sent by a pipelined teacher "
+                      "(0 = the full distribution)")
     offload: str = _f("none", "where the teacher's partitioned parameters live", ("none", "cpu", "nvme"))
     nvme_path: str = _f("", "directory for teacher.offload=nvme")
     ds_config: str = _f("auto", "DeepSpeed JSON for the teacher; auto = ds_configs/teacher_zero3[_offload_*].json")
@@ -410,6 +416,13 @@ def validate(cfg: RunConfig) -> None:
         if cfg.loss.schedule != "off_policy" or cfg.teacher.self_distill or cfg.snr.every:
             raise UserError("config key teacher.backend: a cache holds the teacher's view of its own responses "
                             "only; on-policy schedules, self-distillation and the SNR probe need teacher.backend=engine")
+    if cfg.teacher.backend == "pipelined":
+        if cfg.teacher.ranks < 1:
+            raise UserError(f"config key teacher.ranks: must be >= 1, got {cfg.teacher.ranks}")
+        if cfg.teacher.address:
+            from paced_ds.distill.pipeline import parse_address
+
+            parse_address(cfg.teacher.address)
     if cfg.teacher.offload == "nvme" and not cfg.teacher.nvme_path:
         raise UserError("config key teacher.nvme_path: required when teacher.offload=nvme")
     if cfg.train.offload_optimizer == "cpu" and cfg.train.zero_stage == 1:

@@ -2,9 +2,10 @@
 
 Also ``torchrun -m paced_ds.train ...`` and, for one process, ``python -m paced_ds.train``.
 ``--task`` selects what the ranks do: ``train`` (default), ``generate`` (teacher reference
-responses only), ``cache-teacher`` (its top-k log-probs, for teacher.backend=cache), ``estimate`` (the student's pass rates, competence.jsonl), ``snr``
-(gradient SNR per pass-rate bucket) or ``eval``
-(held-out accuracy of ``model.student``).
+responses only), ``cache-teacher`` (its top-k log-probs, for teacher.backend=cache),
+``estimate`` (the student's pass rates, competence.jsonl), ``snr`` (gradient SNR per
+pass-rate bucket), ``eval`` (held-out accuracy of ``model.student``) or ``teacher-serve``
+(the teacher job of teacher.backend=pipelined).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import sys
 from paced_ds.errors import UserError
 from paced_ds.runtime.dist import ensure_accelerator_env
 
-TASKS = ("train", "generate", "cache-teacher", "estimate", "snr", "eval")
+TASKS = ("train", "generate", "cache-teacher", "estimate", "snr", "eval", "teacher-serve")
 
 
 def parse_args(argv=None):
@@ -44,6 +45,8 @@ def run(task: str, cfg) -> dict:
         return tasks.cache_teacher(cfg)
     if task == "snr":
         return tasks.measure_snr(cfg)
+    if task == "teacher-serve":
+        return tasks.teacher_serve(cfg)
     return tasks.evaluate(cfg)
 
 

@@ -30,8 +30,8 @@ teacher = engines.build_teacher(cfg)
 student, _ = engines.build_student(cfg)
 examples = trainer.tokenize_problems(cfg, tokenizer, records)
 pass_rates = torch.tensor([PASS_RATES[i % len(PASS_RATES)] for i in range(len(records))], dtype=torch.float64)
-result = snr.probe(student, teacher, tokenizer, examples, pass_rates, bucket_edges(cfg.snr.buckets), cfg,
-                   vocab=vocab, seed=3, loss_params={})
+result = snr.probe(student, lambda batch: trainer.teacher_logits(teacher, batch, vocab), tokenizer, examples, pass_rates,
+                   bucket_edges(cfg.snr.buckets), cfg, vocab=vocab, seed=3, loss_params={})
 if dist.is_main():
     json.dump({"result": result, "pass_rates": pass_rates.tolist()}, open(out, "w"))
 from paced_ds.runtime import dist as _dist

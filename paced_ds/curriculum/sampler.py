@@ -14,6 +14,7 @@ with weight 0 are never drawn and cost no compute.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 
 import torch
@@ -106,6 +107,14 @@ class ProblemSampler:
             start = self.rank * self.micro_batch_size
             micro_batches.append(block[start:start + self.micro_batch_size])
         return micro_batches
+
+    def peek_step(self) -> list[list[int]]:
+        """What ``next_step`` will return, without moving (the plan is deterministic)."""
+        return copy.copy(self).next_step()
+
+    def draw_key(self) -> tuple[int, int, int]:
+        """Names the next draw: equal keys give equal steps (weights change the plan only in sample mode)."""
+        return self.epoch, self.position, self.version if self.apply == "sample" else 0
 
     def state_dict(self) -> dict:
         return {"seed": self.seed, "epoch": self.epoch, "position": self.position,

@@ -87,9 +87,10 @@ def ratio(sum_vector: torch.Tensor, sum_sq: float, count: int) -> dict | None:
     return {"snr": snr, "signal": signal, "noise": noise, "count": count}
 
 
-def probe(student_engine, teacher_engine, tokenizer, examples: list[dict], pass_rates: torch.Tensor, buckets,
+def probe(student_engine, teacher_forward, tokenizer, examples: list[dict], pass_rates: torch.Tensor, buckets,
           cfg, *, vocab: int, seed: int, loss_params: dict) -> dict:
-    """Collective: SNR per bucket ``{bucket name: {"snr", "signal", "noise", "count", "pass_rate"} | None}``."""
+    """Collective: SNR per bucket ``{bucket name: {"snr", "signal", "noise", "count", "pass_rate"} | None}``.
+    ``teacher_forward(batch)`` gives the teacher's logits over the shared vocabulary."""
     started = time.time()
     chosen = choose_problems(pass_rates, buckets, cfg.snr.per_bucket, seed)
     mine = chosen[dist.rank()::dist.world_size()]
@@ -98,9 +99,7 @@ def probe(student_engine, teacher_engine, tokenizer, examples: list[dict], pass_
     stand_in = [examples[chosen[0][1]]] if chosen else [examples[0]]
     batch = {k: v.to(dist.device()) for k, v in
              collate_train([examples[i] for _, i in mine] or stand_in, tokenizer.pad_token_id).items()}
-    with torch.no_grad():
-        teacher_logits = teacher_engine.module(input_ids=batch["input_ids"],
-                                               attention_mask=batch["attention_mask"]).logits[..., :vocab]
+    teacher_logits = teacher_forward(batch)
     model = plain_copy(student_engine)
     named = selected_parameters(model, cfg.snr.params)
     for p in model.parameters():

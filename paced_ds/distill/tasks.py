@@ -82,7 +82,8 @@ def measure_snr(cfg: RunConfig) -> dict:
     from paced_ds.curriculum import estimate, snr
     from paced_ds.curriculum.calibrate import bucket_edges
     from paced_ds.curriculum.curriculum import Curriculum
-    from paced_ds.distill.trainer import divergence_params, teacher_path, tokenize_problems, with_teacher_responses
+    from paced_ds.distill.trainer import (divergence_params, teacher_logits, teacher_path, tokenize_problems,
+                                          with_teacher_responses)
 
     tokenizer, vocab, train_records, _ = preflight(cfg)
     dist.init(cfg.train.timeout_s)
@@ -95,8 +96,8 @@ def measure_snr(cfg: RunConfig) -> dict:
         curriculum.load_given(cfg.curriculum.competence)
     else:
         estimate.estimate(student, tokenizer, train_records, curriculum.table, cfg, seed=cfg.train.seed + 1)
-    result = snr.probe(student, teacher, tokenizer, examples, curriculum.table.pass_rates(),
-                       bucket_edges(cfg.snr.buckets), cfg, vocab=vocab, seed=cfg.train.seed,
+    result = snr.probe(student, lambda batch: teacher_logits(teacher, batch, vocab), tokenizer, examples,
+                       curriculum.table.pass_rates(), bucket_edges(cfg.snr.buckets), cfg, vocab=vocab, seed=cfg.train.seed,
                        loss_params=divergence_params(cfg, cfg.loss.kind))
     path = Path(cfg.train.output_dir) / "snr.json"
     if dist.is_main():
@@ -160,3 +161,47 @@ def cache_teacher(cfg: RunConfig) -> dict:
     tokens = int(dist.all_reduce_sum(torch.tensor([float(offsets[-1])])).item())
     say(f"teacher cache: {len(examples)} problems, {tokens} response tokens, top-{k} of {vocab} in {directory}")
     return {"path": str(directory), "problems": len(examples), "tokens": tokens, "k": k}
+
+
+def teacher_contract(cfg: RunConfig, tokenizer, vocab: int) -> dict:
+    """What the teacher job and the student job of teacher.backend=pipelined must agree on."""
+    from paced_ds import __version__
+    from paced_ds.distill.cache import tokenizer_digest
+    from paced_ds.distill.trainer import teacher_path
+
+    return {"teacher": sources.teacher_identity(teacher_path(cfg)), "tokenizer": tokenizer_digest(tokenizer),
+            "vocab": vocab, "topk": cfg.teacher.topk, "paced_ds": __version__}
+
+
+def teacher_serve(cfg: RunConfig) -> dict:
+    """The teacher job of teacher.backend=pipelined: ZeRO-3 among its own ranks, answering the
+    student job at teacher.address until every student rank is done."""
+    import torch
+
+    from paced_ds.distill import pipeline
+    from paced_ds.distill.trainer import teacher_path, with_teacher_responses
+
+    if not cfg.teacher.address:
+        raise UserError("config key teacher.address: teacher-serve needs the HOST:PORT the student job "
+                        "connects to (e.g. teacher.address=node0:29600)")
+    tokenizer, vocab, train_records, _ = preflight(cfg)
+    dist.init(cfg.train.timeout_s)
+    teacher = engines.build_teacher(cfg, name=teacher_path(cfg))
+    if cfg.loss.schedule != "on_policy":  # generated and stored here, before the students look for them
+        with_teacher_responses(cfg, tokenizer, teacher, train_records)
+    say(f"teacher job ({dist.world_size()} rank{'s' if dist.world_size() > 1 else ''}, ZeRO-3 offload={cfg.teacher.offload}) waiting for the "
+        f"students at {cfg.teacher.address}")
+    bridge = pipeline.Bridge(cfg.teacher.address, side="teacher", rank=dist.rank(), ranks=dist.world_size(),
+                             contract=teacher_contract(cfg, tokenizer, vocab), timeout_s=cfg.train.timeout_s)
+    say(f"serving {bridge.students} student ranks")
+    device = dist.device()
+
+    def forward(input_ids, attention_mask):
+        with torch.no_grad():
+            return teacher.module(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device)).logits
+
+    result = pipeline.serve(bridge, forward, vocab=vocab, topk=cfg.teacher.topk,
+                            all_reduce=dist.all_reduce_sum if dist.world_size() > 1 else None)
+    say(f"teacher job done: {result['requests']} requests in {result['forwards']} forwards "
+        f"({result['forward_s']:.1f} s computing)")
+    return result

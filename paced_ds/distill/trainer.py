@@ -29,7 +29,7 @@ from paced_ds.curriculum.sampler import ProblemSampler
 from paced_ds.data import sources
 from paced_ds.data.collate import collate_train, encode
 from paced_ds.data.prompts import privileged_prompt
-from paced_ds.distill import cache, engines, generation, onpolicy
+from paced_ds.distill import cache, engines, generation, onpolicy, pipeline
 from paced_ds.distill.losses import distillation_loss
 from paced_ds.errors import UserError
 from paced_ds.runtime import checkpoint, dist
@@ -110,8 +110,8 @@ def with_teacher_responses(cfg: RunConfig, tokenizer, teacher_engine, train_reco
     teacher_name = sources.teacher_identity(teacher_path(cfg))
     attached = sources.with_stored_responses(train_records, cfg.data, teacher_name)
     if attached is None and teacher_engine is None:
-        raise UserError("teacher.backend=cache: the teacher's responses are not stored for these problems; "
-                        "run `paced-ds cache-teacher` (it generates and stores them) first")
+        raise UserError(f"teacher.backend={cfg.teacher.backend}: the teacher's responses are not stored for these "
+                        f"problems in data.responses_dir ({cfg.data.responses_dir}); run `paced-ds generate` first")
     if attached is None:
         needed = sources.missing_responses(train_records)
         say(f"generating teacher responses for {len(needed)} problems (stored for later runs)")
@@ -166,6 +166,7 @@ def run_eval(cfg, engine, tokenizer, eval_records, tracker, step: int, label: st
 
 
 def teacher_logits(teacher_engine, batch: dict, vocab: int) -> torch.Tensor:
+    """The co-located teacher's logits over the shared vocabulary (a collective ZeRO-3 forward)."""
     with torch.no_grad():
         logits = teacher_engine.module(input_ids=batch["input_ids"],
                                        attention_mask=batch["attention_mask"]).logits
@@ -182,9 +183,12 @@ def train(cfg: RunConfig) -> dict:
     seed_everything(cfg.train.seed + rank)
 
     # Self-distillation: the teacher is a frozen copy of the initial student. A cached
-    # teacher needs no engine at all.
-    cached = cfg.teacher.backend == "cache"
-    teacher = None if cached else engines.build_teacher(cfg, name=teacher_path(cfg))
+    # teacher needs no engine at all; a pipelined one is another job's, reached through the bridge.
+    cached, remote = cfg.teacher.backend == "cache", None
+    teacher = None if cfg.teacher.backend != "engine" else engines.build_teacher(cfg, name=teacher_path(cfg))
+    if cfg.teacher.backend == "pipelined":
+        remote = connect_teacher(cfg, tokenizer, vocab)
+    teacher_forward = remote.logits if remote else lambda batch: teacher_logits(teacher, batch, vocab)
     examples = None  # off-policy sequences; a purely on-policy run needs no teacher responses
     if cfg.loss.schedule != "on_policy":
         train_records = with_teacher_responses(cfg, tokenizer, teacher, train_records)
@@ -193,7 +197,7 @@ def train(cfg: RunConfig) -> dict:
     student, _ = engines.build_student(cfg)
     say(f"{len(train_records)} training problems, {len(eval_records)} held-out; {world} ranks; "
         f"student ZeRO-{cfg.train.zero_stage}, teacher "
-        + (f"cache {cfg.teacher.cache}" if cached else f"ZeRO-3 offload={cfg.teacher.offload}") + "; "
+        + teacher_description(cfg) + "; "
         f"loss {cfg.loss.kind} ({cfg.loss.schedule})" + (", self-distillation" if cfg.teacher.self_distill else ""))
 
     curriculum = Curriculum(cfg, train_records)
@@ -228,8 +232,8 @@ def train(cfg: RunConfig) -> dict:
     buckets = bucket_edges(cfg.snr.buckets) if cfg.snr.every else None
     snr_scalars = {}
     if cfg.snr.every and resume_from is None:
-        snr_scalars = run_probe(cfg, curriculum, sampler, student, teacher, tokenizer, examples, buckets, tracker,
-                                vocab=vocab, step=0, counters=counters)
+        snr_scalars = run_probe(cfg, curriculum, sampler, student, teacher_forward, tokenizer, examples, buckets,
+                                tracker, vocab=vocab, step=0, counters=counters)
         curriculum_scalars = curriculum.summary(sampler.weights)
 
     group = cfg.teacher.forward_micro_batches or cfg.train.grad_accum
@@ -252,7 +256,7 @@ def train(cfg: RunConfig) -> dict:
                 curriculum_scalars = curriculum.summary(sampler.weights)
         kind = cfg.loss.stage2_kind if on_policy and cfg.loss.schedule == "two_stage" else cfg.loss.kind
         params = divergence_params(cfg, kind)
-        epoch_before = sampler.epoch
+        epoch_before, draw = sampler.epoch, sampler.draw_key()
         micro_batches = sampler.next_step()
         if sampler.epoch != epoch_before or counters["step"] == 0:
             check_agreement(sampler, curriculum)
@@ -288,18 +292,29 @@ def train(cfg: RunConfig) -> dict:
         # curriculum.normalize=batch_mean: this step's weights average 1 over all ranks.
         weight_scale = global_count / global_weight if cfg.curriculum.normalize == "batch_mean" else 1.0
 
+        # One teacher forward (one all-gather of the teacher) for every `group` micro-batches.
+        chunks = [slice(first, first + group * mb) for first in range(0, len(step_examples), group * mb)]
+        batches = [collate_train(step_examples[c], tokenizer.pad_token_id) for c in chunks]
+        teacher_batches = batches if teacher_examples is None else [
+            collate_train(teacher_examples[c], tokenizer.pad_token_id) for c in chunks]
+        if remote is not None:
+            answers = remote.answers(draw, teacher_batches)
+            if predictable_next(cfg, counters["step"] + 1, switch_step):
+                # The plan is deterministic: the teacher computes the next step while we train on this one.
+                upcoming = [i for part in sampler.peek_step() for i in part]
+                remote.ask(sampler.draw_key(), [collate_train([examples[i] for i in upcoming[c]],
+                                                              tokenizer.pad_token_id) for c in chunks])
         loss_sum, teacher_s = torch.zeros((), dtype=torch.float64, device=device), 0.0
-        for first in range(0, len(step_examples), group * mb):
-            # One teacher forward (one all-gather of the teacher) for `group` micro-batches.
-            positions = slice(first, first + group * mb)
-            batch = to_device(collate_train(step_examples[positions], tokenizer.pad_token_id), device)
-            teacher_batch = batch if teacher_examples is None else to_device(
-                collate_train(teacher_examples[positions], tokenizer.pad_token_id), device)
+        for positions, batch, teacher_batch in zip(chunks, batches, teacher_batches):
+            batch = to_device(batch, device)
+            teacher_batch = batch if teacher_examples is None else to_device(teacher_batch, device)
             weights = (step_weights[positions] * weight_scale).to(device)
             teacher_started = time.time()
             if teacher_cache is not None:
                 ids = [train_records[i]["id"] for i in step_indices[positions]]
                 batch_teacher_logits = teacher_cache.batch_logits(ids, teacher_batch["loss_mask"])
+            elif remote is not None:
+                batch_teacher_logits = next(answers).to(device)
             else:
                 batch_teacher_logits = teacher_logits(teacher, teacher_batch, vocab)
             if device.type == "cuda":  # time the forward, not its kernel launches
@@ -356,8 +371,8 @@ def train(cfg: RunConfig) -> dict:
                                                             train_records, tracker, step=step)
             curriculum_scalars = curriculum.summary(sampler.weights)
         if cfg.snr.every and step % cfg.snr.every == 0:
-            snr_scalars = run_probe(cfg, curriculum, sampler, student, teacher, tokenizer, examples, buckets,
-                                    tracker, vocab=vocab, step=step, counters=counters)
+            snr_scalars = run_probe(cfg, curriculum, sampler, student, teacher_forward, tokenizer, examples,
+                                    buckets, tracker, vocab=vocab, step=step, counters=counters)
             curriculum_scalars = curriculum.summary(sampler.weights)
         if cfg.eval.every and step % cfg.eval.every == 0 and step < cfg.train.steps:
             run_eval(cfg, student, tokenizer, eval_records, tracker, step, "during training")
@@ -368,6 +383,9 @@ def train(cfg: RunConfig) -> dict:
     # ---- finish ---------------------------------------------------------------------------
     after = run_eval(cfg, student, tokenizer, eval_records, tracker, counters["step"], "after training")
     save(cfg, student, sampler, counters, curriculum)
+    if remote is not None:
+        remote.close()
+        say(f"pipelined teacher: students waited {remote.wait_s:.2f} s for it in all (this rank)")
     exported = None
     if cfg.train.export:
         exported = checkpoint.export_student(student, tokenizer, output_dir / "student")
@@ -375,6 +393,34 @@ def train(cfg: RunConfig) -> dict:
     tracker.close()
     return {"before": before, "after": after, "steps": counters["step"], "exported": exported,
             "output_dir": output_dir}
+
+
+def connect_teacher(cfg: RunConfig, tokenizer, vocab: int) -> pipeline.PipelinedTeacher:
+    """Join the teacher job at teacher.address (teacher.backend=pipelined)."""
+    from paced_ds.distill.tasks import teacher_contract
+
+    if not cfg.teacher.address:
+        raise UserError("config key teacher.address: teacher.backend=pipelined needs the teacher job's HOST:PORT "
+                        "(`paced-ds train` starts a teacher job and sets it; `paced-ds teacher-serve` starts one)")
+    say(f"connecting to the teacher job at {cfg.teacher.address}")
+    bridge = pipeline.Bridge(cfg.teacher.address, side="student", rank=dist.rank(), ranks=dist.world_size(),
+                             contract=teacher_contract(cfg, tokenizer, vocab), timeout_s=cfg.train.timeout_s)
+    return pipeline.PipelinedTeacher(bridge, vocab=vocab, topk=cfg.teacher.topk, timeout_s=cfg.train.timeout_s)
+
+
+def teacher_description(cfg: RunConfig) -> str:
+    if cfg.teacher.backend == "cache":
+        return f"cache {cfg.teacher.cache}"
+    where = f"pipelined at {cfg.teacher.address}, " if cfg.teacher.backend == "pipelined" else ""
+    return f"{where}ZeRO-3 offload={cfg.teacher.offload}"
+
+
+def predictable_next(cfg: RunConfig, next_step: int, switch_step: int | None) -> bool:
+    """Whether step ``next_step`` will score teacher responses drawn from the plan as it stands,
+    with nothing in between asking the teacher (so it can be sent to a pipelined teacher now)."""
+    if next_step >= cfg.train.steps or (switch_step is not None and next_step >= switch_step):
+        return False
+    return not (cfg.snr.every and next_step % cfg.snr.every == 0)
 
 
 def update_curriculum(cfg: RunConfig, curriculum: Curriculum, sampler: ProblemSampler, student, tokenizer,
@@ -414,11 +460,11 @@ def refresh_weights(cfg: RunConfig, curriculum: Curriculum, sampler: ProblemSamp
     curriculum.log(tracker, step, weights)
 
 
-def run_probe(cfg: RunConfig, curriculum: Curriculum, sampler: ProblemSampler, student, teacher, tokenizer,
+def run_probe(cfg: RunConfig, curriculum: Curriculum, sampler: ProblemSampler, student, teacher_forward, tokenizer,
               examples: list[dict], buckets, tracker, *, vocab: int, step: int, counters: dict) -> dict:
     """The gradient-SNR probe (collective); with curriculum.kernel=calibrated, refit and reweight.
     Its student forward tokens are added to ``counters``; returns the scalars to log."""
-    result = snr.probe(student, teacher, tokenizer, examples, curriculum.table.pass_rates(), buckets, cfg,
+    result = snr.probe(student, teacher_forward, tokenizer, examples, curriculum.table.pass_rates(), buckets, cfg,
                        vocab=vocab, seed=cfg.train.seed * 7_919 + step, loss_params=divergence_params(cfg, cfg.loss.kind))
     scalars = {f"snr/{name}": v["snr"] for name, v in result["buckets"].items() if v is not None}
     scalars["snr/probe_time_s"] = result["seconds"]

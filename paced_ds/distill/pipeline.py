@@ -1,0 +1,300 @@
+"""The pipelined teacher: a teacher job on its own ranks, answering the student job ahead of time.
+
+The teacher runs as its own DeepSpeed job (its own world, ZeRO-3 among its own ranks), so
+the student job's world-wide barriers never wait for it. The two jobs meet through a
+*bridge*: a process group built from a TCPStore that teacher rank 0 hosts at
+``teacher.address``. Bridge ranks 0..T-1 are the teacher ranks, T..T+S-1 the students;
+student s is served by teacher rank s mod T.
+
+A request carries one batch's token ids, attention and loss masks; the answer carries
+the teacher's logits over the shared vocabulary (``teacher.topk=0``), or the top-k
+log-probabilities and tail mass of the response positions (``teacher.topk=k``), which
+the student expands as it would a cached teacher. Each student's requests are answered
+in order, and every student makes the same sequence of requests (the trainer makes the
+same decisions on every rank), so each teacher rank takes one request from each of its
+students per round and runs one forward for them all.
+
+Because the sampler's plan is deterministic, students send the next optimizer step's
+batches before they train on the current one (``PipelinedTeacher.ask``); the teacher
+computes while they train. At most one step is in flight per student, so memory stays
+fixed. A dead peer closes its sockets and the other side stops at once with an error
+naming it; a silent one is given up on after ``train.timeout_s``.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import time
+
+import torch
+import torch.distributed as torch_dist
+
+from paced_ds.distill.cache import compress, expand
+from paced_ds.errors import UserError
+
+LOGITS, STOP = 0, 1  # request kinds
+HEADER = 6  # int64 fields of every header: kind, tag, batch, length, topk, spare
+IDLE_TIMEOUT = datetime.timedelta(days=7)  # waits between requests: a dead peer is noticed sooner
+
+
+def parse_address(address: str) -> tuple[str, int]:
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        raise UserError(f"config key teacher.address: expected HOST:PORT, got {address!r}")
+    return host, int(port)
+
+
+class Bridge:
+    """The process group between the teacher job and the student job, and the handshake before it.
+
+    ``contract`` is what both sides must agree on (teacher, tokenizer, vocabulary, top-k);
+    the students check the teacher's and refuse, naming the keys, when they differ.
+    """
+
+    def __init__(self, address: str, *, side: str, rank: int, ranks: int, contract: dict, timeout_s: int):
+        host, port = parse_address(address)
+        self.address, self.side, self.rank = address, side, rank
+        self.timeout = datetime.timedelta(seconds=timeout_s)
+        hosting = side == "teacher" and rank == 0
+        try:
+            self.store = torch_dist.TCPStore(host, port, None, hosting, timeout=self.timeout,
+                                             wait_for_workers=False)
+        except (RuntimeError, OSError) as err:
+            what = f"could not listen on {address}" if hosting else f"no teacher job answered at {address}"
+            raise UserError(f"config key teacher.address: {what} within {timeout_s} s "
+                            f"({str(err).splitlines()[0][:160]})") from None
+        if side == "teacher":
+            if rank == 0:
+                self.store.set("teacher", json.dumps({"ranks": ranks, "contract": contract}))
+            students = json.loads(self._get("students"))
+            self.teachers, self.students = ranks, students["ranks"]
+            verdict = self._get("verdict")
+            if verdict != "ok":
+                raise UserError(f"the student job at {address} refused this teacher: {verdict}")
+            self.bridge_rank = rank
+        else:
+            if rank == 0:
+                self.store.set("students", json.dumps({"ranks": ranks}))
+            teacher = json.loads(self._get("teacher"))
+            self.teachers, self.students = teacher["ranks"], ranks
+            differing = [key for key in contract if teacher["contract"].get(key) != contract[key]]
+            problem = ", ".join(f"{key}: {teacher['contract'].get(key)!r} there, {contract[key]!r} here"
+                                for key in differing)
+            if rank == 0:
+                self.store.set("verdict", f"it differs in {problem}" if differing else "ok")
+            if differing:
+                raise UserError(f"teacher job at {address} does not match this run ({problem})")
+            if self.teachers > self.students:
+                raise UserError(f"config key teacher.ranks: {self.teachers} teacher ranks for {self.students} "
+                                "student ranks; use at most one teacher rank per student rank")
+            self.bridge_rank = self.teachers + rank
+        self.group = torch_dist.ProcessGroupGloo(torch_dist.PrefixStore("bridge", self.store), self.bridge_rank,
+                                                 self.teachers + self.students, IDLE_TIMEOUT)
+
+    def _get(self, key: str) -> str:
+        try:
+            return self.store.get(key).decode()
+        except RuntimeError as err:
+            other = "student job" if self.side == "teacher" else "teacher job"
+            raise UserError(f"the {other} at {self.address} did not get ready within "
+                            f"{self.timeout.total_seconds():.0f} s (train.timeout_s): {str(err).splitlines()[0][:160]}"
+                            ) from None
+
+    def send(self, tensors: list[torch.Tensor], peer: int):
+        """Start sending ``tensors`` to bridge rank ``peer``; keep them alive until the works finish."""
+        return [self.group.send([t.contiguous()], peer, 0) for t in tensors]
+
+    def recv(self, tensor: torch.Tensor, peer: int, timeout: datetime.timedelta | None = None) -> torch.Tensor:
+        work = self.group.recv([tensor], peer, 0)
+        work.wait(timeout) if timeout is not None else work.wait()
+        return tensor
+
+
+def describe_failure(err: Exception) -> str:
+    first = str(err).splitlines()[0] if str(err) else type(err).__name__
+    if "Connection closed" in first or "Connection reset" in first:
+        return "it stopped (connection closed)"
+    if "Timed out" in first:
+        return "it did not answer in time (train.timeout_s)"
+    return first[:200]
+
+
+class PipelinedTeacher:
+    """The student side: send batches now or ahead of time, collect the teacher's logits in order."""
+
+    def __init__(self, bridge: Bridge, *, vocab: int, topk: int, timeout_s: int):
+        self.bridge, self.vocab, self.topk = bridge, vocab, topk
+        self.teacher = bridge.rank % bridge.teachers
+        self.timeout = datetime.timedelta(seconds=timeout_s)
+        self.tag = 0
+        self.in_flight: list[tuple[int, list]] = []  # (tag, send works + their tensors), oldest first
+        self.ahead: tuple[object, int] | None = None  # (key, requests) asked ahead of time
+        self.wait_s = 0.0  # time spent waiting for answers: ~0 when the teacher keeps up
+
+    def _fail(self, err: Exception):
+        raise UserError(f"teacher rank {self.teacher} (teacher job at {self.bridge.address}): "
+                        f"{describe_failure(err)}; this student rank stops") from None
+
+    def _submit(self, batch: dict) -> None:
+        ids = batch["input_ids"]
+        planes = torch.stack([ids, batch["attention_mask"].to(ids.dtype), batch["loss_mask"].to(ids.dtype)]).cpu()
+        header = torch.tensor([LOGITS, self.tag, ids.shape[0], ids.shape[1], self.topk, 0], dtype=torch.int64)
+        try:
+            works = self.bridge.send([header, planes], self.teacher)
+        except RuntimeError as err:
+            self._fail(err)
+        self.in_flight.append((self.tag, [works, header, planes, batch["loss_mask"]]))
+        self.tag += 1
+
+    def _collect(self) -> torch.Tensor:
+        tag, (works, _, _, loss_mask) = self.in_flight.pop(0)
+        started = time.time()
+        try:
+            for work in works:
+                work.wait(self.timeout)
+            header = self.bridge.recv(torch.zeros(HEADER, dtype=torch.int64), self.teacher, self.timeout)
+            if int(header[1]) != tag:
+                raise UserError(f"teacher rank {self.teacher} (teacher job at {self.bridge.address}) answered "
+                                f"request {int(header[1])} where {tag} was due: the two jobs are out of step")
+            batch, length, k = (int(x) for x in header[2:5])
+            if k == 0:
+                out = self.bridge.recv(torch.empty(batch, length, self.vocab), self.teacher, self.timeout)
+            else:
+                count = int(loss_mask.sum())
+                top_ids = self.bridge.recv(torch.empty(count, k, dtype=torch.int64), self.teacher, self.timeout)
+                top_logp = self.bridge.recv(torch.empty(count, k), self.teacher, self.timeout)
+                tail = self.bridge.recv(torch.empty(count), self.teacher, self.timeout)
+                out = torch.zeros(batch, length, self.vocab)
+                out[loss_mask.cpu().bool()] = expand(top_ids, top_logp, tail, self.vocab)
+        except RuntimeError as err:
+            self._fail(err)
+        self.wait_s += time.time() - started
+        return out.to(loss_mask.device)
+
+    def logits(self, batch: dict) -> torch.Tensor:
+        """The teacher's logits for ``batch`` now (nothing may be asked ahead then)."""
+        self.drop_ahead()
+        self._submit(batch)
+        return self._collect()
+
+    def ask(self, key, batches: list[dict]) -> None:
+        """Send ``batches`` now, to be collected after what is in flight by ``answers(key, ...)``."""
+        for batch in batches:
+            self._submit(batch)
+        self.ahead = (key, len(batches))
+
+    def answers(self, key, batches: list[dict]):
+        """The teacher's logits for ``batches``, an iterator: what was asked ahead under ``key``,
+        else (the plan changed, or nothing was asked) asked now."""
+        if self.ahead != (key, len(batches)) or len(self.in_flight) != len(batches):
+            self.drop_ahead()
+            self.ask(key, batches)
+        self.ahead = None
+        return (self._collect() for _ in batches)
+
+    def drop_ahead(self) -> None:
+        """Collect and discard what was asked ahead and will not be used (the plan changed)."""
+        while self.in_flight:
+            self._collect()
+        self.ahead = None
+
+    def close(self) -> None:
+        """Tell the teacher this student is done (after collecting everything in flight)."""
+        self.drop_ahead()
+        header = torch.tensor([STOP, self.tag, 0, 0, 0, 0], dtype=torch.int64)
+        try:
+            for work in self.bridge.send([header], self.teacher):
+                work.wait(self.timeout)
+        except RuntimeError as err:
+            self._fail(err)
+
+
+def fault_after() -> int | None:
+    """PACED_DS_TEACHER_FAULT=kill:requests=N: the teacher rank SIGKILLs itself after N answers (tests)."""
+    spec = os.environ.get("PACED_DS_TEACHER_FAULT", "")
+    if spec.startswith("kill:requests="):
+        return int(spec.split("=", 1)[1])
+    return None
+
+
+def serve(bridge: Bridge, forward, *, vocab: int, topk: int, all_reduce=None) -> dict:
+    """The teacher side: answer this teacher rank's students until every one has said stop.
+
+    ``forward(input_ids, attention_mask)`` is the (collective, ZeRO-3) teacher forward;
+    ``all_reduce`` sums a small tensor over the teacher job's ranks, so that a rank with
+    no request in a round still joins the forward its peers make.
+    """
+    mine = [s for s in range(bridge.students) if s % bridge.teachers == bridge.rank]
+    active = set(mine)
+    sending: list = []  # the previous round's sends and their tensors
+    served, batches, busy_s = 0, 0, 0.0
+    kill_after = fault_after()
+    while True:
+        requests = []
+        for student in sorted(active):
+            peer = bridge.teachers + student
+            try:
+                header = bridge.recv(torch.zeros(HEADER, dtype=torch.int64), peer)
+                if int(header[0]) == STOP:
+                    active.discard(student)
+                    continue
+                planes = bridge.recv(torch.empty(3, int(header[2]), int(header[3]), dtype=torch.int64), peer)
+            except RuntimeError as err:
+                raise UserError(f"student rank {student} (student job at {bridge.address}): "
+                                f"{describe_failure(err)}; the teacher stops") from None
+            requests.append((student, header, planes))
+        pending = torch.tensor([float(bool(requests))])
+        if all_reduce is not None:
+            pending = all_reduce(pending)
+        if pending.item() == 0:
+            break
+        started = time.time()
+        answers = answer(forward, requests, vocab=vocab, topk=topk)
+        busy_s += time.time() - started
+        for work_list in sending:
+            for work in work_list[0]:
+                work.wait()
+        sending = []
+        for (student, header, _), tensors in zip(requests, answers):
+            reply = torch.tensor([0, int(header[1]), int(header[2]), int(header[3]), topk, 0], dtype=torch.int64)
+            sending.append((bridge.send([reply, *tensors], bridge.teachers + student), reply, tensors))
+            served += 1
+            if kill_after is not None and served >= kill_after:
+                os.kill(os.getpid(), 9)
+        batches += 1
+    for work_list in sending:
+        for work in work_list[0]:
+            work.wait()
+    return {"requests": served, "forwards": batches, "forward_s": busy_s}
+
+
+def answer(forward, requests: list, *, vocab: int, topk: int) -> list[list[torch.Tensor]]:
+    """One teacher forward for every request of the round (right-padded to the longest);
+    a round with none here makes a one-token forward, so the ranks' ZeRO-3 gathers pair up."""
+    if not requests:
+        forward(torch.zeros(1, 1, dtype=torch.int64), torch.ones(1, 1, dtype=torch.int64))
+        return []
+    length = max(int(header[3]) for _, header, _ in requests)
+    rows = sum(int(header[2]) for _, header, _ in requests)
+    ids = torch.zeros(rows, length, dtype=torch.int64)
+    mask = torch.zeros(rows, length, dtype=torch.int64)
+    row = 0
+    for _, header, planes in requests:
+        count, width = int(header[2]), int(header[3])
+        ids[row:row + count, :width] = planes[0]
+        mask[row:row + count, :width] = planes[1]
+        row += count
+    logits = forward(ids, mask)[..., :vocab].float().cpu()
+    out, row = [], 0
+    for _, header, planes in requests:
+        count, width = int(header[2]), int(header[3])
+        mine = logits[row:row + count, :width]
+        row += count
+        if topk == 0:
+            out.append([mine.contiguous()])
+        else:
+            top_ids, top_logp, tail = compress(mine, planes[2].bool(), topk, temperature=1.0)
+            out.append([top_ids.long(), top_logp, tail])
+    return out

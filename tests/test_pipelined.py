@@ -1,0 +1,158 @@
+"""The pipelined teacher: a teacher job on its own ranks answering the student job ahead of time."""
+
+from __future__ import annotations
+
+import sys
+import threading
+import time
+
+import pytest
+import torch
+
+from launch import RECIPE, cpu_env, explain, paced_ds, read_jsonl, run, small_overrides
+from paced_ds.distill import cache, pipeline
+from paced_ds.errors import UserError
+from paced_ds.runtime.dist import free_port
+
+VOCAB = 11
+TABLE = torch.randn(VOCAB + 3, VOCAB + 3, generator=torch.Generator().manual_seed(0))  # a fake model: a bigram table
+CONTRACT = {"teacher": "bigram", "vocab": VOCAB, "topk": 0}
+
+
+def bigram(input_ids, attention_mask):
+    return TABLE[input_ids] * attention_mask[..., None]
+
+
+def batch(seed: int, rows: int = 2, length: int = 7) -> dict:
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, VOCAB, (rows, length), generator=generator)
+    mask = torch.ones(rows, length, dtype=torch.int64)
+    mask[0, length - 2:] = 0  # a shorter row: right padding
+    loss_mask = mask.bool() & (torch.arange(length) >= 3)
+    return {"input_ids": ids, "attention_mask": mask, "loss_mask": loss_mask}
+
+
+def in_threads(teacher_ranks: int, students: list, *, topk: int = 0, teacher_contract=None, timeout_s: int = 20):
+    """Teacher ranks and student ranks as threads of this process, joined by a real bridge.
+    ``students[s](client)`` runs on student rank s; returns {name: result or exception}."""
+    address = f"127.0.0.1:{free_port()}"
+    results: dict = {}
+
+    def teacher(rank):
+        try:
+            bridge = pipeline.Bridge(address, side="teacher", rank=rank, ranks=teacher_ranks,
+                                     contract=teacher_contract or {**CONTRACT, "topk": topk}, timeout_s=timeout_s)
+            results[f"teacher{rank}"] = pipeline.serve(bridge, bigram, vocab=VOCAB, topk=topk)
+        except Exception as err:  # reported to the test
+            results[f"teacher{rank}"] = err
+
+    def student(rank, body):
+        try:
+            bridge = pipeline.Bridge(address, side="student", rank=rank, ranks=len(students),
+                                     contract={**CONTRACT, "topk": topk}, timeout_s=timeout_s)
+            client = pipeline.PipelinedTeacher(bridge, vocab=VOCAB, topk=topk, timeout_s=timeout_s)
+            results[f"student{rank}"] = body(client)
+            client.close()
+        except Exception as err:
+            results[f"student{rank}"] = err
+
+    threads = [threading.Thread(target=teacher, args=(r,)) for r in range(teacher_ranks)]
+    threads[0].start()
+    time.sleep(0.2)  # the store is up before the others knock
+    threads += [threading.Thread(target=student, args=(s, body)) for s, body in enumerate(students)]
+    for thread in threads[1:]:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert not any(thread.is_alive() for thread in threads), "a bridge thread hung"
+    return results
+
+
+def test_answers_come_back_in_order_asked_ahead_or_now():
+    def body(offset):
+        def go(client):
+            got = []
+            first = [batch(offset + 0), batch(offset + 1)]
+            answers = client.answers("step-1", first)  # nothing asked ahead: asked now
+            client.ask("step-2", [batch(offset + 2), batch(offset + 3)])  # ahead, while step 1 is consumed
+            got += [(b, next(answers)) for b in first]
+            # The plan changed: what was asked for step 2 is dropped and the new batches asked.
+            changed = [batch(offset + 5), batch(offset + 6)]
+            got += list(zip(changed, client.answers("step-2-redrawn", changed)))
+            client.ask("step-3", [batch(offset + 7)])
+            got.append((batch(offset + 7), next(client.answers("step-3", [batch(offset + 7)]))))
+            got.append((batch(offset + 8), client.logits(batch(offset + 8))))  # synchronous
+            return got
+
+        return go
+
+    results = in_threads(1, [body(0), body(100)])
+    for s in range(2):
+        got = results[f"student{s}"]
+        assert not isinstance(got, Exception), got
+        for sent, logits in got:
+            assert torch.equal(logits, bigram(sent["input_ids"], sent["attention_mask"])[..., :VOCAB])
+    # Each student asked 8 times (2 + 2 dropped + 2 + 1 + 1): 8 rounds of one forward for both.
+    assert results["teacher0"]["requests"] == 16 and results["teacher0"]["forwards"] == 8
+
+
+def test_top_k_answers_match_the_cache_form_and_two_teacher_ranks_share_the_students():
+    k = 3
+
+    def go(client):
+        b = batch(7)
+        return b, client.logits(b)
+
+    results = in_threads(2, [go, go, go], topk=k)
+    assert results["teacher0"]["requests"] == 2 and results["teacher1"]["requests"] == 1  # s mod T
+    for s in range(3):
+        sent, got = results[f"student{s}"]
+        full = bigram(sent["input_ids"], sent["attention_mask"])[..., :VOCAB]
+        expected = cache.expand(*cache.compress(full, sent["loss_mask"], k), VOCAB)
+        assert torch.equal(got[sent["loss_mask"]], expected)
+        assert not got[~sent["loss_mask"]].any()
+
+
+def test_a_teacher_for_another_run_is_refused_by_both_sides():
+    results = in_threads(1, [lambda client: None], teacher_contract={**CONTRACT, "teacher": "another"})
+    assert isinstance(results["student0"], UserError)
+    assert "teacher: 'another' there, 'bigram' here" in str(results["student0"])
+    assert isinstance(results["teacher0"], UserError) and "refused this teacher" in str(results["teacher0"])
+
+
+def test_no_teacher_at_the_address_is_a_clear_error():
+    with pytest.raises(UserError, match=r"teacher.address: no teacher job answered at 127.0.0.1:\d+ within 1 s"):
+        pipeline.Bridge(f"127.0.0.1:{free_port()}", side="student", rank=0, ranks=1, contract=CONTRACT, timeout_s=1)
+    with pytest.raises(UserError, match="expected HOST:PORT"):
+        pipeline.parse_address("node0")
+
+
+@pytest.mark.distributed
+def test_pipelined_teacher_trains_exactly_like_the_colocated_engine(tmp_path):
+    common = small_overrides(tmp_path, **{"curriculum.rollouts": 2, "train.export": "false", "train.steps": 4})
+    engine = paced_ds("train", "--config", RECIPE, "--nproc", 2, *common, f"train.output_dir={tmp_path / 'engine'}")
+    assert engine.returncode == 0, explain(engine)
+    piped = paced_ds("train", "--config", RECIPE, "--nproc", 2, *common, f"train.output_dir={tmp_path / 'piped'}",
+                     "teacher.backend=pipelined", "teacher.ranks=1", "teacher.topk=0")
+    assert piped.returncode == 0, explain(piped)
+    assert "serving 2 student ranks" in piped.stdout and "teacher job done" in piped.stdout
+    metrics = {name: read_jsonl(tmp_path / name / "metrics.jsonl") for name in ("engine", "piped")}
+    assert [m["step"] for m in metrics["piped"]] == [1, 2, 3, 4]
+    assert [m["loss"] for m in metrics["piped"]] == pytest.approx([m["loss"] for m in metrics["engine"]], rel=1e-5)
+    assert (tmp_path / "piped" / "competence.jsonl").read_text() == (tmp_path / "engine" / "competence.jsonl").read_text()
+
+
+@pytest.mark.distributed
+def test_killing_the_teacher_stops_the_students_with_an_error_naming_it(tmp_path):
+    common = small_overrides(tmp_path, **{"curriculum.mode": "uniform", "train.export": "false", "train.steps": 6,
+                                          "train.timeout_s": 60})
+    started = time.time()
+    command = [sys.executable, "-m", "paced_ds.cli", "train", "--config", str(RECIPE), "--nproc", "2", *common,
+               "teacher.backend=pipelined", "teacher.ranks=1"]
+    result = run(command, env=cpu_env(PACED_DS_TEACHER_FAULT="kill:requests=3"))
+    assert result.returncode != 0, explain(result)
+    assert "teacher rank 0 (teacher job at 127.0.0.1:" in result.stderr, explain(result)
+    assert "it stopped (connection closed)" in result.stderr
+    assert "the teacher job failed" in result.stderr
+    assert time.time() - started < 240
+    assert not (tmp_path / "run" / "checkpoints" / "latest").exists()
