@@ -6,7 +6,9 @@
                                [--keep | --work-dir DIR]
 
 A variant is a name and the config overrides that make it (``VARIANTS``): ``none`` keeps
-the teacher's ZeRO-3 partitions on the accelerator, ``cpu`` offloads them to CPU memory;
+the teacher's ZeRO-3 partitions on the accelerator, ``cpu`` offloads them to CPU memory,
+``nvme`` to swap files in ``<work dir>/nvme-swap`` (``--extra teacher.nvme_path=DIR`` to
+put them on your NVMe drive);
 ``uniform`` and ``paced`` run without and with the PACED curriculum (its pass-rate
 estimate happens before the first step, so the step times compare the loop's own cost).
 Each variant is one real ``paced-ds train`` run of the shipped tiny models on the
@@ -60,6 +62,7 @@ class Variant:
 VARIANTS = {
     "none": Variant("none", ("teacher.offload=none",), "teacher resident (offload=none)"),
     "cpu": Variant("cpu", ("teacher.offload=cpu",), "teacher offloaded to CPU (offload=cpu)"),
+    "nvme": Variant("nvme", ("teacher.offload=nvme",), "teacher offloaded to NVMe (offload=nvme)"),
     "uniform": Variant("uniform", ("curriculum.mode=uniform",), "curriculum off (curriculum.mode=uniform)"),
     "paced": Variant("paced", ("curriculum.mode=paced",), "PACED curriculum on (curriculum.mode=paced)"),
 }
@@ -108,7 +111,7 @@ def variant_overrides(args, variant: Variant, out_dir: Path, responses_dir: Path
     recipe_warmup = load_config(args.config).train.warmup_steps
     overrides = [f"train.output_dir={out_dir}", f"data.responses_dir={responses_dir}",
                  f"train.steps={args.steps}", f"train.warmup_steps={min(recipe_warmup, args.steps)}",
-                 *BENCH_OVERRIDES]
+                 f"teacher.nvme_path={out_dir.parent / 'nvme-swap'}", *BENCH_OVERRIDES]
     if args.micro_batch:
         overrides.append(f"train.micro_batch_size={args.micro_batch}")
     if args.grad_accum:

@@ -9,8 +9,10 @@ accelerator, in CPU memory or on NVMe (``teacher.offload``).
 
 from __future__ import annotations
 
+import atexit
 import copy
 import math
+import shutil
 from pathlib import Path
 
 import torch
@@ -93,6 +95,8 @@ def teacher_ds_config(cfg: RunConfig) -> dict:
 
 def check_async_io() -> None:
     """NVMe offload needs DeepSpeed's async_io op; say what to install when it cannot build."""
+    # The name resolves to the current accelerator's builder (on the CPU accelerator,
+    # deepspeed.ops.op_builder.cpu.AsyncIOBuilder), the one DeepSpeed's swapper loads.
     from deepspeed.ops.op_builder import AsyncIOBuilder
 
     if not AsyncIOBuilder().is_compatible(verbose=False):
@@ -192,15 +196,93 @@ def build_student(cfg: RunConfig):
     return engine, ds_config
 
 
-def build_teacher(cfg: RunConfig, name: str | None = None):
-    """A frozen, sharded ZeRO-3 inference engine (no optimizer, never in train mode)."""
+def largest_parameter_numel(name: str, trust_remote_code: bool) -> int:
+    """The element count of the model's largest parameter, from a weightless (meta) copy."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    return max(p.numel() for p in model.parameters())
+
+
+def fit_nvme_buffers(ds_config: dict, name: str, trust_remote_code: bool, world: int) -> str | None:
+    """Raise offload_param.buffer_size to the largest partition DeepSpeed will swap.
+
+    Each swapped partition is read into one pinned buffer of buffer_size elements; a bigger
+    one fails deep inside from_pretrained ("More elements ... than buffer size"). A 70B's
+    embedding is 1.05e9 elements, 1.3e8 per rank on 8 ranks, above DeepSpeed's default 1e8.
+    """
+    offload = ds_config["zero_optimization"]["offload_param"]
+    configured = int(offload.get("buffer_size", 100_000_000))
+    needed = math.ceil(largest_parameter_numel(name, trust_remote_code) / world)
+    if needed <= configured:
+        return None
+    offload["buffer_size"] = needed
+    return (f"teacher.offload=nvme: offload_param.buffer_size raised from {configured} to {needed} elements "
+            f"(the largest teacher partition on {world} ranks)")
+
+
+def nvme_partitions(engine) -> tuple[int, int, int, Path | None]:
+    """This rank's teacher partitions on NVMe (count, bytes of their swap files), those left
+    in memory, and this rank's swap folder.
+
+    DeepSpeed swaps a partition only from 1 MiB up (MIN_AIO_BYTES); smaller ones stay in
+    CPU memory, so a tiny teacher offloaded to NVMe never touches the disk.
+    """
+    from deepspeed.runtime.zero.offload_config import OffloadDeviceEnum
+
+    swapped, swap_bytes, in_memory, folder = 0, 0, 0, None
+    for param in engine.module.parameters():
+        swapper = getattr(param, "nvme_swapper", None)
+        if swapper is None:
+            continue
+        folder = Path(swapper.swap_folder)
+        if getattr(param.ds_tensor, "final_location", None) == OffloadDeviceEnum.nvme:
+            swapped += 1
+            swap_bytes += Path(swapper.get_path(param, must_exist=True)).stat().st_size
+        else:
+            in_memory += 1
+    return swapped, swap_bytes, in_memory, folder
+
+
+def build_teacher(cfg: RunConfig, name: str | None = None, role: str = "teacher"):
+    """A frozen, sharded ZeRO-3 inference engine (no optimizer, never in train mode).
+
+    With teacher.offload=nvme its swap files go to <teacher.nvme_path>/<role>: DeepSpeed
+    empties its swap folder when an engine starts, so two engines in one process (the
+    teacher and the frozen student of `paced-ds snr`) need folders of their own.
+    """
     import deepspeed
+
+    from paced_ds.runtime import dist
 
     ds_config = teacher_ds_config(cfg)
     name = name or resolve_model(cfg.model.teacher, "model.teacher")
+    nvme = cfg.teacher.offload == "nvme"
+    if nvme:
+        swap_dir = Path(cfg.teacher.nvme_path).expanduser() / role
+        try:
+            swap_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise UserError(f"config key teacher.nvme_path: cannot create {swap_dir} ({err.strerror}); "
+                            "name a writable directory on a local NVMe drive") from None
+        ds_config["zero_optimization"]["offload_param"]["nvme_path"] = str(swap_dir)
+        raised = fit_nvme_buffers(ds_config, name, cfg.model.trust_remote_code, dist.world_size())
+        if raised and dist.is_main():
+            print(f"paced-ds: {raised}", flush=True)
     model = _from_pretrained(name, ds_config, compute_dtype(cfg), cfg.model.trust_remote_code, "model.teacher")
     model.requires_grad_(False)
     model.eval()
     engine, _, _, _ = deepspeed.initialize(model=model, config=copy.deepcopy(ds_config))
     engine.module.eval()
+    if nvme:
+        swapped, swap_bytes, in_memory, folder = nvme_partitions(engine)
+        if dist.is_main():
+            print(f"paced-ds: {role} on NVMe: {swapped} partitions, {swap_bytes / 2**20:.1f} MiB of swap files "
+                  f"in {folder}; {in_memory} smaller ones kept in memory", flush=True)
+        # The swap files are useless once this process ends (DeepSpeed empties the folder
+        # at the next start anyway); do not leave a teacher's worth of them on the disk.
+        if folder is not None:
+            atexit.register(shutil.rmtree, folder, ignore_errors=True)
     return engine

@@ -90,7 +90,8 @@ def measure_snr(cfg: RunConfig) -> dict:
     teacher = engines.build_teacher(cfg, name=teacher_path(cfg))
     train_records = with_teacher_responses(cfg, tokenizer, teacher, train_records)
     examples = tokenize_problems(cfg, tokenizer, train_records)
-    student = engines.build_teacher(cfg, name=engines.resolve_model(cfg.model.student, "model.student"))
+    student = engines.build_teacher(cfg, name=engines.resolve_model(cfg.model.student, "model.student"),
+                                    role="student")
     curriculum = Curriculum(cfg, train_records)
     if cfg.curriculum.competence:
         curriculum.load_given(cfg.curriculum.competence)
