@@ -8,7 +8,9 @@
 A variant is a name and the config overrides that make it (``VARIANTS``): ``none`` keeps
 the teacher's ZeRO-3 partitions on the accelerator, ``cpu`` offloads them to CPU memory,
 ``nvme`` to swap files in ``<work dir>/nvme-swap`` (``--extra teacher.nvme_path=DIR`` to
-put them on your NVMe drive);
+put them on your NVMe drive); ``pipelined`` runs the teacher as its own job on one more
+rank; ``cache`` reads an offline cache (``--extra teacher.cache=DIR``; tools/bench_teacher.py
+makes one);
 ``uniform`` and ``paced`` run without and with the PACED curriculum (its pass-rate
 estimate happens before the first step, so the step times compare the loop's own cost).
 Each variant is one real ``paced-ds train`` run of the shipped tiny models on the
@@ -63,6 +65,9 @@ VARIANTS = {
     "none": Variant("none", ("teacher.offload=none",), "teacher resident (offload=none)"),
     "cpu": Variant("cpu", ("teacher.offload=cpu",), "teacher offloaded to CPU (offload=cpu)"),
     "nvme": Variant("nvme", ("teacher.offload=nvme",), "teacher offloaded to NVMe (offload=nvme)"),
+    "pipelined": Variant("pipelined", ("teacher.backend=pipelined", "teacher.ranks=1"),
+                         "pipelined teacher job (1 rank of its own)"),
+    "cache": Variant("cache", ("teacher.backend=cache",), "offline cache (teacher.backend=cache)"),
     "uniform": Variant("uniform", ("curriculum.mode=uniform",), "curriculum off (curriculum.mode=uniform)"),
     "paced": Variant("paced", ("curriculum.mode=paced",), "PACED curriculum on (curriculum.mode=paced)"),
 }

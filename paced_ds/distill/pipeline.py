@@ -163,7 +163,7 @@ class PipelinedTeacher:
                 out = self.bridge.recv(torch.empty(batch, length, self.vocab), self.teacher, self.timeout)
             else:
                 count = int(loss_mask.sum())
-                top_ids = self.bridge.recv(torch.empty(count, k, dtype=torch.int64), self.teacher, self.timeout)
+                top_ids = self.bridge.recv(torch.empty(count, k, dtype=torch.int32), self.teacher, self.timeout)
                 top_logp = self.bridge.recv(torch.empty(count, k), self.teacher, self.timeout)
                 tail = self.bridge.recv(torch.empty(count), self.teacher, self.timeout)
                 out = torch.zeros(batch, length, self.vocab)
@@ -296,5 +296,5 @@ def answer(forward, requests: list, *, vocab: int, topk: int) -> list[list[torch
             out.append([mine.contiguous()])
         else:
             top_ids, top_logp, tail = compress(mine, planes[2].bool(), topk, temperature=1.0)
-            out.append([top_ids.long(), top_logp, tail])
+            out.append([top_ids, top_logp, tail])
     return out
