@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import subprocess
 import sys
 import threading
 import time
@@ -9,7 +10,7 @@ import time
 import pytest
 import torch
 
-from launch import RECIPE, cpu_env, explain, paced_ds, read_jsonl, run, small_overrides
+from launch import RECIPE, REPO, cpu_env, explain, paced_ds, read_jsonl, run, small_overrides
 from paced_ds.distill import cache, pipeline
 from paced_ds.errors import UserError
 from paced_ds.runtime.dist import free_port
@@ -156,3 +157,33 @@ def test_killing_the_teacher_stops_the_students_with_an_error_naming_it(tmp_path
     assert "the teacher job failed" in result.stderr
     assert time.time() - started < 240
     assert not (tmp_path / "run" / "checkpoints" / "latest").exists()
+
+
+@pytest.mark.distributed
+def test_teacher_serve_and_a_student_job_started_apart_meet_at_the_address(tmp_path):
+    """The cluster form: `paced-ds teacher-serve` on its own, the students naming teacher.address."""
+    common = small_overrides(tmp_path, **{"curriculum.mode": "uniform", "train.export": "false", "train.steps": 3,
+                                          "teacher.topk": 8, "train.timeout_s": 120})
+    address = f"teacher.address=127.0.0.1:{free_port()}"
+    cli = [sys.executable, "-m", "paced_ds.cli"]
+    teacher = subprocess.Popen([*cli, "teacher-serve", "--config", str(RECIPE), "--nproc", "1", *common, address],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=cpu_env(), cwd=REPO)
+    try:
+        students = run([*cli, "train", "--config", str(RECIPE), "--nproc", "2", *common, address,
+                        "teacher.backend=pipelined"])
+        served = teacher.communicate(timeout=120)
+    finally:
+        teacher.kill()
+    assert students.returncode == 0, explain(students)
+    assert teacher.returncode == 0, served[1][-3000:]
+    assert "serving 2 student ranks" in served[0] and "teacher job done: 6 requests" in served[0]
+    assert [m["step"] for m in read_jsonl(tmp_path / "run" / "metrics.jsonl")] == [1, 2, 3]
+
+
+def test_teacher_serve_needs_an_address_and_a_valid_one(tmp_path):
+    missing = paced_ds("teacher-serve", "--config", RECIPE, *small_overrides(tmp_path))
+    assert missing.returncode == 2 and "config key teacher.address: name the HOST:PORT" in missing.stderr
+    malformed = paced_ds("train", "--config", RECIPE, *small_overrides(tmp_path), "teacher.backend=pipelined",
+                         "teacher.address=node0")
+    assert malformed.returncode == 2 and "teacher.address: expected HOST:PORT, got 'node0'" in malformed.stderr
+    assert not (tmp_path / "run").exists()
