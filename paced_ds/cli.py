@@ -79,12 +79,15 @@ def launch(task: str, recipe: str | None, overrides: list[str], nproc: int, host
 def launch_pipelined(recipe: str | None, overrides: list[str], nproc: int, teacher_ranks: int,
                      hostfile: str | None = None) -> int:
     """teacher.backend=pipelined on this node: a teacher job on ``teacher_ranks`` ranks (the GPUs
-    after the students') and the student job on ``nproc``, joined at a free local port.
+    after the students', shared when there are too few) and the student job on ``nproc``,
+    joined at a free local port.
     Whichever fails first, the other is stopped."""
     address = [f"teacher.address=127.0.0.1:{free_port()}"]
     share = nproc + teacher_ranks
+    # The GPUs after the students'; on a node with fewer, the teacher shares from GPU 0 on.
+    count = max(default_nproc(), 1) if _has_gpu() else share
     teacher_cmd, teacher_env = launch_command("teacher-serve", recipe, overrides + address, teacher_ranks,
-                                              gpus=list(range(nproc, share)), threads_share=share)
+                                              gpus=[g % count for g in range(nproc, share)], threads_share=share)
     student_cmd, student_env = launch_command("train", recipe, overrides + address, nproc, hostfile,
                                               gpus=list(range(nproc)), threads_share=share)
     teacher = subprocess.Popen(teacher_cmd, env=teacher_env, start_new_session=True)

@@ -10,10 +10,11 @@
 # 3. runs `pytest -m gpu tests/test_gpu.py`;
 # 4. times the reference recipe on 1 GPU in bf16 over NCCL (tools/bench_step.py, which
 #    launches `paced-ds train --nproc 1 ... model.dtype=bf16`), teacher resident and, unless
-#    --quick, offloaded to CPU, and prints a markdown table.
+#    --quick, offloaded to CPU and pipelined (a teacher job sharing the GPU), and prints a
+#    markdown table.
 #
 # Logs, the table (bench.md, bench.json) and the runs' metrics go to $OUT when it is set,
-# else to a new /tmp/gpu_check.* directory. About 4-6 minutes on an H200 (--quick: ~3);
+# else to a new /tmp/gpu_check.* directory. About 5-7 minutes on an H200 (--quick: ~3);
 # every phase has its own time limit. Exit status: 0 when the tests and the bench passed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -22,7 +23,7 @@ quick=0
 for arg in "$@"; do
     case "$arg" in
         --quick) quick=1 ;;
-        -h|--help) sed -n '2,17p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,18p' "$0"; exit 0 ;;
         *) echo "gpu_check: unknown argument $arg (usage: tools/gpu_check.sh [--quick])" >&2; exit 2 ;;
     esac
 done
@@ -30,7 +31,7 @@ done
 if [[ $quick == 1 ]]; then
     steps=20; warmup=5; variants=(none); bench_limit_s=200
 else
-    steps=100; warmup=10; variants=(none cpu); bench_limit_s=330
+    steps=100; warmup=10; variants=(none cpu pipelined); bench_limit_s=420
 fi
 tests_limit_s=300
 out_dir="${OUT:-$(mktemp -d /tmp/gpu_check.XXXXXX)}"
