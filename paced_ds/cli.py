@@ -76,8 +76,7 @@ def launch(task: str, recipe: str | None, overrides: list[str], nproc: int, host
     return subprocess.call(cmd, env=env)
 
 
-def launch_pipelined(recipe: str | None, overrides: list[str], nproc: int, teacher_ranks: int,
-                     hostfile: str | None = None) -> int:
+def launch_pipelined(recipe: str | None, overrides: list[str], nproc: int, teacher_ranks: int) -> int:
     """teacher.backend=pipelined on this node: a teacher job on ``teacher_ranks`` ranks (the GPUs
     after the students', shared when there are too few) and the student job on ``nproc``,
     joined at a free local port.
@@ -88,7 +87,7 @@ def launch_pipelined(recipe: str | None, overrides: list[str], nproc: int, teach
     count = max(default_nproc(), 1) if _has_gpu() else share
     teacher_cmd, teacher_env = launch_command("teacher-serve", recipe, overrides + address, teacher_ranks,
                                               gpus=[g % count for g in range(nproc, share)], threads_share=share)
-    student_cmd, student_env = launch_command("train", recipe, overrides + address, nproc, hostfile,
+    student_cmd, student_env = launch_command("train", recipe, overrides + address, nproc,
                                               gpus=list(range(nproc)), threads_share=share)
     teacher = subprocess.Popen(teacher_cmd, env=teacher_env, start_new_session=True)
     students = subprocess.Popen(student_cmd, env=student_env, start_new_session=True)
@@ -139,7 +138,11 @@ def cmd_train(args) -> int:
     if args.nproc < 1:
         raise UserError(f"--nproc must be >= 1, got {args.nproc}")
     if cfg.teacher.backend == "pipelined" and not cfg.teacher.address:
-        code = launch_pipelined(args.config, args.overrides, args.nproc, cfg.teacher.ranks, args.hostfile)
+        if args.hostfile:
+            raise UserError("config key teacher.address: a multi-node student job needs a teacher job every node "
+                            "can reach: start it with `paced-ds teacher-serve ... teacher.address=HOST:PORT` and "
+                            "pass the same teacher.address here")
+        code = launch_pipelined(args.config, args.overrides, args.nproc, cfg.teacher.ranks)
     else:
         code = launch("train", args.config, args.overrides, args.nproc, args.hostfile)
     if code == 0:
