@@ -208,6 +208,14 @@ def test_corrupt_checkpoint_file(tmp_path, capsys):
                              "truncated or damaged")
 
 
+def test_damaged_checkpoint_state_file(tmp_path, capsys):
+    run_dir = saved_run(tmp_path)
+    (run_dir / "checkpoints" / "step_2" / "paced_ds.json").write_text('{"step": 2, "wor')
+    before = snapshot(run_dir)
+    code, err = train(tmp_path, "train.resume=auto", capsys=capsys)
+    assert_refused_untouched(run_dir, before, code, err, "step_2/paced_ds.json", "damaged")
+
+
 def test_checkpoint_without_model_states(tmp_path, capsys):
     run_dir = saved_run(tmp_path)
     (run_dir / "checkpoints" / "step_2" / "zero_pp_rank_0_mp_rank_00_model_states.pt").unlink()

@@ -68,6 +68,8 @@ def test_a_run_killed_after_a_step_resumes_exactly(tmp_path, straight):
     assert killed.returncode != 0, explain(killed)
     assert "rank 1 kills itself after step 3" in killed.stdout
     assert killed.wall_s < 120  # the launcher stops rank 0 at once; nothing waits for a timeout
+    assert any("--local_rank=1" in line and "exits with return code = -9" in line  # the dead rank is named
+               for line in (killed.stdout + killed.stderr).splitlines())
     run_dir = tmp_path / "run"
     assert [m["step"] for m in read_jsonl(run_dir / "metrics.jsonl")] == [1, 2, 3]
     assert (run_dir / "checkpoints" / "latest").read_text() == "step_2"

@@ -143,10 +143,13 @@ def read_state(directory: Path) -> dict | None:
     if not path.is_file():
         return None
     try:
-        return json.loads(path.read_text())
+        state = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise UserError(f"{path}: not valid JSON ({err}); the checkpoint is damaged: resume from an "
-                        "earlier one with train.resume=PATH") from None
+        state = str(err)
+    if not isinstance(state, dict) or not {"step", "world_size", "config"} <= set(state):
+        raise UserError(f"{path}: not the step, world size and config of a checkpoint ({str(state)[:80]}); the "
+                        "checkpoint is damaged: resume from an earlier one with train.resume=PATH")
+    return state
 
 
 def flat(config: dict) -> dict:
