@@ -233,6 +233,15 @@ def test_resume_from_an_unfinished_checkpoint(tmp_path, capsys):
     assert_refused_untouched(run_dir, before, code, err, ".tmp-step_4", "unfinished")
 
 
+def test_another_world_size_than_the_checkpoint(tmp_path, capsys):
+    run_dir = saved_run(tmp_path)  # written by 2 ranks
+    before = snapshot(run_dir)
+    code = cli.main(["train", "--config", str(RECIPE), "--nproc", "3", f"train.output_dir={run_dir}",
+                     f"data.responses_dir={tmp_path / 'responses'}", "train.resume=auto"])
+    assert_refused_untouched(run_dir, before, code, capsys.readouterr().err.strip(),
+                             "written by 2 ranks, this run has 3", "ds_to_universal")
+
+
 def test_train_steps_below_the_checkpoint(tmp_path, capsys):
     run_dir = saved_run(tmp_path, step=40)
     before = snapshot(run_dir)

@@ -24,11 +24,11 @@ RUN = {"train.steps": STEPS, "train.save_every": 2, "train.timeout_s": 60, "trai
        "curriculum.refresh_every": 3}
 
 
-def train(tmp_path, *, fault: str = "", nproc: int = 2, **extra):
+def train(tmp_path, *, fault: str = "", **extra):
     overrides = small_overrides(tmp_path, **{**RUN, **extra})
     env = cpu_env(PACED_DS_FAULT=fault) if fault else cpu_env()
     started = time.monotonic()
-    result = run([sys.executable, "-m", "paced_ds.cli", "train", "--config", str(RECIPE), "--nproc", str(nproc),
+    result = run([sys.executable, "-m", "paced_ds.cli", "train", "--config", str(RECIPE), "--nproc", "2",
                   *overrides], env=env, timeout=300)
     result.wall_s = time.monotonic() - started
     return result
@@ -84,7 +84,7 @@ def test_a_run_killed_after_a_step_resumes_exactly(tmp_path, straight):
 def test_a_rank_killed_inside_a_save_leaves_the_previous_checkpoint(tmp_path, straight):
     """Rank 0 dies inside the save of step 4, after its files are written: `latest` still
     names step 2, which loads; the resumed run (with harmless config changes) neither
-    skips nor repeats a problem. A resume with another world size is refused."""
+    skips nor repeats a problem."""
     killed = train(tmp_path, fault="kill:rank=0:save=4")
     assert killed.returncode != 0, explain(killed)
     assert "rank 0 kills itself inside the save of step 4" in killed.stdout
@@ -98,13 +98,6 @@ def test_a_rank_killed_inside_a_save_leaves_the_previous_checkpoint(tmp_path, st
     assert_same_run(run_dir, straight)
     assert checkpoint_names(run_dir) == ["latest", "step_2", "step_4", "step_6"]  # the partial one is gone
 
-    before = (run_dir / "checkpoints" / "latest").read_text()
-    one_rank = train(tmp_path, nproc=1, **{"train.resume": "auto", "train.steps": STEPS + 2})
-    assert one_rank.returncode == 2, explain(one_rank)
-    assert "was written by 2 ranks, this run has 1" in one_rank.stderr
-    assert (run_dir / "checkpoints" / "latest").read_text() == before
-    assert checkpoint_names(run_dir) == ["latest", "step_2", "step_4", "step_6"]
-
 
 def test_nonfinite_loss_skips_the_update_and_stops_after_too_many(tmp_path):
     """A NaN loss on rank 1 at step 2: that try is skipped on both ranks (the learning-rate
@@ -114,7 +107,7 @@ def test_nonfinite_loss_skips_the_update_and_stops_after_too_many(tmp_path):
         "train.save_every": 1, "train.max_nonfinite_steps": 3, "curriculum.mode": "uniform",
         "loss.schedule": "off_policy", "curriculum.refresh": "static"})
     assert result.returncode == 2, explain(result)
-    assert "step 2: non-finite loss or gradient (rank 1); update skipped (1 in a row, 1 in all)" in result.stdout
+    assert "step 2: non-finite loss on rank 1; update skipped (1 in a row, 1 in all)" in result.stdout
     assert "step 3: 3 optimizer steps in a row had a non-finite loss or gradient" in result.stderr
     metrics = read_jsonl(tmp_path / "run" / "metrics.jsonl")
     assert [m["step"] for m in metrics] == [1, 2]

@@ -304,7 +304,8 @@ def train(cfg: RunConfig) -> dict:
         weight_scale = global_count / global_weight if cfg.curriculum.normalize == "batch_mean" else 1.0
 
         loss_sum, teacher_s = torch.zeros((), dtype=torch.float64, device=device), 0.0
-        loss_finite, fault_factor = True, faults.loss_factor(counters["step"] + 1, rank)
+        loss_finite = torch.ones((), dtype=torch.bool, device=device)  # a tensor: no sync per micro-batch
+        fault_factor = faults.loss_factor(counters["step"] + 1, rank)  # 1, or NaN under PACED_DS_FAULT
         skipped_before = student.skipped_steps
         for first in range(0, len(step_examples), group * mb):
             # One teacher forward (one all-gather of the teacher) for `group` micro-batches.
@@ -334,7 +335,7 @@ def train(cfg: RunConfig) -> dict:
                                                 normalizer=global_tokens,
                                                 chunk_tokens=cfg.loss.chunk_tokens or None, **params)
                 loss = loss * fault_factor
-                loss_finite = loss_finite and bool(torch.isfinite(loss))
+                loss_finite &= torch.isfinite(loss.detach())
                 student.backward(loss * world, scale_wrt_gas=False)
                 student.step()
                 loss_sum += stats["weighted_divergence_sum"].double()
@@ -343,7 +344,7 @@ def train(cfg: RunConfig) -> dict:
         # A non-finite loss on any rank makes the global gradient norm non-finite on every rank,
         # and DeepSpeed then skips the update (counted in student.skipped_steps).
         sums = torch.zeros(1 + world, dtype=torch.float64)  # the step's loss sum, then each rank's non-finite flag
-        sums[0], sums[1 + rank] = loss_sum.item(), float(not loss_finite)
+        sums[0], sums[1 + rank] = loss_sum.item(), float(not loss_finite.item())
         sums = dist.all_reduce_sum(sums)
         nonfinite_ranks = [r for r in range(world) if sums[1 + r] > 0]
         if student.skipped_steps > skipped_before or nonfinite_ranks:
@@ -503,20 +504,20 @@ def skip_nonfinite(cfg: RunConfig, counters: dict, ranks: list[int], *, applied:
     """An optimizer step whose loss or gradients were not finite: DeepSpeed made no update; count
     it, and stop after train.max_nonfinite_steps in a row (keeping the last checkpoint)."""
     step = counters["step"] + 1
-    where = f"rank {', '.join(map(str, ranks))}" if ranks else "the gradients"
+    what = f"loss on rank {', '.join(map(str, ranks))}" if ranks else "gradient norm (the loss is finite)"
     if applied:  # only when DeepSpeed does not compute the gradient norm (compute_grad_norm=false)
-        raise UserError(f"step {step}: non-finite loss on {where} and DeepSpeed applied the update anyway; "
-                        "enable zero_optimization.compute_grad_norm in train.ds_config, then resume from the "
-                        "last checkpoint (train.resume=auto)")
+        raise UserError(f"step {step}: non-finite {what} and DeepSpeed applied the update anyway; stopped "
+                        "without saving: turn zero_optimization.compute_grad_norm (DeepSpeed's default) back on in "
+                        "the DeepSpeed JSON of train.ds_config")
     counters["skipped_nonfinite"] += 1
     counters["nonfinite_in_a_row"] += 1
-    say(f"step {step}: non-finite loss or gradient ({where}); update skipped "
+    say(f"step {step}: non-finite {what}; update skipped "
         f"({counters['nonfinite_in_a_row']} in a row, {counters['skipped_nonfinite']} in all)")
     if counters["nonfinite_in_a_row"] >= cfg.train.max_nonfinite_steps:
         raise UserError(f"step {step}: {counters['nonfinite_in_a_row']} optimizer steps in a row had a non-finite "
-                        f"loss or gradient (train.max_nonfinite_steps); stopped without saving, the last checkpoint "
-                        f"in {checkpoint.checkpoint_dir(cfg.train.output_dir)} is intact: lower train.lr or check "
-                        "the data, then resume with train.resume=auto")
+                        f"loss or gradient (train.max_nonfinite_steps); stopped without saving, so the last "
+                        f"checkpoint in {checkpoint.checkpoint_dir(cfg.train.output_dir)} is intact: check the data "
+                        "and train.lr (a lower train.lr is a new run, in another train.output_dir)")
 
 
 def save(cfg: RunConfig, student, sampler: ProblemSampler, counters: dict, curriculum: Curriculum) -> None:

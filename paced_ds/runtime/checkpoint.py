@@ -241,17 +241,22 @@ def verify_safe(directory: Path) -> None:
                 allowed.append(getattr(importlib.import_module(module), attribute))
 
 
+def check_world_size(root: Path, tag: str, world_size: int) -> None:
+    """DeepSpeed loads a checkpoint only into as many data-parallel ranks as wrote it."""
+    state = read_state(root / tag)
+    if state is not None and state["world_size"] != world_size:
+        raise UserError(f"config key train.resume: {root / tag} was written by {state['world_size']} ranks, this "
+                        f"run has {world_size}; resume with as many ranks (DeepSpeed's ds_to_universal converts a "
+                        "checkpoint to another world size)")
+
+
 def load(engine, root: Path, tag: str) -> dict:
     """Collective: restores the engine and returns the client state saved with it, with this
     rank's RNG states under "rng" (None for checkpoints written before they were saved)."""
     directory = root / tag
     if not directory.is_dir():
         raise UserError(f"config key train.resume: checkpoint {directory} does not exist")
-    state = read_state(directory)
-    if state is not None and state["world_size"] != dist.world_size():
-        raise UserError(f"config key train.resume: {directory} was written by {state['world_size']} ranks, this "
-                        f"run has {dist.world_size()}; resume with as many ranks (DeepSpeed's ds_to_universal "
-                        "converts a checkpoint to another world size)")
+    check_world_size(root, tag, dist.world_size())
     verify_safe(directory)
     path, client_state = engine.load_checkpoint(str(root), tag=tag, load_module_strict=True,
                                                 load_optimizer_states=True, load_lr_scheduler_states=True)
