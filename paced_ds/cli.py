@@ -134,9 +134,14 @@ def preflight(recipe: str | None, overrides: list[str]):
 
 
 def cmd_train(args) -> int:
+    from paced_ds.runtime import checkpoint
+
     cfg = preflight(args.config, args.overrides)
     if args.nproc < 1:
         raise UserError(f"--nproc must be >= 1, got {args.nproc}")
+    resume_from = checkpoint.find_resume(cfg.train.output_dir, cfg.train.resume)
+    if resume_from is not None and not args.hostfile:  # with a hostfile, the ranks check it
+        checkpoint.check_world_size(*resume_from, args.nproc)
     if cfg.teacher.backend == "pipelined" and not cfg.teacher.address:
         if args.hostfile:
             raise UserError("config key teacher.address: a multi-node student job needs a teacher job every node "

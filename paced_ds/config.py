@@ -174,6 +174,8 @@ class TrainConfig:
     resume: str = _f("never", "never | auto (newest checkpoint in output_dir) | PATH of a checkpoint directory")
     export: bool = _f(True, "write the student in Hugging Face format to <output_dir>/student at the end")
     timeout_s: int = _f(900, "timeout of every collective; a dead or stuck rank stops the others after it")
+    max_nonfinite_steps: int = _f(8, "stop (keeping the last checkpoint) after this many optimizer steps in a "
+                                     "row were skipped for a non-finite loss or gradient")
 
 
 @dataclass
@@ -344,6 +346,7 @@ def validate(cfg: RunConfig) -> None:
                 "train.grad_accum": cfg.train.grad_accum, "data.max_length": cfg.data.max_length,
                 "eval.batch_size": cfg.eval.batch_size,
                 "eval.max_new_tokens": cfg.eval.max_new_tokens, "train.timeout_s": cfg.train.timeout_s,
+                "train.max_nonfinite_steps": cfg.train.max_nonfinite_steps,
                 "logging.log_every": cfg.logging.log_every}
     for key, value in positive.items():
         if value <= 0:

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from launch import RECIPE, REPO, cpu_env, run, write_problems
 from paced_ds import cli
@@ -143,3 +144,148 @@ def test_nvme_offload_config_names_the_path(tmp_path):
     ds_config = teacher_ds_config(load_config(RECIPE, ["teacher.offload=nvme", nvme]))
     assert ds_config["zero_optimization"]["offload_param"] == {
         **ds_config["zero_optimization"]["offload_param"], "device": "nvme", "nvme_path": str(tmp_path / "nvme")}
+
+
+# ---- checkpoints and resume: refused before any rank starts, the checkpoint untouched ----
+
+def snapshot(directory: Path) -> dict:
+    return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+def saved_run(tmp_path: Path, *overrides: str, step: int = 2) -> Path:
+    """A run directory with one checkpoint made by this test's config (plus ``overrides``)."""
+    from paced_ds.config import load_config
+
+    cfg = load_config(RECIPE, [f"train.output_dir={tmp_path / 'run'}", f"data.responses_dir={tmp_path / 'responses'}",
+                               *overrides])
+    tag = tmp_path / "run" / "checkpoints" / f"step_{step}"
+    tag.mkdir(parents=True)
+    torch.save({"module": {"w": torch.ones(2)}}, tag / "zero_pp_rank_0_mp_rank_00_model_states.pt")
+    (tag / "paced_ds.json").write_text(json.dumps({"step": step, "world_size": 2, "config": cfg.to_dict()}))
+    (tag.parent / "latest").write_text(tag.name)
+    return tmp_path / "run"
+
+
+def assert_refused_untouched(run_dir: Path, before: dict, code: int, err: str, *expected: str) -> None:
+    assert code == 2
+    lines = err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("paced-ds: error: "), err
+    for text in expected:
+        assert text in lines[0], (text, lines[0])
+    assert snapshot(run_dir) == before  # nothing written, no checkpoint overwritten
+
+
+def test_config_change_on_resume_lists_the_keys(tmp_path, capsys):
+    run_dir = saved_run(tmp_path)
+    before = snapshot(run_dir)
+    code, err = train(tmp_path, "train.resume=auto", "train.lr=0.5", "loss.kind=jsd", "train.steps=400",
+                      capsys=capsys)
+    assert_refused_untouched(run_dir, before, code, err, "made with another config",
+                             "train.lr 0.001 -> 0.5", "loss.kind \"forward_kl\" -> \"jsd\"")
+    assert "train.steps 300" not in err  # extending a run is allowed
+
+
+def test_resume_path_that_does_not_exist(tmp_path, capsys):
+    code, err = train(tmp_path, f"train.resume={tmp_path / 'gone' / 'step_4'}", capsys=capsys)
+    assert_refused(tmp_path, code, err, "train.resume", "gone/step_4")
+
+
+def test_truncated_latest(tmp_path, capsys):
+    run_dir = saved_run(tmp_path)
+    (run_dir / "checkpoints" / "latest").write_text("")
+    before = snapshot(run_dir)
+    code, err = train(tmp_path, "train.resume=auto", capsys=capsys)
+    assert_refused_untouched(run_dir, before, code, err, "checkpoints/latest", "names ''")
+
+
+def test_latest_naming_a_missing_checkpoint(tmp_path, capsys):
+    run_dir = saved_run(tmp_path)
+    (run_dir / "checkpoints" / "latest").write_text("step_9")
+    before = snapshot(run_dir)
+    code, err = train(tmp_path, "train.resume=auto", capsys=capsys)
+    assert_refused_untouched(run_dir, before, code, err, "checkpoints/latest", "'step_9'")
+
+
+def test_corrupt_checkpoint_file(tmp_path, capsys):
+    run_dir = saved_run(tmp_path)
+    states = run_dir / "checkpoints" / "step_2" / "zero_pp_rank_0_mp_rank_00_model_states.pt"
+    states.write_bytes(states.read_bytes()[:200])  # a copy cut short
+    before = snapshot(run_dir)
+    code, err = train(tmp_path, "train.resume=auto", capsys=capsys)
+    assert_refused_untouched(run_dir, before, code, err, "zero_pp_rank_0_mp_rank_00_model_states.pt",
+                             "truncated or damaged")
+
+
+def test_damaged_checkpoint_state_file(tmp_path, capsys):
+    run_dir = saved_run(tmp_path)
+    (run_dir / "checkpoints" / "step_2" / "paced_ds.json").write_text('{"step": 2, "wor')
+    before = snapshot(run_dir)
+    code, err = train(tmp_path, "train.resume=auto", capsys=capsys)
+    assert_refused_untouched(run_dir, before, code, err, "step_2/paced_ds.json", "damaged")
+
+
+def test_checkpoint_without_model_states(tmp_path, capsys):
+    run_dir = saved_run(tmp_path)
+    (run_dir / "checkpoints" / "step_2" / "zero_pp_rank_0_mp_rank_00_model_states.pt").unlink()
+    before = snapshot(run_dir)
+    code, err = train(tmp_path, "train.resume=auto", capsys=capsys)
+    assert_refused_untouched(run_dir, before, code, err, "step_2", "no DeepSpeed model states")
+
+
+def test_resume_from_an_unfinished_checkpoint(tmp_path, capsys):
+    run_dir = saved_run(tmp_path)
+    partial = run_dir / "checkpoints" / ".tmp-step_4"
+    partial.mkdir()
+    before = snapshot(run_dir)
+    code, err = train(tmp_path, f"train.resume={partial}", capsys=capsys)
+    assert_refused_untouched(run_dir, before, code, err, ".tmp-step_4", "unfinished")
+
+
+def test_another_world_size_than_the_checkpoint(tmp_path, capsys):
+    run_dir = saved_run(tmp_path)  # written by 2 ranks
+    before = snapshot(run_dir)
+    code = cli.main(["train", "--config", str(RECIPE), "--nproc", "3", f"train.output_dir={run_dir}",
+                     f"data.responses_dir={tmp_path / 'responses'}", "train.resume=auto"])
+    assert_refused_untouched(run_dir, before, code, capsys.readouterr().err.strip(),
+                             "written by 2 ranks, this run has 3", "ds_to_universal")
+
+
+def test_train_steps_below_the_checkpoint(tmp_path, capsys):
+    run_dir = saved_run(tmp_path, step=40)
+    before = snapshot(run_dir)
+    code, err = train(tmp_path, "train.resume=auto", "train.steps=20", capsys=capsys)
+    assert_refused_untouched(run_dir, before, code, err, "train.steps: 20 is below", "step_40")
+
+
+def test_bad_yaml_names_the_recipe_and_line(tmp_path, capsys):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("train:\n  steps: 3\n  lr: [1e-3\n")
+    code = cli.main(["train", "--config", str(recipe), f"train.output_dir={tmp_path / 'run'}"])
+    assert_refused(tmp_path, code, capsys.readouterr().err.strip(), "recipe.yaml:", "not valid YAML")
+
+
+def test_missing_deepspeed_json(tmp_path, capsys):
+    code, err = train(tmp_path, f"train.ds_config={tmp_path / 'nope.json'}", capsys=capsys)
+    assert_refused(tmp_path, code, err, "train.ds_config", "nope.json")
+
+
+def test_out_of_range_value(tmp_path, capsys):
+    code, err = train(tmp_path, "train.max_nonfinite_steps=0", capsys=capsys)
+    assert_refused(tmp_path, code, err, "train.max_nonfinite_steps", "must be > 0")
+
+
+def test_missing_competence_file(tmp_path, capsys):
+    code, err = train(tmp_path, f"curriculum.competence={tmp_path / 'competence.jsonl'}", capsys=capsys)
+    assert_refused(tmp_path, code, err, "curriculum.competence", "competence.jsonl")
+
+
+def test_nproc_below_one(tmp_path, capsys):
+    code = cli.main(["train", "--config", str(RECIPE), "--nproc", "0", f"train.output_dir={tmp_path / 'run'}",
+                     f"data.responses_dir={tmp_path / 'responses'}"])
+    assert_refused(tmp_path, code, capsys.readouterr().err.strip(), "--nproc", "0")
+
+
+def test_malformed_fault_injection_spec(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("PACED_DS_FAULT", "kill:rank=1")
+    code, err = train(tmp_path, capsys=capsys)
+    assert_refused(tmp_path, code, err, "PACED_DS_FAULT", "step=N or save=N")

@@ -41,6 +41,7 @@ class ProblemSampler:
         self.epoch = 0
         self.position = 0  # index into the current epoch's plan
         self.version = 0  # how many times the weights changed; keys the sample-mode plan
+        self.last_batch: list[int] = []  # every rank's problems of the last step, in plan order
         if weights is not None:
             self._check(weights)
             self.weights = weights.detach().to(torch.float32).cpu()
@@ -85,6 +86,11 @@ class ProblemSampler:
         """A short hash of the current epoch's plan (ranks compare it to detect disagreement)."""
         return hashlib.sha256(self._plan.numpy().tobytes()).hexdigest()[:16]
 
+    def batch_digest(self) -> str:
+        """A short hash of the last step's problems (logged, so that two runs can be shown to
+        have trained on the same problems in the same order, e.g. across a resume)."""
+        return hashlib.sha256(torch.tensor(self.last_batch, dtype=torch.int64).numpy().tobytes()).hexdigest()[:12]
+
     def _take(self, count: int) -> list[int]:
         taken: list[int] = []
         while len(taken) < count:
@@ -100,6 +106,7 @@ class ProblemSampler:
     def next_step(self) -> list[list[int]]:
         """This rank's problem indices for the next optimizer step, one list per micro-batch."""
         global_indices = self._take(self.global_batch)
+        self.last_batch = global_indices
         per_micro = self.world_size * self.micro_batch_size
         micro_batches = []
         for m in range(self.grad_accum):

@@ -32,7 +32,7 @@ from paced_ds.data.prompts import privileged_prompt
 from paced_ds.distill import cache, engines, generation, onpolicy, pipeline
 from paced_ds.distill.losses import distillation_loss
 from paced_ds.errors import UserError
-from paced_ds.runtime import checkpoint, dist
+from paced_ds.runtime import checkpoint, dist, faults
 from paced_ds.runtime.tracking import Tracker
 
 
@@ -94,6 +94,10 @@ def preflight(cfg: RunConfig):
     if cfg.train.resume == "never" and existing.is_file():
         raise UserError(f"config key train.output_dir: {cfg.train.output_dir} already holds a run with "
                         "checkpoints; continue it with train.resume=auto or choose another train.output_dir")
+    resume_from = checkpoint.find_resume(cfg.train.output_dir, cfg.train.resume)
+    if resume_from is not None:
+        checkpoint.check_resumable(*resume_from, cfg)
+    faults.active()  # a malformed PACED_DS_FAULT fails here too
     if cfg.curriculum.competence and not Path(cfg.curriculum.competence).is_file():
         raise UserError(f"config key curriculum.competence: no file {cfg.curriculum.competence}")
     engines.student_ds_config(cfg)  # the DeepSpeed JSONs exist and parse
@@ -181,6 +185,7 @@ def train(cfg: RunConfig) -> dict:
     device = dist.device()
     output_dir = Path(cfg.train.output_dir)
     seed_everything(cfg.train.seed + rank)
+    check_same_config(cfg)
 
     # Self-distillation: the teacher is a frozen copy of the initial student. A cached
     # teacher needs no engine at all; a pipelined one is another job's, reached through the bridge.
@@ -206,21 +211,29 @@ def train(cfg: RunConfig) -> dict:
                              apply=cfg.curriculum.apply)
     # tokens: response tokens trained on; forward_tokens: every token through the student,
     # rollouts (competence estimates, on-policy steps) included.
-    counters = {"step": 0, "tokens": 0, "samples": 0, "skipped_zero_weight": 0, "forward_tokens": 0}
+    # skipped_nonfinite: tries of a step whose update was skipped for a non-finite loss or gradient.
+    counters = {"step": 0, "tokens": 0, "samples": 0, "skipped_zero_weight": 0, "forward_tokens": 0,
+                "skipped_nonfinite": 0, "nonfinite_in_a_row": 0}
     resume_from = checkpoint.find_resume(output_dir, cfg.train.resume)
+    resumed_rng = None
     if resume_from is not None:
         client_state = checkpoint.load(student, *resume_from)
+        checkpoint.check_config(client_state["config"], cfg, client_state["counters"]["step"],
+                                resume_from[0] / resume_from[1])
         curriculum.load_state_dict(client_state["curriculum"])
         if curriculum.active:
             sampler.set_weights(curriculum.weights())
         sampler.load_state_dict(client_state["sampler"])
         counters.update(client_state["counters"])
+        resumed_rng = client_state["rng"]
         say(f"resumed from {resume_from[0] / resume_from[1]} at step {counters['step']}")
     elif dist.is_main():
         output_dir.mkdir(parents=True, exist_ok=True)
         (output_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
         (output_dir / "snr.jsonl").unlink(missing_ok=True)  # appended per probe: a fresh run starts it anew
-    tracker = Tracker(output_dir, tensorboard=cfg.logging.tensorboard, resume=resume_from is not None)
+    start_step = counters["step"]
+    tracker = Tracker(output_dir, tensorboard=cfg.logging.tensorboard,
+                      resume_step=start_step if resume_from is not None else None)
 
     before = None
     if resume_from is None:
@@ -242,6 +255,8 @@ def train(cfg: RunConfig) -> dict:
     prompts = generation.prompt_ids(tokenizer, train_records, cfg.data) if switch_step is not None else None
     privileged = privileged_prompt_ids(cfg, tokenizer, train_records) if cfg.teacher.self_distill else None
     progress = progress_bar(cfg.train.steps, "distilling", cfg, initial=counters["step"])
+    if resumed_rng is not None:  # restored last, so that none of the set-up above draws from it
+        checkpoint.set_rng_state(resumed_rng)
 
     # ---- the loop -------------------------------------------------------------------------
     while counters["step"] < cfg.train.steps:
@@ -305,6 +320,9 @@ def train(cfg: RunConfig) -> dict:
                 remote.ask(sampler.draw_key(), [collate_train([examples[i] for i in upcoming[c]],
                                                               tokenizer.pad_token_id) for c in chunks])
         loss_sum, teacher_s = torch.zeros((), dtype=torch.float64, device=device), 0.0
+        loss_finite = torch.ones((), dtype=torch.bool, device=device)  # a tensor: no sync per micro-batch
+        fault_factor = faults.loss_factor(counters["step"] + 1, rank)  # 1, or NaN under PACED_DS_FAULT
+        skipped_before = student.skipped_steps
         for positions, batch, teacher_batch in zip(chunks, batches, teacher_batches):
             batch = to_device(batch, device)
             teacher_batch = batch if teacher_examples is None else to_device(teacher_batch, device)
@@ -331,10 +349,23 @@ def train(cfg: RunConfig) -> dict:
                 loss, stats = distillation_loss(*pair, kind=kind, temperature=cfg.loss.temperature,
                                                 normalizer=global_tokens,
                                                 chunk_tokens=cfg.loss.chunk_tokens or None, **params)
+                loss = loss * fault_factor
+                loss_finite &= torch.isfinite(loss.detach())
                 student.backward(loss * world, scale_wrt_gas=False)
                 student.step()
                 loss_sum += stats["weighted_divergence_sum"].double()
             del batch_teacher_logits
+
+        # A non-finite loss on any rank makes the global gradient norm non-finite on every rank,
+        # and DeepSpeed then skips the update (counted in student.skipped_steps).
+        sums = torch.zeros(1 + world, dtype=torch.float64)  # the step's loss sum, then each rank's non-finite flag
+        sums[0], sums[1 + rank] = loss_sum.item(), float(not loss_finite.item())
+        sums = dist.all_reduce_sum(sums)
+        nonfinite_ranks = [r for r in range(world) if sums[1 + r] > 0]
+        if student.skipped_steps > skipped_before or nonfinite_ranks:
+            skip_nonfinite(cfg, counters, nonfinite_ranks, applied=student.skipped_steps == skipped_before)
+            continue
+        counters["nonfinite_in_a_row"] = 0
 
         counters["step"] += 1
         counters["tokens"] += int(global_tokens)
@@ -342,7 +373,7 @@ def train(cfg: RunConfig) -> dict:
         counters["samples"] += sampler.global_batch
         step = counters["step"]
         if step % cfg.logging.log_every == 0 or step == cfg.train.steps:
-            loss_value = dist.all_reduce_sum(loss_sum.reshape(1)).item() / max(global_tokens, 1.0)
+            loss_value = sums[0].item() / max(global_tokens, 1.0)
             step_s = time.time() - step_started
             grad_norm = student.get_global_grad_norm()
             values = {
@@ -353,7 +384,9 @@ def train(cfg: RunConfig) -> dict:
                 "weight_mean": global_weight * weight_scale / global_count, "step_time_s": step_s,
                 "teacher_time_s": teacher_s, "rollout_time_s": rollout_s, "tokens_per_s": global_tokens / step_s,
                 "on_policy": int(on_policy),
-                "epoch": sampler.epoch, "skipped_zero_weight": counters["skipped_zero_weight"],
+                "epoch": sampler.epoch, "batch": sampler.batch_digest(),
+                "skipped_zero_weight": counters["skipped_zero_weight"],
+                "skipped_nonfinite": counters["skipped_nonfinite"],
                 **curriculum_scalars, **snr_scalars}
             if device.type == "cuda":  # this rank's peak since the previous logged step, both engines
                 values["peak_memory_bytes"] = torch.cuda.max_memory_allocated(device)
@@ -361,6 +394,7 @@ def train(cfg: RunConfig) -> dict:
             tracker.log_step(step, values)
             progress.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.1e}")
         progress.update(1)
+        faults.kill_after_step(step, rank)
 
         if cfg.curriculum.refresh == "on_policy" and on_policy and step % cfg.curriculum.refresh_every == 0:
             curriculum.merge_observed(cfg.curriculum.decay)
@@ -381,8 +415,10 @@ def train(cfg: RunConfig) -> dict:
     progress.close()
 
     # ---- finish ---------------------------------------------------------------------------
-    after = run_eval(cfg, student, tokenizer, eval_records, tracker, counters["step"], "after training")
-    save(cfg, student, sampler, counters, curriculum)
+    after = None
+    if counters["step"] > start_step:  # else a finished run was resumed: its last eval and checkpoint stand
+        after = run_eval(cfg, student, tokenizer, eval_records, tracker, counters["step"], "after training")
+        save(cfg, student, sampler, counters, curriculum)
     if remote is not None:
         remote.close()
         say(f"pipelined teacher: students waited {remote.wait_s:.2f} s for it in all (this rank)")
@@ -495,8 +531,43 @@ def check_agreement(sampler: ProblemSampler, curriculum: Curriculum) -> None:
                             "were the ranks given different data or competence files?")
 
 
+def check_same_config(cfg: RunConfig) -> None:
+    """Every rank must run the same config; one that does not (a node launched with another
+    recipe or overrides) is named with the keys, instead of hanging in a collective later."""
+    mine = {key: value for key, value in checkpoint.flat(cfg.to_dict()).items() if key not in NODE_LOCAL_KEYS}
+    everyone = dist.all_gather_objects(mine)
+    for other_rank, theirs in enumerate(everyone):
+        differing = sorted(key for key in set(theirs) | set(everyone[0]) if theirs.get(key) != everyone[0].get(key))
+        if differing:
+            raise UserError(f"rank {other_rank} runs another config than rank 0 ({', '.join(differing)} differ): "
+                            "launch every node with the same recipe and overrides")
+
+
+NODE_LOCAL_KEYS = ("data.responses_dir", "teacher.nvme_path", "teacher.cache")  # paths that may differ per node
+
+
+def skip_nonfinite(cfg: RunConfig, counters: dict, ranks: list[int], *, applied: bool) -> None:
+    """An optimizer step whose loss or gradients were not finite: DeepSpeed made no update; count
+    it, and stop after train.max_nonfinite_steps in a row (keeping the last checkpoint)."""
+    step = counters["step"] + 1
+    what = f"loss on rank {', '.join(map(str, ranks))}" if ranks else "gradient norm (the loss is finite)"
+    if applied:  # only when DeepSpeed does not compute the gradient norm (compute_grad_norm=false)
+        raise UserError(f"step {step}: non-finite {what} and DeepSpeed applied the update anyway; stopped "
+                        "without saving: turn zero_optimization.compute_grad_norm (DeepSpeed's default) back on in "
+                        "the DeepSpeed JSON of train.ds_config")
+    counters["skipped_nonfinite"] += 1
+    counters["nonfinite_in_a_row"] += 1
+    say(f"step {step}: non-finite {what}; update skipped "
+        f"({counters['nonfinite_in_a_row']} in a row, {counters['skipped_nonfinite']} in all)")
+    if counters["nonfinite_in_a_row"] >= cfg.train.max_nonfinite_steps:
+        raise UserError(f"step {step}: {counters['nonfinite_in_a_row']} optimizer steps in a row had a non-finite "
+                        f"loss or gradient (train.max_nonfinite_steps); stopped without saving, so the last "
+                        f"checkpoint in {checkpoint.checkpoint_dir(cfg.train.output_dir)} is intact: check the data "
+                        "and train.lr (a lower train.lr is a new run, in another train.output_dir)")
+
+
 def save(cfg: RunConfig, student, sampler: ProblemSampler, counters: dict, curriculum: Curriculum) -> None:
     client_state = {"sampler": sampler.state_dict(), "counters": dict(counters), "config": cfg.to_dict(),
                     "curriculum": curriculum.state_dict()}
-    path = checkpoint.save(student, cfg.train.output_dir, counters["step"], client_state)
+    path = checkpoint.save(student, cfg.train.output_dir, counters["step"], client_state, cfg.to_dict())
     say(f"checkpoint saved: {path}")

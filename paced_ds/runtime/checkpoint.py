@@ -1,12 +1,19 @@
 """Checkpoints through the DeepSpeed engine, and the student's Hugging Face export.
 
-A checkpoint is ``<output_dir>/checkpoints/step_<N>/`` written collectively by every
-rank (engine state, optimizer shards) with the run's own state as DeepSpeed client
-state; DeepSpeed's ``latest`` file names the newest tag and is written last.
+A checkpoint is ``<output_dir>/checkpoints/step_<N>/``: DeepSpeed's files (engine state,
+optimizer shards, and the run's own state as client state), each rank's RNG states
+(``rng_rank<r>.json``: DeepSpeed keeps client state from one rank only under ZeRO-1/2) and
+``paced_ds.json`` (step, world size, config), which is read before any rank starts.
+
+Crash safety: every rank writes into ``.tmp-step_<N>``; once all have (a barrier), rank 0
+renames it to ``step_<N>`` and only then replaces ``latest`` atomically. A crash at any
+point leaves ``latest`` naming a complete checkpoint; ``.tmp-*`` leftovers are removed by
+the next save.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import shutil
@@ -16,7 +23,20 @@ import numpy as np
 import torch
 
 from paced_ds.errors import UserError
-from paced_ds.runtime import dist
+from paced_ds.runtime import dist, faults
+from paced_ds.runtime.files import write_text_atomic
+
+PARTIAL_PREFIX = ".tmp-"  # a checkpoint being written, or left half-written by a crash
+STATE_FILE = "paced_ds.json"
+
+# Config keys that may differ when a run is resumed (a trailing dot: the whole section).
+# They change where things go, what is logged or evaluated, how long the run lasts or how
+# the teacher is stored, not the training trajectory. Any other difference is refused.
+RESUME_MAY_CHANGE = (
+    "logging.", "eval.", "data.eval", "data.eval_split", "data.arith_eval_per_level", "data.responses_dir",
+    "train.output_dir", "train.resume", "train.steps", "train.save_every", "train.timeout_s", "train.export",
+    "train.max_nonfinite_steps", "teacher.offload", "teacher.nvme_path", "teacher.cache",
+)
 
 
 def checkpoint_dir(output_dir: str | Path) -> Path:
@@ -24,34 +44,166 @@ def checkpoint_dir(output_dir: str | Path) -> Path:
 
 
 def rng_state() -> dict:
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """This process's python, numpy and torch RNG states as plain JSON data."""
+    kind, keys, position, has_gauss, gauss = np.random.get_state()
+    version, python_state, python_gauss = random.getstate()
+    state = {"python": [version, list(python_state), python_gauss],
+             "numpy": [kind, keys.tolist(), position, has_gauss, gauss],
+             "torch": torch.get_rng_state().tolist()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state().tolist()
+    return state
 
 
-def save(engine, output_dir: str | Path, step: int, client_state: dict) -> Path:
+def set_rng_state(state: dict) -> None:
+    version, python_state, python_gauss = state["python"]
+    random.setstate((version, tuple(python_state), python_gauss))
+    kind, keys, position, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), position, has_gauss, gauss))
+    torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(torch.tensor(state["cuda"], dtype=torch.uint8))
+
+
+def save(engine, output_dir: str | Path, step: int, client_state: dict, config: dict) -> Path:
     """Collective: every rank calls it. Returns the checkpoint directory."""
     root = checkpoint_dir(output_dir)
     tag = f"step_{step}"
-    engine.save_checkpoint(str(root), tag=tag, client_state=client_state, save_latest=True)
+    staging = root / f"{PARTIAL_PREFIX}{tag}"
+    rng = rng_state()  # before DeepSpeed runs any code of its own
+    if dist.is_main():
+        remove_partial(root)
+    dist.barrier()
+    engine.save_checkpoint(str(root), tag=staging.name, client_state=client_state, save_latest=False)
+    write_text_atomic(staging / f"rng_rank{dist.rank()}.json", json.dumps(rng))
+    if dist.is_main():
+        write_text_atomic(staging / STATE_FILE, json.dumps(
+            {"step": step, "world_size": dist.world_size(), "config": config}, indent=1))
+    faults.kill_in_save(step, dist.rank())
+    dist.barrier()  # every rank's share is on disk
+    if dist.is_main():
+        publish(root, staging, tag)
     dist.barrier()
     return root / tag
 
 
+def publish(root: Path, staging: Path, tag: str) -> None:
+    """Rank 0: make the finished ``staging`` directory ``tag``, then point ``latest`` at it."""
+    final = root / tag
+    if final.exists():  # left by a crash between its rename and `latest`, or a rewound run's
+        replaced = root / f"{PARTIAL_PREFIX}replaced-{tag}"
+        shutil.rmtree(replaced, ignore_errors=True)
+        final.rename(replaced)
+        staging.rename(final)
+        shutil.rmtree(replaced)
+    else:
+        staging.rename(final)
+    write_text_atomic(root / "latest", tag)
+
+
+def remove_partial(root: Path) -> None:
+    """Remove what crashed saves left (``.tmp-*``); never a complete checkpoint."""
+    for path in root.glob(f"{PARTIAL_PREFIX}*"):
+        shutil.rmtree(path, ignore_errors=True)
+
+
 def find_resume(output_dir: str | Path, resume: str) -> tuple[Path, str] | None:
-    """(checkpoint root, tag) to resume from, or None: train.resume = never | auto | PATH."""
+    """(checkpoint root, tag) to resume from, or None: train.resume = never | auto | PATH.
+
+    Only complete checkpoints are ever found: ``latest`` names one only once it is renamed
+    into place, and a PATH into a ``.tmp-*`` directory is refused.
+    """
     if resume == "never":
         return None
     if resume == "auto":
         root = checkpoint_dir(output_dir)
-        latest = root / "latest"
-        if not latest.is_file():
-            return None
-        return root, latest.read_text().strip()
+        return named_by_latest(root) if (root / "latest").is_file() else None
     path = Path(resume)
     if not path.is_dir():
-        raise UserError(f"config key train.resume: no checkpoint at {resume}")
+        raise UserError(f"config key train.resume: no checkpoint directory {resume}")
     if (path / "latest").is_file():
-        return path, (path / "latest").read_text().strip()
+        return named_by_latest(path)
+    if path.name.startswith(PARTIAL_PREFIX):
+        raise UserError(f"config key train.resume: {resume} is a checkpoint a crash left unfinished; "
+                        "resume from a complete one (step_N)")
     return path.parent, path.name
+
+
+def named_by_latest(root: Path) -> tuple[Path, str]:
+    tag = (root / "latest").read_text().strip()
+    if not tag or "/" in tag or not (root / tag).is_dir():
+        raise UserError(f"{root / 'latest'}: names {tag!r}, which is no checkpoint directory beside it; "
+                        "write the name of a complete checkpoint (step_N) into it, or set train.resume=PATH")
+    return root, tag
+
+
+def read_state(directory: Path) -> dict | None:
+    """The checkpoint's paced_ds.json (None for checkpoints written before it existed)."""
+    path = directory / STATE_FILE
+    if not path.is_file():
+        return None
+    try:
+        state = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        state = str(err)
+    if not isinstance(state, dict) or not {"step", "world_size", "config"} <= set(state):
+        raise UserError(f"{path}: not the step, world size and config of a checkpoint ({str(state)[:80]}); the "
+                        "checkpoint is damaged: resume from an earlier one with train.resume=PATH")
+    return state
+
+
+def flat(config: dict) -> dict:
+    """{"train": {"lr": 1e-3}} -> {"train.lr": 1e-3}."""
+    return {f"{section}.{key}": value for section, values in config.items() for key, value in values.items()}
+
+
+def run_altering(config: dict) -> dict:
+    """The flattened config without the keys in RESUME_MAY_CHANGE."""
+    return {key: value for key, value in flat(config).items()
+            if not any(key == allowed or (allowed.endswith(".") and key.startswith(allowed))
+                       for allowed in RESUME_MAY_CHANGE)}
+
+
+def changed_keys(saved: dict, current: dict) -> list[str]:
+    """Run-altering keys whose value differs; a key the saved config lacks (added to paced-ds
+    since) counts as its default, which ``defaults`` supplies."""
+    from paced_ds.config import RunConfig
+
+    defaults = run_altering(RunConfig().to_dict())
+    before = {**defaults, **run_altering(saved)}
+    return [key for key, value in run_altering(current).items() if before.get(key, value) != value]
+
+
+def check_config(saved: dict, cfg, step: int, where: Path) -> None:
+    """Refuse to resume with a config that would change the run (see RESUME_MAY_CHANGE)."""
+    changed = changed_keys(saved, cfg.to_dict())
+    if changed:
+        before, now = flat(saved), flat(cfg.to_dict())
+        shown = ", ".join(f"{key} {_short(before.get(key))} -> {_short(now[key])}" for key in changed)
+        allowed = ", ".join(key + "*" if key.endswith(".") else key for key in RESUME_MAY_CHANGE)
+        raise UserError(f"config key train.resume: {where} was made with another config ({shown}); these keys "
+                        f"change the run, so restore them or start a new run in another train.output_dir "
+                        f"(a resume may change only {allowed})")
+    if cfg.train.steps < step:
+        raise UserError(f"config key train.steps: {cfg.train.steps} is below the step of checkpoint {where} ({step})")
+
+
+def _short(value) -> str:
+    text = json.dumps(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def check_resumable(root: Path, tag: str, cfg) -> None:
+    """Before any rank starts: the checkpoint is complete, holds plain data only, and was
+    made by this run's config (what may differ: RESUME_MAY_CHANGE)."""
+    directory = root / tag
+    state = read_state(directory)
+    if state is not None:
+        check_config(state["config"], cfg, state["step"], directory)
+    if not any(directory.glob("*model_states.pt")):
+        raise UserError(f"config key train.resume: {directory} holds no DeepSpeed model states "
+                        "(*model_states.pt): not a complete checkpoint")
+    verify_safe(directory)
 
 
 TRUSTED_MODULES = ("deepspeed.",)  # classes DeepSpeed itself pickles into its checkpoints (e.g. ZeroStageEnum)
@@ -76,25 +228,42 @@ def verify_safe(directory: Path) -> None:
                 break
             except Exception as err:  # torch raises UnpicklingError (or RuntimeError) for a refused global
                 found = re.search(r"GLOBAL ([\w.]+)", str(err))
-                name = found.group(1) if found else None
-                if name is None or not name.startswith(TRUSTED_MODULES) or len(allowed) > 50:
-                    what = f"the global {name}" if name else str(err).splitlines()[0]
+                if found is None:  # no refused class: the file itself cannot be read
+                    raise UserError(f"{path}: not a readable checkpoint file ({str(err).splitlines()[0]}); it is "
+                                    "truncated or damaged: resume from an earlier checkpoint with "
+                                    "train.resume=PATH") from None
+                name = found.group(1)
+                if not name.startswith(TRUSTED_MODULES) or len(allowed) > 50:
                     raise UserError(f"{path}: refusing to load this checkpoint: it holds a pickled object "
-                                    f"that is not plain data ({what}); only load checkpoints you made") from None
+                                    f"that is not plain data (the global {name}); only load checkpoints you "
+                                    "made") from None
                 module, attribute = name.rsplit(".", 1)
                 allowed.append(getattr(importlib.import_module(module), attribute))
 
 
+def check_world_size(root: Path, tag: str, world_size: int) -> None:
+    """DeepSpeed loads a checkpoint only into as many data-parallel ranks as wrote it."""
+    state = read_state(root / tag)
+    if state is not None and state["world_size"] != world_size:
+        raise UserError(f"config key train.resume: {root / tag} was written by {state['world_size']} ranks, this "
+                        f"run has {world_size}; resume with as many ranks (DeepSpeed's ds_to_universal converts a "
+                        "checkpoint to another world size)")
+
+
 def load(engine, root: Path, tag: str) -> dict:
-    """Collective: restores the engine and returns the client state saved with it."""
-    if not (root / tag).is_dir():
-        raise UserError(f"config key train.resume: checkpoint {root / tag} does not exist")
-    verify_safe(root / tag)
+    """Collective: restores the engine and returns the client state saved with it, with this
+    rank's RNG states under "rng" (None for checkpoints written before they were saved)."""
+    directory = root / tag
+    if not directory.is_dir():
+        raise UserError(f"config key train.resume: checkpoint {directory} does not exist")
+    check_world_size(root, tag, dist.world_size())
+    verify_safe(directory)
     path, client_state = engine.load_checkpoint(str(root), tag=tag, load_module_strict=True,
                                                 load_optimizer_states=True, load_lr_scheduler_states=True)
     if path is None:
-        raise UserError(f"config key train.resume: DeepSpeed could not load {root / tag}")
-    return client_state or {}
+        raise UserError(f"config key train.resume: DeepSpeed could not load {directory}")
+    rng = directory / f"rng_rank{dist.rank()}.json"
+    return {**(client_state or {}), "rng": json.loads(rng.read_text()) if rng.is_file() else None}
 
 
 def export_student(engine, tokenizer, target: str | Path) -> Path | None:

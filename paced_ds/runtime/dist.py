@@ -57,8 +57,13 @@ def init(timeout_s: int = 900) -> None:
     accelerator = get_accelerator()
     if accelerator.device_name() == "cuda":  # before NCCL starts, so it never guesses GPU 0
         accelerator.set_device(local_rank())
+    # DeepSpeed creates further groups without a timeout, and torch gives those its module
+    # default (30 min for gloo, 10 for NCCL): make that default ours, so that every group has it.
+    timeout = datetime.timedelta(seconds=timeout_s)
+    torch_dist.distributed_c10d.default_pg_timeout = timeout
+    torch_dist.distributed_c10d.default_pg_nccl_timeout = timeout
     if not torch_dist.is_initialized():
-        deepspeed.init_distributed(timeout=datetime.timedelta(seconds=timeout_s))
+        deepspeed.init_distributed(timeout=timeout)
 
 
 def shutdown() -> None:
@@ -70,6 +75,11 @@ def shutdown() -> None:
     """
     if torch_dist.is_initialized():
         torch_dist.destroy_process_group()
+    remove_shared_memory()
+
+
+def remove_shared_memory() -> None:
+    """Unlink this job's DeepSpeed all-reduce buffers in /dev/shm (see shutdown)."""
     addr, port = os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT")
     if addr and port:
         for path in glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_*_{addr}_{port}_*"):

@@ -12,17 +12,23 @@ from pathlib import Path
 
 from paced_ds.errors import UserError
 from paced_ds.runtime import dist
+from paced_ds.runtime.files import write_jsonl_atomic
 
 
 class Tracker:
-    def __init__(self, output_dir: str | Path, *, tensorboard: bool = True, resume: bool = False):
+    def __init__(self, output_dir: str | Path, *, tensorboard: bool = True, resume_step: int | None = None):
+        """``resume_step``: the step of the checkpoint a resumed run starts from (None: a new run)."""
         self.enabled = dist.is_main()
         self.output_dir = Path(output_dir)
         self.writer = None
         if not self.enabled:
             return
         self.output_dir.mkdir(parents=True, exist_ok=True)
-        mode = "a" if resume else "w"
+        if resume_step is not None:
+            # A run that crashed logged steps past its last checkpoint; they are done again now.
+            for name in ("metrics.jsonl", "eval.jsonl", "snr.jsonl"):
+                drop_rows_after(self.output_dir / name, resume_step)
+        mode = "a" if resume_step is not None else "w"
         self.metrics_file = (self.output_dir / "metrics.jsonl").open(mode)
         self.eval_file = (self.output_dir / "eval.jsonl").open(mode)
         if tensorboard:
@@ -32,7 +38,9 @@ class Tracker:
                 raise UserError("logging.tensorboard=true needs the tensorboard package: pip install tensorboard, "
                                 "or set logging.tensorboard=false") from None
 
-            self.writer = SummaryWriter(log_dir=str(self.output_dir / "tensorboard"))
+            # On resume, TensorBoard drops the events a crashed run wrote past its checkpoint.
+            purge_step = None if resume_step is None else resume_step + 1
+            self.writer = SummaryWriter(log_dir=str(self.output_dir / "tensorboard"), purge_step=purge_step)
 
     def log_step(self, step: int, values: dict) -> None:
         if not self.enabled:
@@ -75,6 +83,21 @@ class Tracker:
         self.eval_file.close()
         if self.writer is not None:
             self.writer.close()
+
+
+def drop_rows_after(path: Path, step: int) -> None:
+    """Keep the rows of a JSON-lines log up to ``step``; a torn last line (a killed writer) goes too."""
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if row.get("step", 0) <= step:
+            kept.append(row)
+    write_jsonl_atomic(path, kept)
 
 
 def _tag(key: str) -> str:

@@ -1,0 +1,95 @@
+"""Fault injection, a testing aid: ``PACED_DS_FAULT`` makes a rank die or a loss go NaN on cue.
+
+    PACED_DS_FAULT="kill:rank=1:step=3"      rank 1 SIGKILLs itself once optimizer step 3 is
+                                             done and logged, before its checkpoint is saved
+    PACED_DS_FAULT="kill:rank=0:save=4"      rank 0 SIGKILLs itself inside the save of step 4:
+                                             its files are written, the checkpoint not yet renamed
+    PACED_DS_FAULT="nan:step=2[:rank=1][:times=3]"
+                                             the loss of step 2 is multiplied by NaN (on every
+                                             rank, or on ``rank``) for its first ``times`` tries
+
+Several faults are separated by commas. Steps count from 1 like the metrics. A killed
+rank first unlinks its job's /dev/shm all-reduce buffers (the ones a clean exit removes),
+so that tests which kill ranks leave nothing behind.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from dataclasses import dataclass
+
+from paced_ds.errors import UserError
+
+ENV = "PACED_DS_FAULT"
+KEYS = {"kill": {"rank", "step", "save"}, "nan": {"rank", "step", "times"}}
+
+
+@dataclass
+class Fault:
+    action: str  # kill | nan
+    step: int | None = None  # kill after this optimizer step / NaN loss at this step
+    save: int | None = None  # kill inside the save of this step's checkpoint
+    rank: int | None = None  # None: every rank
+    times: int = 1  # nan: how many tries of the step get a NaN loss
+
+
+def parse(text: str) -> list[Fault]:
+    """The faults of a ``PACED_DS_FAULT`` value; a malformed one is a UserError."""
+    faults = []
+    for spec in filter(None, (part.strip() for part in text.split(","))):
+        action, *pairs = spec.split(":")
+        if action not in KEYS:
+            raise UserError(f"{ENV}={text!r}: unknown fault {action!r} (kill or nan)")
+        values = {}
+        for pair in pairs:
+            key, _, value = pair.partition("=")
+            if key not in KEYS[action] or not value.isdigit():
+                raise UserError(f"{ENV}={text!r}: {pair!r} is not one of "
+                                f"{', '.join(f'{k}=N' for k in sorted(KEYS[action]))} for {action}")
+            values[key] = int(value)
+        fault = Fault(action, **values)
+        if (fault.step is None) == (fault.save is None):
+            raise UserError(f"{ENV}={text!r}: {spec!r} needs exactly one of step=N or save=N")
+        faults.append(fault)
+    return faults
+
+
+def active() -> list[Fault]:
+    return parse(os.environ.get(ENV, ""))
+
+
+def _mine(fault: Fault, rank: int) -> bool:
+    return fault.rank is None or fault.rank == rank
+
+
+def kill_after_step(step: int, rank: int) -> None:
+    if any(f.action == "kill" and f.step == step and _mine(f, rank) for f in active()):
+        _die(f"after step {step}")
+
+
+def kill_in_save(step: int, rank: int) -> None:
+    if any(f.action == "kill" and f.save == step and _mine(f, rank) for f in active()):
+        _die(f"inside the save of step {step}")
+
+
+_nan_tries: dict[int, int] = {}  # step -> tries of it that got a NaN loss so far
+
+
+def loss_factor(step: int, rank: int) -> float:
+    """NaN while a ``nan`` fault holds for this try of ``step`` (call once per try), else 1."""
+    for fault in active():
+        if fault.action == "nan" and fault.step == step and _mine(fault, rank):
+            tries = _nan_tries.get(step, 0)
+            if tries < fault.times:
+                _nan_tries[step] = tries + 1
+                return float("nan")
+    return 1.0
+
+
+def _die(where: str) -> None:
+    from paced_ds.runtime import dist
+
+    print(f"paced-ds: {ENV}: rank {dist.rank()} kills itself {where}", flush=True)
+    dist.remove_shared_memory()
+    os.kill(os.getpid(), signal.SIGKILL)
