@@ -35,7 +35,8 @@ STATE_FILE = "paced_ds.json"
 RESUME_MAY_CHANGE = (
     "logging.", "eval.", "data.eval", "data.eval_split", "data.arith_eval_per_level", "data.responses_dir",
     "train.output_dir", "train.resume", "train.steps", "train.save_every", "train.timeout_s", "train.export",
-    "train.max_nonfinite_steps", "teacher.offload", "teacher.nvme_path", "teacher.cache",
+    "train.max_nonfinite_steps", "teacher.offload", "teacher.nvme_path", "teacher.cache", "teacher.address",
+    "teacher.ranks",
 )
 
 
