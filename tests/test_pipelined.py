@@ -150,7 +150,7 @@ def test_killing_the_teacher_stops_the_students_with_an_error_naming_it(tmp_path
     started = time.time()
     command = [sys.executable, "-m", "paced_ds.cli", "train", "--config", str(RECIPE), "--nproc", "2", *common,
                "teacher.backend=pipelined", "teacher.ranks=1"]
-    result = run(command, env=cpu_env(PACED_DS_TEACHER_FAULT="kill:requests=3"))
+    result = run(command, env=cpu_env(PACED_DS_FAULT="kill:answers=3"))
     assert result.returncode != 0, explain(result)
     assert "teacher rank 0 (teacher job at 127.0.0.1:" in result.stderr, explain(result)
     assert "it stopped (connection closed)" in result.stderr

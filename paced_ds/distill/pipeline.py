@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import datetime
 import json
-import os
 import time
 
 import torch
@@ -33,6 +32,7 @@ import torch.distributed as torch_dist
 
 from paced_ds.distill.cache import compress, expand
 from paced_ds.errors import UserError
+from paced_ds.runtime import faults
 
 LOGITS, STOP = 0, 1  # request kinds
 HEADER = 6  # int64 fields of every header: kind, tag, batch, length, topk, spare
@@ -211,14 +211,6 @@ class PipelinedTeacher:
             self._fail(err)
 
 
-def fault_after() -> int | None:
-    """PACED_DS_TEACHER_FAULT=kill:requests=N: the teacher rank SIGKILLs itself after N answers (tests)."""
-    spec = os.environ.get("PACED_DS_TEACHER_FAULT", "")
-    if spec.startswith("kill:requests="):
-        return int(spec.split("=", 1)[1])
-    return None
-
-
 def serve(bridge: Bridge, forward, *, vocab: int, topk: int, all_reduce=None) -> dict:
     """The teacher side: answer this teacher rank's students until every one has said stop.
 
@@ -230,7 +222,6 @@ def serve(bridge: Bridge, forward, *, vocab: int, topk: int, all_reduce=None) ->
     active = set(mine)
     sending: list = []  # the previous round's sends and their tensors
     served, batches, busy_s = 0, 0, 0.0
-    kill_after = fault_after()
     while True:
         requests = []
         for student in sorted(active):
@@ -261,8 +252,7 @@ def serve(bridge: Bridge, forward, *, vocab: int, topk: int, all_reduce=None) ->
             reply = torch.tensor([0, int(header[1]), int(header[2]), int(header[3]), topk, 0], dtype=torch.int64)
             sending.append((bridge.send([reply, *tensors], bridge.teachers + student), reply, tensors))
             served += 1
-            if kill_after is not None and served >= kill_after:
-                os.kill(os.getpid(), 9)
+            faults.kill_after_answers(served, bridge.rank)  # PACED_DS_FAULT=kill:answers=N (tests)
         batches += 1
     for work_list in sending:
         for work in work_list[0]:

@@ -4,6 +4,8 @@
                                              done and logged, before its checkpoint is saved
     PACED_DS_FAULT="kill:rank=0:save=4"      rank 0 SIGKILLs itself inside the save of step 4:
                                              its files are written, the checkpoint not yet renamed
+    PACED_DS_FAULT="kill:answers=3"          a pipelined teacher rank SIGKILLs itself once it has
+                                             sent 3 answers (rank=R: only teacher rank R)
     PACED_DS_FAULT="nan:step=2[:rank=1][:times=3]"
                                              the loss of step 2 is multiplied by NaN (on every
                                              rank, or on ``rank``) for its first ``times`` tries
@@ -22,7 +24,7 @@ from dataclasses import dataclass
 from paced_ds.errors import UserError
 
 ENV = "PACED_DS_FAULT"
-KEYS = {"kill": {"rank", "step", "save"}, "nan": {"rank", "step", "times"}}
+KEYS = {"kill": {"rank", "step", "save", "answers"}, "nan": {"rank", "step", "times"}}
 
 
 @dataclass
@@ -30,6 +32,7 @@ class Fault:
     action: str  # kill | nan
     step: int | None = None  # kill after this optimizer step / NaN loss at this step
     save: int | None = None  # kill inside the save of this step's checkpoint
+    answers: int | None = None  # kill a pipelined teacher rank once it has sent this many answers
     rank: int | None = None  # None: every rank
     times: int = 1  # nan: how many tries of the step get a NaN loss
 
@@ -49,8 +52,9 @@ def parse(text: str) -> list[Fault]:
                                 f"{', '.join(f'{k}=N' for k in sorted(KEYS[action]))} for {action}")
             values[key] = int(value)
         fault = Fault(action, **values)
-        if (fault.step is None) == (fault.save is None):
-            raise UserError(f"{ENV}={text!r}: {spec!r} needs exactly one of step=N or save=N")
+        if [fault.step, fault.save, fault.answers].count(None) != 2:
+            raise UserError(f"{ENV}={text!r}: {spec!r} needs exactly one of step=N or save=N"
+                            + (" or answers=N" if action == "kill" else ""))
         faults.append(fault)
     return faults
 
@@ -71,6 +75,11 @@ def kill_after_step(step: int, rank: int) -> None:
 def kill_in_save(step: int, rank: int) -> None:
     if any(f.action == "kill" and f.save == step and _mine(f, rank) for f in active()):
         _die(f"inside the save of step {step}")
+
+
+def kill_after_answers(answers: int, teacher_rank: int) -> None:
+    if any(f.action == "kill" and f.answers == answers and _mine(f, teacher_rank) for f in active()):
+        _die(f"after sending {answers} answers")
 
 
 _nan_tries: dict[int, int] = {}  # step -> tries of it that got a NaN loss so far
