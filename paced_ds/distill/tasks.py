@@ -1,14 +1,31 @@
-"""The launcher tasks besides training: teacher responses (`generate`), the student's
-competence (`estimate`) and held-out accuracy (`eval`)."""
+"""The launcher tasks besides training: teacher responses (`generate`), held-out accuracy
+(`eval`), the student's competence (`estimate`), gradient SNR (`snr`), the offline teacher
+cache (`cache-teacher`) and the pipelined teacher job (`teacher-serve`)."""
 
 from __future__ import annotations
 
 from paced_ds.config import RunConfig
 from paced_ds.data import sources
 from paced_ds.distill import engines, generation
-from paced_ds.distill.trainer import generate_responses, preflight, say
+from paced_ds.distill.trainer import generate_responses, preflight, say, teacher_path, with_teacher_responses
 from paced_ds.errors import UserError
 from paced_ds.runtime import dist
+
+
+def open_teacher(cfg: RunConfig, *, responses: bool = True):
+    """The opening of the teacher's tasks: inputs checked, the process group, the teacher
+    engine, and (``responses``) the problems with its responses, generated if missing."""
+    tokenizer, vocab, train_records, _ = preflight(cfg)
+    dist.init(cfg.train.timeout_s)
+    teacher = engines.build_teacher(cfg, name=teacher_path(cfg))
+    if responses:
+        train_records = with_teacher_responses(cfg, tokenizer, teacher, train_records)
+    return tokenizer, vocab, teacher, train_records
+
+
+def frozen_student(cfg: RunConfig):
+    """model.student as a ZeRO-3 inference engine (no optimizer), loaded like the teacher."""
+    return engines.build_teacher(cfg, name=engines.resolve_model(cfg.model.student, "model.student"), role="student")
 
 
 def generate(cfg: RunConfig) -> dict:
@@ -40,8 +57,7 @@ def evaluate(cfg: RunConfig) -> dict:
     if not eval_records:
         raise UserError("config key data.eval: nothing to evaluate (it is empty)")
     dist.init(cfg.train.timeout_s)
-    # An inference engine (ZeRO-3, no optimizer) loaded like the teacher, from model.student.
-    model = engines.build_teacher(cfg, name=engines.resolve_model(cfg.model.student, "model.student"))
+    model = frozen_student(cfg)
     result = generation.evaluate(model.module, tokenizer, eval_records, cfg.data, cfg.eval)
     levels = generation.accuracy_table(result["by_difficulty"])
     say(f"{cfg.model.student}: accuracy {result['accuracy']:.1%} on {result['count']} problems | "
@@ -58,7 +74,7 @@ def estimate_competence(cfg: RunConfig) -> dict:
 
     tokenizer, _, train_records, _ = preflight(cfg)
     dist.init(cfg.train.timeout_s)
-    model = engines.build_teacher(cfg, name=engines.resolve_model(cfg.model.student, "model.student"))
+    model = frozen_student(cfg)
     curriculum = Curriculum(cfg, train_records)
     result = estimate.estimate(model, tokenizer, train_records, curriculum.table, cfg, seed=cfg.train.seed + 1)
     weights = curriculum.weights()
@@ -82,16 +98,11 @@ def measure_snr(cfg: RunConfig) -> dict:
     from paced_ds.curriculum import estimate, snr
     from paced_ds.curriculum.calibrate import bucket_edges
     from paced_ds.curriculum.curriculum import Curriculum
-    from paced_ds.distill.trainer import (divergence_params, teacher_logits, teacher_path, tokenize_problems,
-                                          with_teacher_responses)
+    from paced_ds.distill.trainer import divergence_params, teacher_logits, tokenize_problems
 
-    tokenizer, vocab, train_records, _ = preflight(cfg)
-    dist.init(cfg.train.timeout_s)
-    teacher = engines.build_teacher(cfg, name=teacher_path(cfg))
-    train_records = with_teacher_responses(cfg, tokenizer, teacher, train_records)
+    tokenizer, vocab, teacher, train_records = open_teacher(cfg)
     examples = tokenize_problems(cfg, tokenizer, train_records)
-    student = engines.build_teacher(cfg, name=engines.resolve_model(cfg.model.student, "model.student"),
-                                    role="student")
+    student = frozen_student(cfg)
     curriculum = Curriculum(cfg, train_records)
     if cfg.curriculum.competence:
         curriculum.load_given(cfg.curriculum.competence)
@@ -123,14 +134,11 @@ def cache_teacher(cfg: RunConfig) -> dict:
 
     from paced_ds.data.collate import collate_train
     from paced_ds.distill import cache
-    from paced_ds.distill.trainer import teacher_logits, teacher_path, tokenize_problems, with_teacher_responses
+    from paced_ds.distill.trainer import teacher_logits, tokenize_problems
 
     if not cfg.teacher.cache:
         raise UserError("config key teacher.cache: name the directory the cache is written to")
-    tokenizer, vocab, train_records, _ = preflight(cfg)
-    dist.init(cfg.train.timeout_s)
-    teacher = engines.build_teacher(cfg, name=teacher_path(cfg))
-    records = with_teacher_responses(cfg, tokenizer, teacher, train_records)
+    tokenizer, vocab, teacher, records = open_teacher(cfg)
     examples = tokenize_problems(cfg, tokenizer, records)
     mine = list(range(dist.rank(), len(examples), dist.world_size()))
     batch_size = cfg.eval.batch_size
@@ -168,7 +176,6 @@ def teacher_contract(cfg: RunConfig, tokenizer, vocab: int) -> dict:
     """What the teacher job and the student job of teacher.backend=pipelined must agree on."""
     from paced_ds import __version__
     from paced_ds.distill.cache import tokenizer_digest
-    from paced_ds.distill.trainer import teacher_path
 
     return {"teacher": sources.teacher_identity(teacher_path(cfg)), "tokenizer": tokenizer_digest(tokenizer),
             "vocab": vocab, "topk": cfg.teacher.topk, "paced_ds": __version__}
@@ -180,16 +187,12 @@ def teacher_serve(cfg: RunConfig) -> dict:
     import torch
 
     from paced_ds.distill import pipeline
-    from paced_ds.distill.trainer import teacher_path, with_teacher_responses
 
     if not cfg.teacher.address:
         raise UserError("config key teacher.address: teacher-serve needs the HOST:PORT the student job "
                         "connects to (e.g. teacher.address=node0:29600)")
-    tokenizer, vocab, train_records, _ = preflight(cfg)
-    dist.init(cfg.train.timeout_s)
-    teacher = engines.build_teacher(cfg, name=teacher_path(cfg))
-    if cfg.loss.schedule != "on_policy":  # generated and stored here, before the students look for them
-        with_teacher_responses(cfg, tokenizer, teacher, train_records)
+    # Missing responses are generated and stored here, before the students look for them.
+    tokenizer, vocab, teacher, _ = open_teacher(cfg, responses=cfg.loss.schedule != "on_policy")
     say(f"teacher job ({dist.world_size()} rank{'s' if dist.world_size() > 1 else ''}, ZeRO-3 offload={cfg.teacher.offload}) waiting for the "
         f"students at {cfg.teacher.address}")
     bridge = pipeline.Bridge(cfg.teacher.address, side="teacher", rank=dist.rank(), ranks=dist.world_size(),
