@@ -93,9 +93,15 @@ def test_fault_specs_parse_and_bad_ones_are_refused(monkeypatch):
     for bad in ("explode:step=1", "kill:rank=1", "kill:step=1:save=2", "nan:step=x", "nan:save=2"):
         with pytest.raises(UserError, match="PACED_DS_FAULT"):
             faults.parse(bad)
-    monkeypatch.setenv(faults.ENV, "nan:step=5:rank=0:times=2")
-    assert [faults.loss_factor(5, 1), faults.loss_factor(4, 0)] == [1.0, 1.0]
-    assert [np.isnan(faults.loss_factor(5, 0)) for _ in range(3)] == [True, True, False]
+    monkeypatch.setenv(faults.ENV, "nan:step=5:rank=0:times=2,nangrad:step=6")
+    one = torch.ones(())
+    assert [faults.loss_fault(5, 1)(one).item(), faults.loss_fault(4, 0)(one).item()] == [1.0, 1.0]
+    assert [np.isnan(faults.loss_fault(5, 0)(one).item()) for _ in range(3)] == [True, True, False]
+    x = torch.ones((), requires_grad=True)
+    spoiled = faults.loss_fault(6, 1)(x * 2)  # every rank: no rank= given
+    spoiled.backward()
+    assert spoiled.item() == 2.0 and torch.isnan(x.grad)  # a finite loss, a NaN gradient
+    assert faults.loss_fault(6, 1)(one) is one  # times=1: the retry is left alone
 
 
 GROUP_TIMEOUT_SCRIPT = """

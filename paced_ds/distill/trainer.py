@@ -321,7 +321,7 @@ def train(cfg: RunConfig) -> dict:
                                                               tokenizer.pad_token_id) for c in chunks])
         loss_sum, teacher_s = torch.zeros((), dtype=torch.float64, device=device), 0.0
         loss_finite = torch.ones((), dtype=torch.bool, device=device)  # a tensor: no sync per micro-batch
-        fault_factor = faults.loss_factor(counters["step"] + 1, rank)  # 1, or NaN under PACED_DS_FAULT
+        spoil = faults.loss_fault(counters["step"] + 1, rank)  # the identity, but under PACED_DS_FAULT
         skipped_before = student.skipped_steps
         for positions, batch, teacher_batch in zip(chunks, batches, teacher_batches):
             batch = to_device(batch, device)
@@ -349,7 +349,7 @@ def train(cfg: RunConfig) -> dict:
                 loss, stats = distillation_loss(*pair, kind=kind, temperature=cfg.loss.temperature,
                                                 normalizer=global_tokens,
                                                 chunk_tokens=cfg.loss.chunk_tokens or None, **params)
-                loss = loss * fault_factor
+                loss = spoil(loss)
                 loss_finite &= torch.isfinite(loss.detach())
                 student.backward(loss * world, scale_wrt_gas=False)
                 student.step()

@@ -9,6 +9,9 @@
     PACED_DS_FAULT="nan:step=2[:rank=1][:times=3]"
                                              the loss of step 2 is multiplied by NaN (on every
                                              rank, or on ``rank``) for its first ``times`` tries
+    PACED_DS_FAULT="nangrad:step=2[:rank=1][:times=3]"
+                                             the loss of step 2 stays finite but its gradient is
+                                             NaN (the same ``rank`` and ``times``)
 
 Several faults are separated by commas. Steps count from 1 like the metrics. A killed
 rank first unlinks its job's /dev/shm all-reduce buffers (the ones a clean exit removes),
@@ -21,15 +24,18 @@ import os
 import signal
 from dataclasses import dataclass
 
+import torch
+
 from paced_ds.errors import UserError
 
 ENV = "PACED_DS_FAULT"
-KEYS = {"kill": {"rank", "step", "save", "answers"}, "nan": {"rank", "step", "times"}}
+KEYS = {"kill": {"rank", "step", "save", "answers"}, "nan": {"rank", "step", "times"},
+        "nangrad": {"rank", "step", "times"}}
 
 
 @dataclass
 class Fault:
-    action: str  # kill | nan
+    action: str  # kill | nan | nangrad
     step: int | None = None  # kill after this optimizer step / NaN loss at this step
     save: int | None = None  # kill inside the save of this step's checkpoint
     answers: int | None = None  # kill a pipelined teacher rank once it has sent this many answers
@@ -43,7 +49,7 @@ def parse(text: str) -> list[Fault]:
     for spec in filter(None, (part.strip() for part in text.split(","))):
         action, *pairs = spec.split(":")
         if action not in KEYS:
-            raise UserError(f"{ENV}={text!r}: unknown fault {action!r} (kill or nan)")
+            raise UserError(f"{ENV}={text!r}: unknown fault {action!r} (kill, nan or nangrad)")
         values = {}
         for pair in pairs:
             key, _, value = pair.partition("=")
@@ -82,18 +88,31 @@ def kill_after_answers(answers: int, teacher_rank: int) -> None:
         _die(f"after sending {answers} answers")
 
 
-_nan_tries: dict[int, int] = {}  # step -> tries of it that got a NaN loss so far
+_tries: dict[tuple[str, int], int] = {}  # (action, step) -> tries of the step it has spoiled so far
 
 
-def loss_factor(step: int, rank: int) -> float:
-    """NaN while a ``nan`` fault holds for this try of ``step`` (call once per try), else 1."""
+class _NanGradient(torch.autograd.Function):
+    """The identity forward; a NaN gradient backward."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * float("nan")
+
+
+def loss_fault(step: int, rank: int):
+    """What to do to this try's loss (call once per try of ``step``): nothing, or under a
+    ``nan`` fault make it NaN, under ``nangrad`` make its gradient NaN."""
     for fault in active():
-        if fault.action == "nan" and fault.step == step and _mine(fault, rank):
-            tries = _nan_tries.get(step, 0)
+        if fault.action in ("nan", "nangrad") and fault.step == step and _mine(fault, rank):
+            tries = _tries.get((fault.action, step), 0)
             if tries < fault.times:
-                _nan_tries[step] = tries + 1
-                return float("nan")
-    return 1.0
+                _tries[fault.action, step] = tries + 1
+                return (lambda loss: loss * float("nan")) if fault.action == "nan" else _NanGradient.apply
+    return lambda loss: loss
 
 
 def _die(where: str) -> None:
