@@ -5,10 +5,10 @@ optimizer shards, and the run's own state as client state), each rank's RNG stat
 (``rng_rank<r>.json``: DeepSpeed keeps client state from one rank only under ZeRO-1/2) and
 ``paced_ds.json`` (step, world size, config), which is read before any rank starts.
 
-Crash safety: every rank writes into ``.tmp-step_<N>``; once all have (a barrier), rank 0
-renames it to ``step_<N>`` and only then replaces ``latest`` atomically. A crash at any
-point leaves ``latest`` naming a complete checkpoint; ``.tmp-*`` leftovers are removed by
-the next save.
+Crash safety: every rank writes into ``.tmp-step_<N>`` and fsyncs what is there; once all
+have (a barrier), rank 0 renames it to ``step_<N>`` and only then replaces ``latest``
+atomically, syncing the directory after each. A crash (or a power loss) at any point leaves
+``latest`` naming a complete checkpoint; ``.tmp-*`` leftovers are removed by the next save.
 """
 
 from __future__ import annotations
@@ -81,7 +81,8 @@ def save(engine, output_dir: str | Path, step: int, client_state: dict, config: 
         write_text_atomic(staging / STATE_FILE, json.dumps(
             {"step": step, "world_size": dist.world_size(), "config": config}, indent=1))
     faults.kill_in_save(step, dist.rank())
-    dist.barrier()  # every rank's share is on disk
+    sync_files(staging)
+    dist.barrier()  # every rank's share is on disk, and synced
     if dist.is_main():
         publish(root, staging, tag)
     dist.barrier()
@@ -99,7 +100,35 @@ def publish(root: Path, staging: Path, tag: str) -> None:
         shutil.rmtree(replaced)
     else:
         staging.rename(final)
+    sync_directory(root)  # the rename survives a power loss before `latest` names it
     write_text_atomic(root / "latest", tag)
+    sync_directory(root)
+
+
+def sync_files(directory: Path) -> None:
+    """fsync every file under ``directory`` (each rank: files this node wrote have dirty pages
+    only here; the others' cost nothing), then the directories themselves."""
+    for path in sorted(directory.rglob("*"), reverse=True):  # files before their directories
+        if path.is_dir():
+            sync_directory(path)
+        else:
+            _fsync(path, os.O_RDONLY)
+    sync_directory(directory)
+
+
+def sync_directory(directory: Path) -> None:
+    _fsync(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+
+
+def _fsync(path: Path, flags: int) -> None:
+    try:
+        fd = os.open(path, flags)
+    except FileNotFoundError:  # removed meanwhile (another rank's temporary file)
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def remove_partial(root: Path) -> None:
