@@ -418,7 +418,8 @@ def validate(cfg: RunConfig) -> None:
             raise UserError("config key teacher.cache: required with teacher.backend=cache")
         if cfg.loss.schedule != "off_policy" or cfg.teacher.self_distill or cfg.snr.every:
             raise UserError("config key teacher.backend: a cache holds the teacher's view of its own responses "
-                            "only; on-policy schedules, self-distillation and the SNR probe need teacher.backend=engine")
+                            "only; on-policy schedules, self-distillation and the SNR probe need a live teacher "
+                            "(teacher.backend=engine or pipelined)")
     if cfg.teacher.backend == "pipelined":
         if cfg.teacher.ranks < 1:
             raise UserError(f"config key teacher.ranks: must be >= 1, got {cfg.teacher.ranks}")

@@ -233,7 +233,7 @@ def serve(bridge: Bridge, forward, *, vocab: int, topk: int, all_reduce=None) ->
                     continue
                 planes = bridge.recv(torch.empty(3, int(header[2]), int(header[3]), dtype=torch.int64), peer)
             except RuntimeError as err:
-                raise UserError(f"student rank {student} (student job at {bridge.address}): "
+                raise UserError(f"student rank {student} (of the student job joined at {bridge.address}): "
                                 f"{describe_failure(err)}; the teacher stops") from None
             requests.append((student, header, planes))
         pending = torch.tensor([float(bool(requests))])
