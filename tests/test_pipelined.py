@@ -74,15 +74,22 @@ def test_answers_come_back_in_order_asked_ahead_or_now():
         def go(client):
             got = []
             first = [batch(offset + 0), batch(offset + 1)]
-            answers = client.answers("step-1", first)  # nothing asked ahead: asked now
-            client.ask("step-2", [batch(offset + 2), batch(offset + 3)])  # ahead, while step 1 is consumed
+            assert not client.asked(first)
+            answers = client.answers(first, reuse=False)  # nothing asked ahead: asked now
+            ahead = [batch(offset + 2), batch(offset + 3)]
+            client.ask(ahead)  # while step 1 is consumed
             got += [(b, next(answers)) for b in first]
+            assert client.asked(ahead)
             # The plan changed: what was asked for step 2 is dropped and the new batches asked.
             changed = [batch(offset + 5), batch(offset + 6)]
-            got += list(zip(changed, client.answers("step-2-redrawn", changed)))
-            client.ask("step-3", [batch(offset + 7)])
-            got.append((batch(offset + 7), next(client.answers("step-3", [batch(offset + 7)]))))
+            assert not client.asked(changed)
+            got += list(zip(changed, client.answers(changed, reuse=False)))
+            client.ask([batch(offset + 7)])
+            got.append((batch(offset + 7), next(client.answers([batch(offset + 7)], reuse=True))))
             got.append((batch(offset + 8), client.logits(batch(offset + 8))))  # synchronous
+            client.ask([batch(offset + 9)])
+            with pytest.raises(UserError, match="other batches than were sent ahead"):
+                client.answers([batch(offset + 10)], reuse=True)
             return got
 
         return go
@@ -93,8 +100,8 @@ def test_answers_come_back_in_order_asked_ahead_or_now():
         assert not isinstance(got, Exception), got
         for sent, logits in got:
             assert torch.equal(logits, bigram(sent["input_ids"], sent["attention_mask"])[..., :VOCAB])
-    # Each student asked 8 times (2 + 2 dropped + 2 + 1 + 1): 8 rounds of one forward for both.
-    assert results["teacher0"]["requests"] == 16 and results["teacher0"]["forwards"] == 8
+    # Each student asked 9 times (2 + 2 dropped + 2 + 1 + 1 + 1 dropped at close): 9 rounds of one forward.
+    assert results["teacher0"]["requests"] == 18 and results["teacher0"]["forwards"] == 9
 
 
 def test_top_k_answers_match_the_cache_form_and_two_teacher_ranks_share_the_students():
@@ -161,9 +168,12 @@ def test_killing_the_teacher_stops_the_students_with_an_error_naming_it(tmp_path
 
 @pytest.mark.distributed
 def test_teacher_serve_and_a_student_job_started_apart_meet_at_the_address(tmp_path):
-    """The cluster form: `paced-ds teacher-serve` on its own, the students naming teacher.address."""
+    """The cluster form: `paced-ds teacher-serve` on its own, the students naming teacher.address;
+    a self-distilling two-stage run, so the teacher also scores on-policy rollouts (asked when
+    they exist, not ahead) under its privileged prompts."""
     common = small_overrides(tmp_path, **{"curriculum.mode": "uniform", "train.export": "false", "train.steps": 3,
-                                          "teacher.topk": 8, "train.timeout_s": 120})
+                                          "teacher.topk": 8, "train.timeout_s": 120, "loss.schedule": "two_stage",
+                                          "loss.switch_at": 2, "teacher.self_distill": "true"})
     address = f"teacher.address=127.0.0.1:{free_port()}"
     cli = [sys.executable, "-m", "paced_ds.cli"]
     teacher = subprocess.Popen([*cli, "teacher-serve", "--config", str(RECIPE), "--nproc", "1", *common, address],
@@ -177,7 +187,8 @@ def test_teacher_serve_and_a_student_job_started_apart_meet_at_the_address(tmp_p
     assert students.returncode == 0, explain(students)
     assert teacher.returncode == 0, served[1][-3000:]
     assert "serving 2 student ranks" in served[0] and "teacher job done: 6 requests" in served[0]
-    assert [m["step"] for m in read_jsonl(tmp_path / "run" / "metrics.jsonl")] == [1, 2, 3]
+    metrics = read_jsonl(tmp_path / "run" / "metrics.jsonl")
+    assert [(m["step"], m["on_policy"]) for m in metrics] == [(1, 0), (2, 0), (3, 1)]
 
 
 def test_teacher_serve_needs_an_address_and_a_valid_one(tmp_path):

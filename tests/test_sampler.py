@@ -251,15 +251,9 @@ def test_all_zero_weights_are_refused_in_sample_mode():
     assert sampler.loss_weights([0, 1]).tolist() == [0.0, 0.0]
 
 
-@pytest.mark.parametrize("apply", ["weight", "sample"])
-def test_peek_shows_the_next_step_without_moving_and_the_draw_key_names_it(apply):
+def test_peek_shows_the_next_step_without_moving():
     """What a pipelined teacher is sent ahead: exactly the next step, across epoch ends too."""
-    sampler = ProblemSampler(10, seed=4, world_size=2, rank=1, micro_batch_size=2, grad_accum=2, apply=apply)
+    sampler = ProblemSampler(10, seed=4, world_size=2, rank=1, micro_batch_size=2, grad_accum=2)
     for _ in range(6):  # 8 problems a step over 10: steps cross epoch ends
-        key, peeked = sampler.draw_key(), sampler.peek_step()
-        assert sampler.draw_key() == key and sampler.peek_step() == peeked
-        assert sampler.next_step() == peeked
-    key = sampler.draw_key()
-    sampler.set_weights(torch.linspace(0.1, 1.0, 10))
-    # New weights redraw the plan only in sample mode, and only there do they change the key.
-    assert (sampler.draw_key() == key) == (apply == "weight")
+        peeked = sampler.peek_step()
+        assert sampler.peek_step() == peeked and sampler.next_step() == peeked

@@ -119,10 +119,6 @@ class ProblemSampler:
         """What ``next_step`` will return, without moving (the plan is deterministic)."""
         return copy.copy(self).next_step()
 
-    def draw_key(self) -> tuple[int, int, int]:
-        """Names the next draw: equal keys give equal steps (weights change the plan only in sample mode)."""
-        return self.epoch, self.position, self.version if self.apply == "sample" else 0
-
     def state_dict(self) -> dict:
         return {"seed": self.seed, "epoch": self.epoch, "position": self.position,
                 "num_problems": self.num_problems, "version": self.version, "apply": self.apply}

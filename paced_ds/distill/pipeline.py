@@ -16,8 +16,9 @@ students per round and runs one forward for them all.
 
 Because the sampler's plan is deterministic, students send the next optimizer step's
 batches before they train on the current one (``PipelinedTeacher.ask``); the teacher
-computes while they train. At most one step is in flight per student, so memory stays
-fixed. A dead peer closes its sockets and the other side stops at once with an error
+computes while they train. If the plan changed meanwhile on any rank, every student drops
+those answers and asks again, so that the students' requests stay in step. At most one step
+is in flight per student, so memory stays fixed. A dead peer closes its sockets and the other side stops at once with an error
 naming it; a silent one is given up on after ``train.timeout_s``.
 """
 
@@ -130,16 +131,19 @@ class PipelinedTeacher:
         self.timeout = datetime.timedelta(seconds=timeout_s)
         self.tag = 0
         self.in_flight: list[tuple[int, list]] = []  # (tag, send works + their tensors), oldest first
-        self.ahead: tuple[object, int] | None = None  # (key, requests) asked ahead of time
         self.wait_s = 0.0  # time spent waiting for answers: ~0 when the teacher keeps up
 
     def _fail(self, err: Exception):
         raise UserError(f"teacher rank {self.teacher} (teacher job at {self.bridge.address}): "
                         f"{describe_failure(err)}; this student rank stops") from None
 
-    def _submit(self, batch: dict) -> None:
+    @staticmethod
+    def _planes(batch: dict) -> torch.Tensor:
         ids = batch["input_ids"]
-        planes = torch.stack([ids, batch["attention_mask"].to(ids.dtype), batch["loss_mask"].to(ids.dtype)]).cpu()
+        return torch.stack([ids, batch["attention_mask"].to(ids.dtype), batch["loss_mask"].to(ids.dtype)]).cpu()
+
+    def _submit(self, batch: dict) -> None:
+        ids, planes = batch["input_ids"], self._planes(batch)
         header = torch.tensor([LOGITS, self.tag, ids.shape[0], ids.shape[1], self.topk, 0], dtype=torch.int64)
         try:
             works = self.bridge.send([header, planes], self.teacher)
@@ -174,31 +178,36 @@ class PipelinedTeacher:
         return out.to(loss_mask.device)
 
     def logits(self, batch: dict) -> torch.Tensor:
-        """The teacher's logits for ``batch`` now (nothing may be asked ahead then)."""
-        self.drop_ahead()
-        self._submit(batch)
-        return self._collect()
+        """The teacher's logits for ``batch`` now (what was asked ahead is dropped)."""
+        return next(self.answers([batch], reuse=False))
 
-    def ask(self, key, batches: list[dict]) -> None:
-        """Send ``batches`` now, to be collected after what is in flight by ``answers(key, ...)``."""
+    def ask(self, batches: list[dict]) -> None:
+        """Send ``batches`` now, for ``answers`` to collect later, after what is in flight."""
         for batch in batches:
             self._submit(batch)
-        self.ahead = (key, len(batches))
 
-    def answers(self, key, batches: list[dict]):
-        """The teacher's logits for ``batches``, an iterator: what was asked ahead under ``key``,
-        else (the plan changed, or nothing was asked) asked now."""
-        if self.ahead != (key, len(batches)) or len(self.in_flight) != len(batches):
+    def asked(self, batches: list[dict]) -> bool:
+        """Whether what is in flight is exactly ``batches`` (asked ahead, and the plan held)."""
+        sent = [entry[2] for _, entry in self.in_flight]
+        return len(sent) == len(batches) and all(torch.equal(a, self._planes(b)) for a, b in zip(sent, batches))
+
+    def answers(self, batches: list[dict], *, reuse: bool):
+        """The teacher's logits for ``batches``, an iterator: collected from what was asked ahead
+        (``reuse``, which every student rank must decide alike: ``asked`` on every rank), else
+        asked now, what was in flight dropped. Alike, so that every student makes the same
+        requests and the teacher's rounds pair them up."""
+        if not reuse:
             self.drop_ahead()
-            self.ask(key, batches)
-        self.ahead = None
+            self.ask(batches)
+        elif not self.asked(batches):
+            raise UserError("pipelined teacher: asked to reuse answers to other batches than were sent ahead "
+                            "(a bug in the caller: decide `reuse` from `asked` on every rank)")
         return (self._collect() for _ in batches)
 
     def drop_ahead(self) -> None:
-        """Collect and discard what was asked ahead and will not be used (the plan changed)."""
+        """Collect and discard what was asked ahead and will not be used."""
         while self.in_flight:
             self._collect()
-        self.ahead = None
 
     def close(self) -> None:
         """Tell the teacher this student is done (after collecting everything in flight)."""

@@ -271,7 +271,7 @@ def train(cfg: RunConfig) -> dict:
                 curriculum_scalars = curriculum.summary(sampler.weights)
         kind = cfg.loss.stage2_kind if on_policy and cfg.loss.schedule == "two_stage" else cfg.loss.kind
         params = divergence_params(cfg, kind)
-        epoch_before, draw = sampler.epoch, sampler.draw_key()
+        epoch_before = sampler.epoch
         micro_batches = sampler.next_step()
         if sampler.epoch != epoch_before or counters["step"] == 0:
             check_agreement(sampler, curriculum)
@@ -291,14 +291,21 @@ def train(cfg: RunConfig) -> dict:
         else:
             step_examples = [examples[i] for i in step_indices]
         teacher_examples = ([onpolicy.teacher_example(privileged[i], e) for i, e in zip(step_indices, step_examples)]
-                            if privileged is not None else None)
+                            if privileged is not None else None)  # self-distillation: the teacher's own prompts
+
+        # One teacher forward (one all-gather of the teacher) for every `group` micro-batches.
+        chunks = [slice(first, first + group * mb) for first in range(0, len(step_examples), group * mb)]
+        batches = [collate_train(step_examples[c], tokenizer.pad_token_id) for c in chunks]
+        teacher_batches = batches if teacher_examples is None else [
+            collate_train(teacher_examples[c], tokenizer.pad_token_id) for c in chunks]
+        stale = float(remote is not None and not remote.asked(teacher_batches))  # a pipelined teacher's look-ahead
 
         step_weights = sampler.loss_weights(step_indices)
         local_tokens = sum(len(e["input_ids"]) - e["response_start"] for e in step_examples)
         # The student sees every sequence once in training, and once more while it generated it.
         local_forward = sum(len(e["input_ids"]) for e in step_examples) * (2 if on_policy else 1)
-        global_tokens, global_weight, global_count, global_forward = dist.all_reduce_sum(torch.tensor(
-            [float(local_tokens), step_weights.sum().item(), float(len(step_indices)), float(local_forward)],
+        global_tokens, global_weight, global_count, global_forward, global_stale = dist.all_reduce_sum(torch.tensor(
+            [float(local_tokens), step_weights.sum().item(), float(len(step_indices)), float(local_forward), stale],
             dtype=torch.float64)).tolist()
         if global_weight == 0:
             # Every problem of this step has weight 0: no step, no division by zero; counted.
@@ -307,18 +314,15 @@ def train(cfg: RunConfig) -> dict:
         # curriculum.normalize=batch_mean: this step's weights average 1 over all ranks.
         weight_scale = global_count / global_weight if cfg.curriculum.normalize == "batch_mean" else 1.0
 
-        # One teacher forward (one all-gather of the teacher) for every `group` micro-batches.
-        chunks = [slice(first, first + group * mb) for first in range(0, len(step_examples), group * mb)]
-        batches = [collate_train(step_examples[c], tokenizer.pad_token_id) for c in chunks]
-        teacher_batches = batches if teacher_examples is None else [
-            collate_train(teacher_examples[c], tokenizer.pad_token_id) for c in chunks]
         if remote is not None:
-            answers = remote.answers(draw, teacher_batches)
+            answers = remote.answers(teacher_batches, reuse=global_stale == 0)
             if predictable_next(cfg, counters["step"] + 1, switch_step):
-                # The plan is deterministic: the teacher computes the next step while we train on this one.
+                # The plan is deterministic: the teacher computes the next step while we train on this
+                # one. Should the plan change meanwhile, `answers` sees other batches and asks anew.
                 upcoming = [i for part in sampler.peek_step() for i in part]
-                remote.ask(sampler.draw_key(), [collate_train([examples[i] for i in upcoming[c]],
-                                                              tokenizer.pad_token_id) for c in chunks])
+                upcoming_examples = [examples[i] if privileged is None else
+                                     onpolicy.teacher_example(privileged[i], examples[i]) for i in upcoming]
+                remote.ask([collate_train(upcoming_examples[c], tokenizer.pad_token_id) for c in chunks])
         loss_sum, teacher_s = torch.zeros((), dtype=torch.float64, device=device), 0.0
         loss_finite = torch.ones((), dtype=torch.bool, device=device)  # a tensor: no sync per micro-batch
         spoil = faults.loss_fault(counters["step"] + 1, rank)  # the identity, but under PACED_DS_FAULT
