@@ -190,46 +190,37 @@ def test_resume_path_that_does_not_exist(tmp_path, capsys):
     assert_refused(tmp_path, code, err, "train.resume", "gone/step_4")
 
 
-def test_truncated_latest(tmp_path, capsys):
+STATES = "zero_pp_rank_0_mp_rank_00_model_states.pt"
+
+
+def cut_short(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[:200])  # a copy cut short
+
+
+# How a saved run is damaged, and what the refusal names.
+DAMAGED = {
+    "truncated latest": (lambda run: (run / "checkpoints" / "latest").write_text(""),
+                         ("checkpoints/latest", "names ''")),
+    "latest naming a missing checkpoint": (lambda run: (run / "checkpoints" / "latest").write_text("step_9"),
+                                           ("checkpoints/latest", "'step_9'")),
+    "corrupt checkpoint file": (lambda run: cut_short(run / "checkpoints" / "step_2" / STATES),
+                                (STATES, "truncated or damaged")),
+    "damaged checkpoint state file": (
+        lambda run: (run / "checkpoints" / "step_2" / "paced_ds.json").write_text('{"step": 2, "wor'),
+        ("step_2/paced_ds.json", "damaged")),
+    "checkpoint without model states": (lambda run: (run / "checkpoints" / "step_2" / STATES).unlink(),
+                                        ("step_2", "no DeepSpeed model states")),
+}
+
+
+@pytest.mark.parametrize("case", DAMAGED)
+def test_a_damaged_checkpoint_is_refused_and_left_as_it_is(tmp_path, capsys, case):
+    damage, expected = DAMAGED[case]
     run_dir = saved_run(tmp_path)
-    (run_dir / "checkpoints" / "latest").write_text("")
+    damage(run_dir)
     before = snapshot(run_dir)
     code, err = train(tmp_path, "train.resume=auto", capsys=capsys)
-    assert_refused_untouched(run_dir, before, code, err, "checkpoints/latest", "names ''")
-
-
-def test_latest_naming_a_missing_checkpoint(tmp_path, capsys):
-    run_dir = saved_run(tmp_path)
-    (run_dir / "checkpoints" / "latest").write_text("step_9")
-    before = snapshot(run_dir)
-    code, err = train(tmp_path, "train.resume=auto", capsys=capsys)
-    assert_refused_untouched(run_dir, before, code, err, "checkpoints/latest", "'step_9'")
-
-
-def test_corrupt_checkpoint_file(tmp_path, capsys):
-    run_dir = saved_run(tmp_path)
-    states = run_dir / "checkpoints" / "step_2" / "zero_pp_rank_0_mp_rank_00_model_states.pt"
-    states.write_bytes(states.read_bytes()[:200])  # a copy cut short
-    before = snapshot(run_dir)
-    code, err = train(tmp_path, "train.resume=auto", capsys=capsys)
-    assert_refused_untouched(run_dir, before, code, err, "zero_pp_rank_0_mp_rank_00_model_states.pt",
-                             "truncated or damaged")
-
-
-def test_damaged_checkpoint_state_file(tmp_path, capsys):
-    run_dir = saved_run(tmp_path)
-    (run_dir / "checkpoints" / "step_2" / "paced_ds.json").write_text('{"step": 2, "wor')
-    before = snapshot(run_dir)
-    code, err = train(tmp_path, "train.resume=auto", capsys=capsys)
-    assert_refused_untouched(run_dir, before, code, err, "step_2/paced_ds.json", "damaged")
-
-
-def test_checkpoint_without_model_states(tmp_path, capsys):
-    run_dir = saved_run(tmp_path)
-    (run_dir / "checkpoints" / "step_2" / "zero_pp_rank_0_mp_rank_00_model_states.pt").unlink()
-    before = snapshot(run_dir)
-    code, err = train(tmp_path, "train.resume=auto", capsys=capsys)
-    assert_refused_untouched(run_dir, before, code, err, "step_2", "no DeepSpeed model states")
+    assert_refused_untouched(run_dir, before, code, err, *expected)
 
 
 def test_resume_from_an_unfinished_checkpoint(tmp_path, capsys):
