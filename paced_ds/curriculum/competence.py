@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from paced_ds.errors import UserError
-from paced_ds.runtime.files import write_jsonl_atomic
+from paced_ds.runtime.files import read_jsonl, write_jsonl_atomic
 from paced_ds.runtime.dist import all_reduce_sum, is_main
 
 Counts = list[int] | list[float] | torch.Tensor
@@ -151,22 +151,19 @@ class CompetenceTable:
         table = cls(ids)
         seen: dict[str, int] = {}
         unmatched_example = None
-        with path.open("rb") as f:
-            for number, raw in enumerate(f, 1):
-                if not raw.strip():
-                    continue
-                where = f"{path}:{number}"
-                problem_id, correct, trials = _parse_count_line(where, raw)
-                if problem_id in seen:
-                    raise UserError(f"{where}: duplicate id {problem_id!r} (first at line {seen[problem_id]})")
-                seen[problem_id] = number
-                i = table._index.get(problem_id)
-                if i is None:
-                    table.unmatched += 1
-                    unmatched_example = unmatched_example or problem_id
-                    continue
-                table.correct[i] = correct
-                table.trials[i] = trials
+        for number, row in read_jsonl(path):
+            where = f"{path}:{number}"
+            problem_id, correct, trials = _count_row(where, row)
+            if problem_id in seen:
+                raise UserError(f"{where}: duplicate id {problem_id!r} (first at line {seen[problem_id]})")
+            seen[problem_id] = number
+            i = table._index.get(problem_id)
+            if i is None:
+                table.unmatched += 1
+                unmatched_example = unmatched_example or problem_id
+                continue
+            table.correct[i] = correct
+            table.trials[i] = trials
         if seen and table.unmatched == len(seen):
             raise UserError(f"{path}: none of its {len(seen)} ids is a problem of this run "
                             f"(e.g. {unmatched_example!r}); is curriculum.competence the file for data.train?")
@@ -189,14 +186,8 @@ def level_pass_rates(table: CompetenceTable, difficulties: list[str]) -> dict[st
     return {level: sum(values) / len(values) for level, values in by_level.items()}
 
 
-def _parse_count_line(where: str, raw: bytes) -> tuple[str, float, float]:
+def _count_row(where: str, row: dict) -> tuple[str, float, float]:
     """``(id, correct, trials)`` of one line of a competence file."""
-    try:
-        row = json.loads(raw)
-    except ValueError as e:
-        raise UserError(f"{where}: not valid JSON ({str(e).splitlines()[0]})") from None
-    if not isinstance(row, dict):
-        raise UserError(f"{where}: not a JSON object")
     if "id" not in row:
         raise UserError(f"{where}: missing field 'id'")
     problem_id = row["id"]

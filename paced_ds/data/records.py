@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Iterator
 
 from paced_ds.errors import UserError
+from paced_ds.runtime.files import read_jsonl
 
 CANONICAL_FIELDS = ("id", "prompt", "answer", "response", "difficulty")
 REQUIRED_FIELDS = ("prompt", "answer")
@@ -99,15 +100,8 @@ def _open_source(source: str, split: str) -> tuple[Iterator[tuple[str, object]],
 
 
 def _jsonl_rows(path: Path, source: str):
-    with path.open("rb") as f:
-        for line_number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except ValueError as e:  # JSONDecodeError, or bytes that are not UTF-8
-                raise UserError(f"{source}:{line_number}: not valid JSON ({_first_line(e)})") from None
-            yield f"{source}:{line_number}", row
+    for line_number, row in read_jsonl(path, source, objects=False):  # a row's type is checked with its fields
+        yield f"{source}:{line_number}", row
 
 
 def _json_rows(path: Path, source: str):

@@ -14,7 +14,7 @@ import re
 from pathlib import Path
 
 from paced_ds.errors import UserError
-from paced_ds.runtime.files import write_jsonl_atomic
+from paced_ds.runtime.files import read_jsonl, write_jsonl_atomic
 
 FORMAT_VERSION = 1
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
@@ -78,11 +78,10 @@ def load_responses(path, *, teacher: str, data_sha256: str) -> dict[str, dict] |
     if not path.is_file():
         return None
     redo = "delete it or run `paced-ds generate` again"
-    with path.open("rb") as f:
-        lines = [(number, line) for number, line in enumerate(f, 1) if line.strip()]
+    lines = list(read_jsonl(path))
     if not lines:
         raise UserError(f"{path}: empty; {redo}")
-    header = _parse_line(path, *lines[0])
+    header = lines[0][1]
     if header.get("paced_ds_responses") != FORMAT_VERSION:
         raise UserError(f"{path}:1: not a paced-ds responses file (header key 'paced_ds_responses' "
                         f"is {header.get('paced_ds_responses')!r}, expected {FORMAT_VERSION})")
@@ -92,8 +91,7 @@ def load_responses(path, *, teacher: str, data_sha256: str) -> dict[str, dict] |
             raise UserError(f"{path}:1: header {key!r} is {header.get(key)!r}, this run has "
                             f"{value!r}; {redo}")
     responses: dict[str, dict] = {}
-    for number, line in lines[1:]:
-        row = _parse_line(path, number, line)
+    for number, row in lines[1:]:
         for key, kind in (("id", str), ("response", str), ("correct", bool)):
             if not isinstance(row.get(key), kind):
                 raise UserError(f"{path}:{number}: field {key!r} must be a {kind.__name__}, "
@@ -127,13 +125,3 @@ def attach_responses(records: list[dict], responses: dict[str, dict], *,
             continue
         attached.append({**record, "response": teacher_row["response"]})
     return attached, dropped
-
-
-def _parse_line(path: Path, number: int, line: bytes) -> dict:
-    try:
-        row = json.loads(line)
-    except ValueError as e:
-        raise UserError(f"{path}:{number}: not valid JSON ({str(e).splitlines()[0]})") from None
-    if not isinstance(row, dict):
-        raise UserError(f"{path}:{number}: not a JSON object")
-    return row

@@ -6,7 +6,9 @@ import contextlib
 import json
 import os
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Iterator
+
+from paced_ds.errors import UserError
 
 
 @contextlib.contextmanager
@@ -39,3 +41,21 @@ def write_text_atomic(path: str | Path, text: str) -> Path:
     with atomic_open(path) as f:
         f.write(text)
     return Path(path)
+
+
+def read_jsonl(path: str | Path, name: str | None = None, *, objects: bool = True) -> Iterator[tuple[int, object]]:
+    """``(line number, value)`` of each non-blank line; a line that is not JSON (or, with
+    ``objects``, not a JSON object) is a one-line UserError naming ``name:line`` (``name``
+    defaults to the path)."""
+    name = str(path) if name is None else name
+    with Path(path).open("rb") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                value = json.loads(line)
+            except ValueError as e:  # JSONDecodeError, or bytes that are not UTF-8
+                raise UserError(f"{name}:{number}: not valid JSON ({str(e).splitlines()[0]})") from None
+            if objects and not isinstance(value, dict):
+                raise UserError(f"{name}:{number}: not a JSON object")
+            yield number, value
