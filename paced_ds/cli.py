@@ -84,7 +84,7 @@ def launch_pipelined(recipe: str | None, overrides: list[str], nproc: int, teach
     address = [f"teacher.address=127.0.0.1:{free_port()}"]
     share = nproc + teacher_ranks
     # The GPUs after the students'; on a node with fewer, the teacher shares from GPU 0 on.
-    count = max(default_nproc(), 1) if _has_gpu() else share
+    count = default_nproc() if _has_gpu() else share
     teacher_cmd, teacher_env = launch_command("teacher-serve", recipe, overrides + address, teacher_ranks,
                                               gpus=[g % count for g in range(nproc, share)], threads_share=share)
     student_cmd, student_env = launch_command("train", recipe, overrides + address, nproc,

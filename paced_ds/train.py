@@ -35,19 +35,10 @@ def parse_args(argv=None):
 def run(task: str, cfg) -> dict:
     from paced_ds.distill import tasks, trainer
 
-    if task == "train":
-        return trainer.train(cfg)
-    if task == "generate":
-        return tasks.generate(cfg)
-    if task == "estimate":
-        return tasks.estimate_competence(cfg)
-    if task == "cache-teacher":
-        return tasks.cache_teacher(cfg)
-    if task == "snr":
-        return tasks.measure_snr(cfg)
-    if task == "teacher-serve":
-        return tasks.teacher_serve(cfg)
-    return tasks.evaluate(cfg)
+    entry = {"train": trainer.train, "generate": tasks.generate, "cache-teacher": tasks.cache_teacher,
+             "estimate": tasks.estimate_competence, "snr": tasks.measure_snr, "eval": tasks.evaluate,
+             "teacher-serve": tasks.teacher_serve}[task]
+    return entry(cfg)
 
 
 def main(argv=None) -> int:

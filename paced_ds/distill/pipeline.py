@@ -27,6 +27,7 @@ from __future__ import annotations
 import datetime
 import json
 import time
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as torch_dist
@@ -109,7 +110,10 @@ class Bridge:
 
     def recv(self, tensor: torch.Tensor, peer: int, timeout: datetime.timedelta | None = None) -> torch.Tensor:
         work = self.group.recv([tensor], peer, 0)
-        work.wait(timeout) if timeout is not None else work.wait()
+        if timeout is None:
+            work.wait()
+        else:
+            work.wait(timeout)
         return tensor
 
 
@@ -122,6 +126,18 @@ def describe_failure(err: Exception) -> str:
     return first[:200]
 
 
+@dataclass
+class Request:
+    """A request in flight: its tag, its send works and the tensors they send (kept alive
+    until sent), and the batch's loss mask (where top-k answers go)."""
+
+    tag: int
+    works: list
+    header: torch.Tensor
+    planes: torch.Tensor
+    loss_mask: torch.Tensor
+
+
 class PipelinedTeacher:
     """The student side: send batches now or ahead of time, collect the teacher's logits in order."""
 
@@ -130,7 +146,7 @@ class PipelinedTeacher:
         self.teacher = bridge.rank % bridge.teachers
         self.timeout = datetime.timedelta(seconds=timeout_s)
         self.tag = 0
-        self.in_flight: list[tuple[int, list]] = []  # (tag, send works + their tensors), oldest first
+        self.in_flight: list[Request] = []  # oldest first
         self.wait_s = 0.0  # time spent waiting for answers: ~0 when the teacher keeps up
 
     def _fail(self, err: Exception):
@@ -149,14 +165,15 @@ class PipelinedTeacher:
             works = self.bridge.send([header, planes], self.teacher)
         except RuntimeError as err:
             self._fail(err)
-        self.in_flight.append((self.tag, [works, header, planes, batch["loss_mask"]]))
+        self.in_flight.append(Request(self.tag, works, header, planes, batch["loss_mask"]))
         self.tag += 1
 
     def _collect(self) -> torch.Tensor:
-        tag, (works, _, _, loss_mask) = self.in_flight.pop(0)
+        request = self.in_flight.pop(0)
+        tag, loss_mask = request.tag, request.loss_mask
         started = time.time()
         try:
-            for work in works:
+            for work in request.works:
                 work.wait(self.timeout)
             header = self.bridge.recv(torch.zeros(HEADER, dtype=torch.int64), self.teacher, self.timeout)
             if int(header[1]) != tag:
@@ -188,8 +205,8 @@ class PipelinedTeacher:
 
     def asked(self, batches: list[dict]) -> bool:
         """Whether what is in flight is exactly ``batches`` (asked ahead, and the plan held)."""
-        sent = [entry[2] for _, entry in self.in_flight]
-        return len(sent) == len(batches) and all(torch.equal(a, self._planes(b)) for a, b in zip(sent, batches))
+        return len(self.in_flight) == len(batches) and all(
+            torch.equal(request.planes, self._planes(batch)) for request, batch in zip(self.in_flight, batches))
 
     def answers(self, batches: list[dict], *, reuse: bool):
         """The teacher's logits for ``batches``, an iterator: collected from what was asked ahead

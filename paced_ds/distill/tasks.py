@@ -7,7 +7,8 @@ from __future__ import annotations
 from paced_ds.config import RunConfig
 from paced_ds.data import sources
 from paced_ds.distill import engines, generation
-from paced_ds.distill.trainer import generate_responses, preflight, say, teacher_path, with_teacher_responses
+from paced_ds.distill.trainer import (generate_responses, preflight, say, teacher_contract, teacher_path,
+                                      with_teacher_responses)
 from paced_ds.errors import UserError
 from paced_ds.runtime import dist
 
@@ -170,15 +171,6 @@ def cache_teacher(cfg: RunConfig) -> dict:
     tokens = int(dist.all_reduce_sum(torch.tensor([float(offsets[-1])])).item())
     say(f"teacher cache: {len(examples)} problems, {tokens} response tokens, top-{k} of {vocab} in {directory}")
     return {"path": str(directory), "problems": len(examples), "tokens": tokens, "k": k}
-
-
-def teacher_contract(cfg: RunConfig, tokenizer, vocab: int) -> dict:
-    """What the teacher job and the student job of teacher.backend=pipelined must agree on."""
-    from paced_ds import __version__
-    from paced_ds.distill.cache import tokenizer_digest
-
-    return {"teacher": sources.teacher_identity(teacher_path(cfg)), "tokenizer": tokenizer_digest(tokenizer),
-            "vocab": vocab, "topk": cfg.teacher.topk, "paced_ds": __version__}
 
 
 def teacher_serve(cfg: RunConfig) -> dict:

@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from paced_ds import __version__
 from paced_ds.config import RunConfig
 from paced_ds.curriculum import estimate, snr
 from paced_ds.curriculum.calibrate import bucket_edges
@@ -437,8 +438,6 @@ def train(cfg: RunConfig) -> dict:
 
 def connect_teacher(cfg: RunConfig, tokenizer, vocab: int) -> pipeline.PipelinedTeacher:
     """Join the teacher job at teacher.address (teacher.backend=pipelined)."""
-    from paced_ds.distill.tasks import teacher_contract
-
     if not cfg.teacher.address:
         raise UserError("config key teacher.address: teacher.backend=pipelined needs the teacher job's HOST:PORT "
                         "(`paced-ds train` starts a teacher job and sets it; `paced-ds teacher-serve` starts one)")
@@ -446,6 +445,12 @@ def connect_teacher(cfg: RunConfig, tokenizer, vocab: int) -> pipeline.Pipelined
     bridge = pipeline.Bridge(cfg.teacher.address, side="student", rank=dist.rank(), ranks=dist.world_size(),
                              contract=teacher_contract(cfg, tokenizer, vocab), timeout_s=cfg.train.timeout_s)
     return pipeline.PipelinedTeacher(bridge, vocab=vocab, topk=cfg.teacher.topk, timeout_s=cfg.train.timeout_s)
+
+
+def teacher_contract(cfg: RunConfig, tokenizer, vocab: int) -> dict:
+    """What the teacher job and the student job of teacher.backend=pipelined must agree on."""
+    return {"teacher": sources.teacher_identity(teacher_path(cfg)), "tokenizer": cache.tokenizer_digest(tokenizer),
+            "vocab": vocab, "topk": cfg.teacher.topk, "paced_ds": __version__}
 
 
 def teacher_description(cfg: RunConfig) -> str:

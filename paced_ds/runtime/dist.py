@@ -119,14 +119,6 @@ def all_gather_objects(obj):
     return out
 
 
-def broadcast_object(obj, src: int = 0):
-    if not torch_dist.is_initialized() or world_size() == 1:
-        return obj
-    box = [obj]
-    torch_dist.broadcast_object_list(box, src=src)
-    return box[0]
-
-
 def barrier() -> None:
     if torch_dist.is_initialized() and world_size() > 1:
         torch_dist.barrier()
