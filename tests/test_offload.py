@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
+import sys
 import threading
 from pathlib import Path
 
@@ -17,8 +17,9 @@ import pytest
 
 from launch import RECIPE, REPO, explain, paced_ds, read_jsonl, small_overrides, write_problems
 
-TINY_TEACHER = REPO / "paced_ds" / "assets" / "tiny-teacher"
-WIDE_INTERMEDIATE = 8192
+sys.path.insert(0, str(REPO / "tools"))
+from make_wide_teacher import TINY_TEACHER, save_wide_teacher  # noqa: E402 (after tools/ is on the path)
+
 SWAPPED_PER_RANK = 4 * 3  # 4 layers x (gate, up, down); everything else is under 1 MiB per rank
 
 
@@ -28,20 +29,6 @@ def async_io_missing() -> str:
     if AsyncIOBuilder().is_compatible(verbose=False):
         return ""
     return "libaio is not installed (apt-get install libaio-dev), so DeepSpeed's async_io op cannot build"
-
-
-def save_wide_teacher(out: Path, seed: int = 0) -> Path:
-    """The tiny teacher's architecture and tokenizer with a wide MLP, randomly initialised."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    config = AutoConfig.from_pretrained(TINY_TEACHER)
-    config.intermediate_size = WIDE_INTERMEDIATE
-    torch.manual_seed(seed)
-    AutoModelForCausalLM.from_config(config).save_pretrained(out)
-    for path in TINY_TEACHER.glob("tokenizer*"):
-        shutil.copy(path, out / path.name)
-    return out
 
 
 class SwapFileProbe:
