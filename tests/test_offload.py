@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import re
 import sys
-import threading
 from pathlib import Path
 
 import pytest
@@ -18,7 +17,8 @@ import pytest
 from launch import RECIPE, REPO, explain, paced_ds, read_jsonl, small_overrides, write_problems
 
 sys.path.insert(0, str(REPO / "tools"))
-from make_wide_teacher import TINY_TEACHER, save_wide_teacher  # noqa: E402 (after tools/ is on the path)
+from bench_step import Poller  # noqa: E402 (after tools/ is on the path)
+from make_wide_teacher import TINY_TEACHER, save_wide_teacher  # noqa: E402
 
 SWAPPED_PER_RANK = 4 * 3  # 4 layers x (gate, up, down); everything else is under 1 MiB per rank
 
@@ -31,33 +31,23 @@ def async_io_missing() -> str:
     return "libaio is not installed (apt-get install libaio-dev), so DeepSpeed's async_io op cannot build"
 
 
-class SwapFileProbe:
+class SwapFileProbe(Poller):
     """The most swap files (and bytes) seen under a folder while a run goes on."""
 
     def __init__(self, root: Path, interval_s: float = 0.1):
-        self.root, self.interval_s = root, interval_s
+        super().__init__(interval_s)
+        self.root = root
         self.most_files, self.most_bytes = 0, 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._poll, daemon=True)
 
-    def _poll(self) -> None:
-        while not self._stop.is_set():
-            sizes = []
-            for path in self.root.rglob("*.swp"):
-                try:
-                    sizes.append(path.stat().st_size)
-                except FileNotFoundError:  # removed between listing and stat
-                    pass
-            self.most_files, self.most_bytes = max(self.most_files, len(sizes)), max(self.most_bytes, sum(sizes))
-            self._stop.wait(self.interval_s)
-
-    def __enter__(self):
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
+    def poll(self) -> bool:
+        sizes = []
+        for path in self.root.rglob("*.swp"):
+            try:
+                sizes.append(path.stat().st_size)
+            except FileNotFoundError:  # removed between listing and stat
+                pass
+        self.most_files, self.most_bytes = max(self.most_files, len(sizes)), max(self.most_bytes, sum(sizes))
+        return True
 
 
 def test_nvme_buffers_grow_to_the_largest_partition():

@@ -126,24 +126,20 @@ def variant_overrides(args, variant: Variant, out_dir: Path, responses_dir: Path
     return overrides
 
 
-class GpuMemorySampler:
-    """The highest ``nvidia-smi`` memory.used (summed over GPUs) seen while it runs."""
+class Poller:
+    """Calls ``poll()`` every ``interval_s`` in a background thread while its ``with`` block
+    runs; ``poll`` returns False to stop early."""
 
-    def __init__(self, interval_s: float = 0.5):
+    def __init__(self, interval_s: float):
         self.interval_s = interval_s
-        self.peak_bytes = 0
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._poll, daemon=True)
+        self._thread = threading.Thread(target=self._run, daemon=True)
 
-    def _poll(self) -> None:
-        while not self._stop.is_set():
-            try:
-                out = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"],
-                                     capture_output=True, text=True, timeout=10).stdout
-                used = sum(int(line) for line in out.split() if line.strip().isdigit()) * MIB
-                self.peak_bytes = max(self.peak_bytes, used)
-            except (OSError, subprocess.SubprocessError):
-                return
+    def poll(self) -> bool:
+        raise NotImplementedError
+
+    def _run(self) -> None:
+        while not self._stop.is_set() and self.poll() is not False:
             self._stop.wait(self.interval_s)
 
     def __enter__(self):
@@ -153,6 +149,24 @@ class GpuMemorySampler:
     def __exit__(self, *exc):
         self._stop.set()
         self._thread.join()
+
+
+class GpuMemorySampler(Poller):
+    """The highest ``nvidia-smi`` memory.used (summed over GPUs) seen while it runs."""
+
+    def __init__(self, interval_s: float = 0.5):
+        super().__init__(interval_s)
+        self.peak_bytes = 0
+
+    def poll(self) -> bool:
+        try:
+            out = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"],
+                                 capture_output=True, text=True, timeout=10).stdout
+        except (OSError, subprocess.SubprocessError):
+            return False
+        used = sum(int(line) for line in out.split() if line.strip().isdigit()) * MIB
+        self.peak_bytes = max(self.peak_bytes, used)
+        return True
 
 
 def run_variant(args, variant: Variant, work_dir: Path, overrides: list[str]) -> dict:
