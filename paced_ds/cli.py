@@ -241,6 +241,9 @@ def print_demo_summary(output_dir: Path) -> None:
     for label, row in (("before", before), ("after", after)):
         cells = " | ".join(f"{row['by_difficulty'].get(level, float('nan')):.0%}" for level in levels)
         print(f"| {label} (step {row['step']}) | {cells} | {row['accuracy']:.0%} |")
+    if after.get("retention_set"):
+        print(f"\nforgetting: {after['forgotten']:.1%} of the {after['retention_set']} retention problems the student "
+              f"solved before training are no longer solved")
     print(f"\nTensorBoard logs:   {output_dir / 'tensorboard'}  (tensorboard --logdir {output_dir / 'tensorboard'})")
     print(f"metrics:            {output_dir / 'metrics.jsonl'}, {output_dir / 'eval.jsonl'}")
     print(f"exported student:   {output_dir / 'student'}  (AutoModelForCausalLM.from_pretrained)")

@@ -43,7 +43,7 @@ def small_overrides(tmp: Path, **extra) -> list[str]:
     values = {
         "train.output_dir": tmp / "run", "data.responses_dir": tmp / "responses",
         "train.steps": 4, "train.warmup_steps": 1, "train.micro_batch_size": 4, "train.grad_accum": 1,
-        "eval.every": 0, "eval.limit_per_level": 0, "data.arith_eval_per_level": 6,
+        "eval.every": 0, "eval.limit_per_level": 0, "data.arith_eval_per_level": 6, "data.arith_retain_per_level": 6,
         "data.arith_train_per_level": 10, "eval.max_new_tokens": 16, "logging.progress": "false",
     }
     values.update(extra)

@@ -55,24 +55,48 @@ def test_count_carries_hand_checked(a, b, op, expected):
 # determinism and splits
 
 def test_same_seed_same_problems():
-    level = arith.LEVELS_BY_NAME["L4"]
+    level = arith.LEVELS_BY_NAME["L3"]
     assert arith.problems(level, "train", 50, seed=3) == arith.problems(level, "train", 50, seed=3)
     assert arith.dataset("eval", 10, seed=3) == arith.dataset("eval", 10, seed=3)
 
 
 def test_different_seed_different_problems():
-    level = arith.LEVELS_BY_NAME["L4"]
+    level = arith.LEVELS_BY_NAME["L3"]
     first, second = arith.problems(level, "train", 50, seed=0), arith.problems(level, "train", 50, seed=1)
     assert [r["prompt"] for r in first] != [r["prompt"] for r in second]
     assert {r["prompt"] for r in first} != {r["prompt"] for r in second}
 
 
-def test_different_seed_reorders_a_small_level():
-    # L1 has under 100 operand pairs: two seeds draw the same pairs in a different order.
+def test_every_level_is_large_and_its_splits_hold_what_the_recipe_draws():
+    # >= 5,000 distinct problems per level; >= 600 train, >= 200 of each other split, disjoint.
+    for level in arith.LEVELS:
+        assert level.size() >= 5000, level
+        # size() is an upper bound under a carry band: count the distinct problems themselves.
+        assert sum(len(arith.problems(level, split, 5000)) for split in arith.SPLITS) >= 5000, level
+        drawn = {split: arith.problems(level, split, 600 if split == "train" else 200, seed=0)
+                 for split in arith.SPLITS}
+        assert {split: len(r) for split, r in drawn.items()} == {"train": 600, "val": 200, "eval": 200, "retain": 200}
+        pairs = {split: {operands(r) for r in records} for split, records in drawn.items()}
+        assert all(len(pairs[split]) == len(drawn[split]) for split in drawn)  # distinct within a split
+        names = list(pairs)
+        for i, first in enumerate(names):
+            for second in names[i + 1:]:
+                assert not pairs[first] & pairs[second], (level.name, first, second)
+
+
+def test_split_shares_sum_to_one_and_every_pair_has_one_split():
+    assert sum(arith.SPLITS.values()) == pytest.approx(1.0)
     level = arith.LEVELS_BY_NAME["L1"]
-    first, second = arith.problems(level, "train", 1000, seed=0), arith.problems(level, "train", 1000, seed=1)
-    assert sorted(r["id"] for r in first) == sorted(r["id"] for r in second)
-    assert [r["id"] for r in first] != [r["id"] for r in second]
+    counts = Counter(arith.split_of(a, b, level) for a in range(10, 100) for b in range(10, 100))
+    assert sum(counts.values()) == 8100
+    for split, share in arith.SPLITS.items():
+        assert abs(counts[split] / 8100 - share) < 0.02, (split, counts)
+
+
+def test_a_small_level_runs_out_instead_of_looping():
+    level = arith.Level("T", "+", 1)  # 100 operand pairs in all
+    found = sum(len(arith.problems(level, split, 1000)) for split in arith.SPLITS)
+    assert found == 100
 
 
 def test_train_and_eval_operand_pairs_are_disjoint_for_every_level(splits):
@@ -99,20 +123,12 @@ def test_no_pair_is_train_in_one_level_and_eval_in_another(splits):
 
 def test_counts_ids_and_difficulty(splits):
     for name, (train, held_out) in splits.items():
-        if name != "L1":  # L1 has fewer distinct problems than asked for (see below)
-            assert (len(train), len(held_out)) == (TRAIN_COUNT, EVAL_COUNT)
+        assert (len(train), len(held_out)) == (TRAIN_COUNT, EVAL_COUNT)
         for split, records in (("train", train), ("eval", held_out)):
             assert len({r["id"] for r in records}) == len(records)
             assert len({r["prompt"] for r in records}) == len(records)
             assert {r["difficulty"] for r in records} == {name}
             assert all(r["id"].startswith(f"{name}-{split}-") for r in records)
-
-
-def test_small_level_returns_every_distinct_problem_it_has(splits):
-    train, held_out = splits["L1"]
-    # 1-digit operands: 100 pairs, split between train and eval, all of them found.
-    assert len(train) + len(arith.problems(arith.LEVELS_BY_NAME["L1"], "eval", 1000)) == 100
-    assert 50 < len(train) < 100
 
 
 # ---------------------------------------------------------------------------------------
@@ -121,21 +137,30 @@ def test_small_level_returns_every_distinct_problem_it_has(splits):
 def test_problems_have_the_level_digits_and_carry_band(splits):
     for name, (train, held_out) in splits.items():
         level = arith.LEVELS_BY_NAME[name]
-        low = 0 if level.digits == 1 else 10 ** (level.digits - 1)
         for record in train + held_out:
             a, op, b = operands(record)
             assert op == level.op
-            assert low <= a < 10 ** level.digits and low <= b < 10 ** level.digits, record
+            assert len(str(a)) == level.digits and len(str(b)) == level.second_digits, record
             carries = arith.count_carries(a, b, op)
             assert level.min_carries <= carries <= level.max_carries, record
 
 
-def test_levels_differ_in_carries(splits):
-    carries = {name: Counter(arith.count_carries(*operands(r)[::2], operands(r)[1]) for r in train)
-               for name, (train, _) in splits.items()}
-    assert set(carries["L2"]) == {0}
-    assert 0 not in carries["L3"]
-    assert min(carries["L4"]) >= 2
+def test_difficulty_rises_across_levels_and_varies_within_each(splits):
+    """Across levels: more digits to add, or as many with more carries. Within a level: at
+    least two carry counts, each common enough to spread the student's pass rates."""
+    hardness = []
+    for level in arith.LEVELS:
+        train, _ = splits[level.name]
+        carries = Counter(arith.count_carries(*operands(r)[::2], "+") for r in train)
+        common = [c for c, n in carries.items() if n >= 0.1 * len(train)]
+        assert len(common) >= 2, (level.name, carries)
+        hardness.append((level.digits + level.second_digits, sum(c * n for c, n in carries.items()) / len(train)))
+    assert hardness == sorted(hardness) and len(set(hardness)) == len(hardness), hardness
+
+
+def test_a_carry_band_is_respected():
+    level = arith.Level("B", "+", 3, min_carries=2)
+    assert all(arith.count_carries(*operands(r)[::2], "+") >= 2 for r in arith.problems(level, "train", 50))
 
 
 def test_answers_are_right(splits):
@@ -196,6 +221,7 @@ def test_verify_does_not_read_the_reversed_digits_as_the_answer():
     # Subtraction (a >= b) borrows at most digits - 1 times.
     (dict(name="X", op="-", digits=1, min_carries=1), "carries"),
     (dict(name="X", op="-", digits=3, min_carries=3), "carries"),
+    (dict(name="X", op="+", digits=2, b_digits=3), "b_digits"),
 ])
 def test_level_validation(kwargs, says):
     with pytest.raises(ValueError, match=says) as info:
@@ -216,13 +242,21 @@ def test_problems_rejects_an_unknown_split():
         arith.problems(arith.LEVELS[0], "test", 5)
 
 
+def test_a_mixed_length_level():
+    level = arith.Level("M", "+", 3, b_digits=2)
+    assert level.size() == 900 * 90
+    for record in arith.problems(level, "train", 30):
+        a, _, b = operands(record)
+        assert 100 <= a <= 999 and 10 <= b <= 99
+
+
 # ---------------------------------------------------------------------------------------
 # dataset, files, corpus
 
 def test_dataset_counts_per_level_and_interleaves():
     records = arith.dataset("train", 30, seed=0)
     counts = Counter(r["difficulty"] for r in records)
-    assert counts == {"L1": 30, "L2": 30, "L3": 30, "L4": 30}
+    assert counts == {"L1": 30, "L2": 30, "L3": 30}
     levels_in_order = [r["difficulty"] for r in records]
     # Interleaved: not one block per level.
     changes = sum(1 for x, y in zip(levels_in_order, levels_in_order[1:]) if x != y)
@@ -231,9 +265,9 @@ def test_dataset_counts_per_level_and_interleaves():
 
 
 def test_dataset_per_level_dict():
-    counts = {"L1": 3, "L2": 0, "L3": 7, "L4": 11}
+    counts = {"L1": 3, "L2": 0, "L3": 7}
     records = arith.dataset("eval", counts, seed=2)
-    assert Counter(r["difficulty"] for r in records) == {"L1": 3, "L3": 7, "L4": 11}
+    assert Counter(r["difficulty"] for r in records) == {"L1": 3, "L3": 7}
 
 
 def test_dataset_with_chosen_levels():
@@ -274,3 +308,4 @@ def test_corpus_lines_are_prompts_and_responses():
     assert all(PROMPT.match(line) and " = " in line and "rev " in line for line in lines)
     # Every shipped level is in it.
     assert {len(PROMPT.match(line).group(1)) for line in lines} == {lv.digits for lv in arith.LEVELS}
+    assert {len(PROMPT.match(line).group(3)) for line in lines} == {lv.second_digits for lv in arith.LEVELS}

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from paced_ds.data import arith
 from launch import RECIPE, explain, paced_ds, read_jsonl, run, small_overrides
 
 pytestmark = pytest.mark.distributed
@@ -79,7 +80,7 @@ def tensorboard_tags(run_dir: Path) -> dict:
 def test_paced_writes_competence_spanning_zero_to_one_and_tensorboard_curriculum(runs):
     out, _ = runs
     rows = competence(out / "paced_weight")
-    assert len(rows) == 48 and all(r["trials"] == 4 for r in rows)
+    assert len(rows) == 12 * len(arith.LEVELS) and all(r["trials"] == 4 for r in rows)
     rates = [r["pass_rate"] for r in rows]
     assert min(rates) == 0.0 and max(rates) == 1.0 and any(0 < p < 1 for p in rates)
     # w = p(1-p), normalised to mean 1 over the dataset: zero at both ends.
@@ -165,5 +166,5 @@ def test_estimate_command_writes_competence(tmp_path):
                                                     "rollout.max_new_tokens": 16}))
     assert result.returncode == 0, explain(result)
     rows = read_jsonl(tmp_path / "run" / "competence.jsonl")
-    assert len(rows) == 20 and all(r["trials"] == 4 for r in rows)
+    assert len(rows) == 5 * len(arith.LEVELS) and all(r["trials"] == 4 for r in rows)
     assert "mean pass rate" in result.stdout

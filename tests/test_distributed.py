@@ -34,7 +34,7 @@ def test_two_rank_zero3_run_with_cpu_offloaded_teacher(tmp_path):
     result = paced_ds("train", "--config", RECIPE, "--nproc", 2, "data.train=" + str(data),
                       *small_overrides(tmp_path, **{"teacher.offload": "cpu", "train.steps": 6,
                                                     "train.grad_accum": 2, "eval.every": 3,
-                                                    "train.save_every": 3, "train.lr": 3e-3,
+                                                    "train.save_every": 3, "train.lr": 3e-4,
                                                     "curriculum.mode": "uniform"}))
     assert result.returncode == 0, explain(result)
     run_dir = tmp_path / "run"
@@ -43,7 +43,7 @@ def test_two_rank_zero3_run_with_cpu_offloaded_teacher(tmp_path):
     stored = list(tmp_path.glob("problems.teacher-*.jsonl"))
     assert len(stored) == 1, list(tmp_path.iterdir())
     header, *rows = read_jsonl(stored[0])
-    assert header["count"] == len(rows) == 24 and all("correct" in row for row in rows)
+    assert header["count"] == len(rows) == 18 and all("correct" in row for row in rows)
 
     metrics = read_jsonl(run_dir / "metrics.jsonl")
     assert [m["step"] for m in metrics] == [1, 2, 3, 4, 5, 6]
@@ -58,8 +58,14 @@ def test_two_rank_zero3_run_with_cpu_offloaded_teacher(tmp_path):
 
     evals = read_jsonl(run_dir / "eval.jsonl")
     assert [e["step"] for e in evals] == [0, 3, 6]
-    assert set(evals[0]["by_difficulty"]) == {"L1", "L2", "L3", "L4"}
+    assert set(evals[0]["by_difficulty"]) == {"L1", "L2", "L3"}
     assert all(0.0 <= v <= 1.0 for e in evals for v in e["by_difficulty"].values())
+    # The retention set: the retention problems (6 per level) the student solved at step 0.
+    retention = json.loads((run_dir / "retention.json").read_text())
+    assert retention["offered"] == 18 and 0 < len(retention["ids"]) <= 18
+    assert all(e["retention_set"] == len(retention["ids"]) for e in evals)
+    assert evals[0]["forgotten"] == 0.0 and all(0.0 <= e["forgotten"] <= 1.0 for e in evals)
+    assert all(e["retained"] == pytest.approx(1 - e["forgotten"]) for e in evals)
 
     tags = scalar_tags(run_dir / "tensorboard")
     assert {"train/loss", "train/lr", "eval/accuracy", "eval/accuracy_L1"} <= tags
@@ -87,15 +93,19 @@ def test_two_rank_zero3_run_with_cpu_offloaded_teacher(tmp_path):
     resumed = paced_ds("train", "--config", RECIPE, "--nproc", 2, "data.train=" + str(data),
                        *small_overrides(tmp_path, **{"teacher.offload": "cpu", "train.steps": 8,
                                                      "train.grad_accum": 2, "eval.every": 3,
-                                                     "train.save_every": 3, "train.lr": 3e-3,
+                                                     "train.save_every": 3, "train.lr": 3e-4,
                                                      "curriculum.mode": "uniform", "train.resume": "auto"}))
     assert resumed.returncode == 0, explain(resumed)
     assert "resumed from" in resumed.stdout and "generating teacher responses" not in resumed.stdout
     metrics = read_jsonl(run_dir / "metrics.jsonl")
     assert [m["step"] for m in metrics] == [1, 2, 3, 4, 5, 6, 7, 8]
     assert metrics[-1]["samples"] == 8 * 2 * 4 * 2
-    assert [e["step"] for e in read_jsonl(run_dir / "eval.jsonl")] == [0, 3, 6, 8]
+    evals = read_jsonl(run_dir / "eval.jsonl")
+    assert [e["step"] for e in evals] == [0, 3, 6, 8]
     assert (checkpoints / "latest").read_text().strip() == "step_8"
+    # Measured against the same retention set after the resume.
+    assert json.loads((run_dir / "retention.json").read_text()) == retention
+    assert evals[-1]["retention_set"] == len(retention["ids"])
 
 
 ACCUMULATION_SCRIPT = r"""
@@ -167,7 +177,7 @@ def test_deepspeed_and_torchrun_entry_points(tmp_path):
                      "--config", str(RECIPE), "--result-json", str(tmp_path / "eval.json"), *overrides])
     assert evaluated.returncode == 0, explain(evaluated)
     result = json.loads((tmp_path / "eval.json").read_text())
-    assert result["count"] == 4 * 6 and set(result["by_difficulty"]) == {"L1", "L2", "L3", "L4"}
+    assert result["count"] == 3 * 6 and set(result["by_difficulty"]) == {"L1", "L2", "L3"}
 
 
 def _port() -> int:

@@ -7,6 +7,7 @@ import sys
 
 import pytest
 
+from paced_ds.data import arith
 from launch import RECIPE, REPO, cpu_env, read_jsonl, small_overrides
 
 pytestmark = pytest.mark.distributed
@@ -39,4 +40,4 @@ def test_two_node_run_shares_one_plan_and_writes_rank0_outputs_once(tmp_path):
     assert len(read_jsonl(run / "eval.jsonl")) == 2
     # Each node rolled out half of the problems; the all-reduce gave every problem all K trials.
     competence = read_jsonl(run / "competence.jsonl")
-    assert len(competence) == 24 and all(row["trials"] == 4 for row in competence)
+    assert len(competence) == 6 * len(arith.LEVELS) and all(row["trials"] == 4 for row in competence)

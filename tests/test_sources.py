@@ -9,11 +9,29 @@ from paced_ds.data import sources
 def test_arith_sources_carry_no_response_and_are_limited_per_level():
     cfg = DataConfig(arith_train_per_level=5, arith_eval_per_level=3)
     train, held_out = sources.load_train(cfg), sources.load_eval(cfg)
-    assert len(train) == 20 and len(held_out) == 12
+    assert len(train) == 15 and len(held_out) == 9
     assert all("response" not in r for r in train)  # the teacher writes them
     assert {r["id"] for r in train}.isdisjoint(r["id"] for r in held_out)
     limited = sources.limit_per_level(held_out, 2)
-    assert sorted(r["difficulty"] for r in limited) == ["L1", "L1", "L2", "L2", "L3", "L3", "L4", "L4"]
+    assert sorted(r["difficulty"] for r in limited) == ["L1", "L1", "L2", "L2", "L3", "L3"]
+
+
+def test_validation_and_retention_sources_are_their_own_splits():
+    import pytest
+
+    from paced_ds.errors import UserError
+
+    cfg = DataConfig(arith_train_per_level=5, arith_eval_per_level=3, arith_retain_per_level=4,
+                     eval="arith:val", retain="arith:retain")
+    train, val, retain = sources.load_train(cfg), sources.load_eval(cfg), sources.load_retain(cfg)
+    assert (len(val), len(retain)) == (9, 12)
+    held_out = sources.load_eval(DataConfig(arith_eval_per_level=3))
+    ids = [{r["id"] for r in part} for part in (train, val, retain, held_out)]
+    assert all(ids[i].isdisjoint(ids[j]) for i in range(4) for j in range(i + 1, 4))
+    assert all("-val-" in i for i in ids[1]) and all("-retain-" in i for i in ids[2])
+    assert sources.load_retain(DataConfig()) == []  # off unless asked for
+    with pytest.raises(UserError, match="unknown generated source 'arith:test': use arith:train, arith:val"):
+        sources.load_eval(DataConfig(eval="arith:test"))
 
 
 def test_teacher_identity_follows_the_weights(tmp_path):

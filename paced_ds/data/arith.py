@@ -1,9 +1,15 @@
 """The reference task: verifiable arithmetic with controlled difficulty.
 
-Each difficulty level fixes the operator, the operand digit counts and a band of
-carries (or borrows), so a level is a genuine step in difficulty rather than a label.
-Problems are deterministic by seed; the held-out split of every level is drawn from a
-disjoint set of operand pairs, so evaluation never sees a training problem.
+Each difficulty level fixes the operator and the operands' digit counts; within a level
+the number of carries (or borrows) varies from none to every column, so difficulty rises
+both across levels and within each one. Every shipped level holds at least 8,100
+distinct problems. Problems are deterministic by seed.
+
+Every operand pair belongs to exactly one split, by a hash of the pair (never of the
+seed): ``train``, ``val`` (choosing hyperparameters), ``eval`` (the reported held-out
+set) and ``retain`` (the retention set: which of these problems the initial student
+solves is its "general ability", and the share it loses measures forgetting). So no
+seed ever draws one problem into two splits.
 
 The reference response writes the result's digits least-significant first, then the
 answer (``"rev 2301 = 1032"``): a small transformer can produce the reversed digits
@@ -20,35 +26,54 @@ from typing import Iterator
 
 from paced_ds.runtime.files import write_jsonl_atomic
 
+# split -> share of every level's operand pairs; the shares sum to 1.
+SPLITS: dict[str, float] = {"train": 0.7, "val": 0.1, "eval": 0.1, "retain": 0.1}
+
 
 @dataclasses.dataclass(frozen=True)
 class Level:
-    """One difficulty level: ``digits``-digit operands combined by ``op``."""
+    """One difficulty level: a ``digits``-digit operand ``op`` a ``b_digits``-digit one
+    (``b_digits`` defaults to ``digits``), optionally banded by the number of carries."""
 
     name: str
     op: str
     digits: int
     min_carries: int = 0
     max_carries: int = 99
+    b_digits: int = 0
 
     def __post_init__(self):
         if self.op not in ("+", "-"):
             raise ValueError(f"arith level {self.name!r}: op must be '+' or '-', got {self.op!r}")
         if not 1 <= self.digits <= 9:
             raise ValueError(f"arith level {self.name!r}: digits must be in 1..9, got {self.digits}")
+        if not 0 <= self.b_digits <= self.digits:
+            raise ValueError(f"arith level {self.name!r}: b_digits must be in 0..{self.digits}, got {self.b_digits}")
         # With a >= b the top column of a subtraction never borrows: d digits borrow at most
         # d - 1 times. An impossible band would make _draw_operands loop forever.
         most_carries = self.digits if self.op == "+" else self.digits - 1
         if self.min_carries > min(self.max_carries, most_carries):
             raise ValueError(f"arith level {self.name!r}: no problem has {self.min_carries} carries")
 
+    @property
+    def second_digits(self) -> int:
+        return self.b_digits or self.digits
 
-# The recipe's levels, easiest first. The shipped student solves L1, little of L4.
+    def operand_range(self, digits: int) -> tuple[int, int]:
+        return (0 if digits == 1 else 10 ** (digits - 1)), 10**digits - 1
+
+    def size(self) -> int:
+        """Distinct operand pairs of the level before any carry band (an upper bound with one)."""
+        (a_low, a_high), (b_low, b_high) = self.operand_range(self.digits), self.operand_range(self.second_digits)
+        return (a_high - a_low + 1) * (b_high - b_low + 1)
+
+
+# The recipe's levels, easiest first: 2+2, 3+2 and 3+3 digit sums, each with every number
+# of carries. The shipped student solves most of L1, about half of L2, little of L3.
 LEVELS: tuple[Level, ...] = (
-    Level("L1", "+", 1),
-    Level("L2", "+", 2, max_carries=0),
-    Level("L3", "+", 2, min_carries=1),
-    Level("L4", "+", 3, min_carries=2),
+    Level("L1", "+", 2),
+    Level("L2", "+", 3, b_digits=2),
+    Level("L3", "+", 3),
 )
 LEVELS_BY_NAME = {level.name: level for level in LEVELS}
 
@@ -81,43 +106,45 @@ def format_response(answer: int) -> str:
     return f"rev {sign}{str(abs(answer))[::-1]} = {answer}"
 
 
-def _is_held_out(a: int, b: int, level: Level, held_out_share: float) -> bool:
-    # A hash of the operands, not of the seed: the split is fixed for every seed, so
-    # a train set drawn with one seed never leaks into a held-out set drawn with another.
+def split_of(a: int, b: int, level: Level) -> str:
+    """The split an operand pair belongs to. A hash of the operands, not of the seed: the
+    split is fixed for every seed, so no seed's train set holds another's held-out problem."""
     digest = hashlib.sha256(f"{level.name}:{a}{level.op}{b}".encode()).digest()
-    return int.from_bytes(digest[:4], "big") / 2**32 < held_out_share
+    u = int.from_bytes(digest[:4], "big") / 2**32
+    for split, share in SPLITS.items():
+        if u < share:
+            return split
+        u -= share
+    return split
 
 
 def _draw_operands(rng: random.Random, level: Level) -> tuple[int, int]:
-    low = 0 if level.digits == 1 else 10 ** (level.digits - 1)
-    high = 10**level.digits - 1
+    (a_low, a_high), (b_low, b_high) = level.operand_range(level.digits), level.operand_range(level.second_digits)
     while True:
-        a, b = rng.randint(low, high), rng.randint(low, high)
+        a, b = rng.randint(a_low, a_high), rng.randint(b_low, b_high)
         if level.op == "-" and a < b:
             a, b = b, a
         if level.min_carries <= count_carries(a, b, level.op) <= level.max_carries:
             return a, b
 
 
-def problems(level: Level, split: str, count: int, seed: int = 0,
-             held_out_share: float = 0.2) -> list[dict]:
-    """``count`` distinct problems of ``level`` from ``split`` ("train" or "eval").
+def problems(level: Level, split: str, count: int, seed: int = 0) -> list[dict]:
+    """``count`` distinct problems of ``level`` from ``split`` (one of ``SPLITS``).
 
     Returns problem records (DESIGN.md): id, prompt, answer, response, difficulty.
-    Fewer than ``count`` come back only when the level has fewer distinct problems.
+    Fewer than ``count`` come back only when the split has fewer distinct problems.
     """
-    if split not in ("train", "eval"):
-        raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
     rng = random.Random(f"{seed}:{level.name}:{split}")
-    want_held_out = split == "eval"
     seen: set[tuple[int, int]] = set()
     records = []
     attempts = 0
-    # 1-digit levels have only ~100 operand pairs; stop when the draws stop finding new ones.
+    # A small level runs out of new pairs: stop when the draws stop finding them.
     while len(records) < count and attempts < 50 * count + 1000:
         attempts += 1
         a, b = _draw_operands(rng, level)
-        if (a, b) in seen or _is_held_out(a, b, level, held_out_share) != want_held_out:
+        if (a, b) in seen or split_of(a, b, level) != split:
             continue
         seen.add((a, b))
         answer = evaluate(a, b, level.op)

@@ -25,8 +25,9 @@ def load(source: str, data_cfg, *, split: str, per_level: int) -> list[dict]:
     """Problem records of ``source`` (validated; DESIGN.md record contract)."""
     if source.startswith(ARITH_PREFIX):
         which = source[len(ARITH_PREFIX):]
-        if which not in ("train", "eval"):
-            raise UserError(f"unknown generated source {source!r}: use arith:train or arith:eval")
+        if which not in arith.SPLITS:
+            raise UserError(f"unknown generated source {source!r}: use "
+                            + ", ".join(f"arith:{split}" for split in arith.SPLITS))
         records = arith.dataset(which, per_level, seed=data_cfg.arith_seed)
         return [{k: v for k, v in r.items() if k != "response"} for r in records]
     return load_problems(source, fields=dict(data_cfg.fields), split=split)
@@ -40,6 +41,12 @@ def load_eval(data_cfg) -> list[dict]:
     if not data_cfg.eval:
         return []
     return load(data_cfg.eval, data_cfg, split=data_cfg.eval_split, per_level=data_cfg.arith_eval_per_level)
+
+
+def load_retain(data_cfg) -> list[dict]:
+    if not data_cfg.retain:
+        return []
+    return load(data_cfg.retain, data_cfg, split=data_cfg.eval_split, per_level=data_cfg.arith_retain_per_level)
 
 
 def limit_per_level(records: list[dict], limit: int) -> list[dict]:

@@ -32,6 +32,7 @@ from paced_ds.data.collate import collate_train, encode
 from paced_ds.data.prompts import privileged_prompt
 from paced_ds.distill import cache, engines, generation, onpolicy, pipeline
 from paced_ds.distill.losses import distillation_loss
+from paced_ds.distill.retention import Retention
 from paced_ds.errors import UserError
 from paced_ds.runtime import checkpoint, dist, faults
 from paced_ds.runtime.tracking import Tracker
@@ -158,15 +159,20 @@ def tokenize_problems(cfg: RunConfig, tokenizer, records: list[dict]) -> list[di
             for text, record in zip(texts, records)]
 
 
-def run_eval(cfg, engine, tokenizer, eval_records, tracker, step: int, label: str) -> dict | None:
+def run_eval(cfg, engine, tokenizer, eval_records, retention, tracker, step: int, label: str) -> dict | None:
     if not eval_records:
         return None
     started = time.time()
     result = generation.evaluate(engine.module, tokenizer, eval_records, cfg.data, cfg.eval)
+    result.update(retention.measure(engine.module, tokenizer, cfg.data, cfg.eval))
     tracker.log_eval(step, result)
     levels = generation.accuracy_table(result["by_difficulty"])
+    forgot = ""
+    if "forgotten" in result:
+        forgot = (f" | retention set: the {result['retention_set']} retention problems solved now" if step == 0 else
+                  f" | forgotten {result['forgotten']:.1%} of the retention set ({result['retention_set']})")
     say(f"eval ({label}, step {step}): accuracy {result['accuracy']:.1%} | "
-        + " ".join(f"{k} {v:.0%}" for k, v in levels.items()) + f" | {time.time() - started:.1f} s")
+        + " ".join(f"{k} {v:.0%}" for k, v in levels.items()) + forgot + f" | {time.time() - started:.1f} s")
     return result
 
 
@@ -181,6 +187,7 @@ def teacher_logits(teacher_engine, batch: dict, vocab: int) -> torch.Tensor:
 def train(cfg: RunConfig) -> dict:
     # ---- set up -------------------------------------------------------------------------
     tokenizer, vocab, train_records, eval_records = preflight(cfg)
+    retain_records = sources.limit_per_level(sources.load_retain(cfg.data), cfg.eval.limit_per_level)
     dist.init(cfg.train.timeout_s)
     world, rank = dist.world_size(), dist.rank()
     device = dist.device()
@@ -235,10 +242,13 @@ def train(cfg: RunConfig) -> dict:
     start_step = counters["step"]
     tracker = Tracker(output_dir, tensorboard=cfg.logging.tensorboard,
                       resume_step=start_step if resume_from is not None else None)
+    retention = Retention(retain_records, output_dir)
+    if resume_from is not None:
+        retention.resume()
 
     before = None
     if resume_from is None:
-        before = run_eval(cfg, student, tokenizer, eval_records, tracker, 0, "before training")
+        before = run_eval(cfg, student, tokenizer, eval_records, retention, tracker, 0, "before training")
         if curriculum.active:
             counters["forward_tokens"] += update_curriculum(cfg, curriculum, sampler, student, tokenizer,
                                                             train_records, tracker, step=0)
@@ -414,7 +424,7 @@ def train(cfg: RunConfig) -> dict:
                                     buckets, tracker, vocab=vocab, step=step, counters=counters)
             curriculum_scalars = curriculum.summary(sampler.weights)
         if cfg.eval.every and step % cfg.eval.every == 0 and step < cfg.train.steps:
-            run_eval(cfg, student, tokenizer, eval_records, tracker, step, "during training")
+            run_eval(cfg, student, tokenizer, eval_records, retention, tracker, step, "during training")
         if cfg.train.save_every and step % cfg.train.save_every == 0 and step < cfg.train.steps:
             save(cfg, student, sampler, counters, curriculum)
     progress.close()
@@ -422,7 +432,7 @@ def train(cfg: RunConfig) -> dict:
     # ---- finish ---------------------------------------------------------------------------
     after = None
     if counters["step"] > start_step:  # else a finished run was resumed: its last eval and checkpoint stand
-        after = run_eval(cfg, student, tokenizer, eval_records, tracker, counters["step"], "after training")
+        after = run_eval(cfg, student, tokenizer, eval_records, retention, tracker, counters["step"], "after training")
         save(cfg, student, sampler, counters, curriculum)
     if remote is not None:
         remote.close()

@@ -57,13 +57,16 @@ class Tracker:
         if not self.enabled:
             return
         row = {"step": step, "accuracy": result["accuracy"], "by_difficulty": result["by_difficulty"],
-               "count": result["count"], **({"solved": result["solved"]} if "solved" in result else {})}
+               "count": result["count"],
+               **{key: result[key] for key in ("retention_set", "retained", "forgotten", "solved") if key in result}}
         self.eval_file.write(json.dumps(row) + "\n")
         self.eval_file.flush()
         if self.writer is not None:
             self.writer.add_scalar("eval/accuracy", result["accuracy"], step)
             for level, accuracy in result["by_difficulty"].items():
                 self.writer.add_scalar(f"eval/accuracy_{level}", accuracy, step)
+            if math.isfinite(result.get("forgotten", float("nan"))):
+                self.writer.add_scalar("eval/forgotten", result["forgotten"], step)
             self.writer.flush()
 
     def histogram(self, tag: str, values, step: int) -> None:
