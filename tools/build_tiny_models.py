@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import dataclasses
 import json
 import math
 import multiprocessing
@@ -260,12 +261,13 @@ def main():
             "teacher", TEACHER_SHAPE, tok_dir, pools, TEACHER_MIX, args.teacher_steps, args.seed, eval_sets,
             stop=lambda acc: min(acc.values()) >= 0.99, threads=args.threads, save_to=tmp / "tiny-teacher")
 
+        from paced_ds.verify import is_correct
+
         answered = time.time()
         torch.set_num_threads(args.threads)
         taught, solved = {}, {}
         for name, records in pools.items():
             texts = generate(teacher, tokenizer, records)
-            from paced_ds.verify import is_correct
             kept = [{**r, "response": t} for r, t in zip(records, texts) if is_correct(t, r["answer"])]
             taught[name], solved[name] = kept, len(kept) / len(records)
         teacher_report["pool_solved"] = solved
@@ -297,7 +299,7 @@ def main():
             shutil.copytree(tmp / label, target)
 
     report = {"seed": args.seed, "minutes": round((time.time() - started) / 60, 1),
-              "levels": {level.name: dataclasses_dict(level) for level in arith.LEVELS},
+              "levels": {level.name: dataclasses.asdict(level) for level in arith.LEVELS},
               "teacher": teacher_report, "capacity_check": capacity_report, "student": student_report,
               "step0_pass_rates": spread}
     (out / "build_report.json").write_text(json.dumps(report, indent=1) + "\n")
@@ -314,12 +316,6 @@ def main():
     verdict = "passed" if capacity_report["passed"] else "FAILED"
     print(f"\ncapacity check {verdict} (>= {CAPACITY_TARGET:.0%} held-out on every level); "
           f"built in {report['minutes']} min -> {out}")
-
-
-def dataclasses_dict(level) -> dict:
-    import dataclasses
-
-    return dataclasses.asdict(level)
 
 
 if __name__ == "__main__":

@@ -270,9 +270,10 @@ def run_state(directory: Path, expected: dict) -> str:
     return "done" if evals and evals[-1]["step"] == expected["train"]["steps"] else "partial"
 
 
-def estimate_run_s(method: str, steps: int, eval_every: int, snr_every: int, problems: int, rollouts: int,
-                   eval_problems: int = 600, sweep: bool = False) -> float:
-    """Seconds one run should take here (COST_S), without the launch."""
+def estimate_run_s(method: str, steps: int, eval_every: int, snr_every: int, eval_problems: int = 600,
+                   sweep: bool = False) -> float:
+    """Seconds one run should take here (COST_S), without the launch and the seed's step-0 estimate
+    (a plan entry of its own)."""
     switch = steps // 2 if method == "paced_two_stage" else steps
     seconds = COST_S["run"] + switch * COST_S["step"] + (steps - switch) * COST_S["on_policy_step"]
     evals = 2 if sweep else len(range(eval_every, steps, eval_every)) + 2
@@ -312,9 +313,7 @@ def plan_runs(args, lrs: dict[str, list[float]], seeds: int, *, sweep: bool) -> 
                     eval_problems = LEVELS * (cfg.eval.limit_per_level or cfg.data.arith_eval_per_level)
                     pending.append({"method": method, "seed": seed, "lr": lr, "overrides": overrides,
                                     "directory": str(directory), "estimate_s": estimate_run_s(
-                                        method, args.steps, args.eval_every, args.snr_every,
-                                        LEVELS * cfg.data.arith_train_per_level, cfg.curriculum.rollouts,
-                                        eval_problems, sweep)})
+                                        method, args.steps, args.eval_every, args.snr_every, eval_problems, sweep)})
     return pending
 
 
