@@ -1,3 +1,3 @@
 """paced-ds: DeepSpeed distillation at the frontier of student competence (PACED)."""
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -33,6 +34,7 @@ from pathlib import Path
 from paced_ds.config import REPO_ROOT, describe, load_config
 from paced_ds.errors import UserError
 from paced_ds.runtime.dist import ensure_accelerator_env, free_port
+from paced_ds.runtime.rundir import RunDir
 
 DEMO_RECIPE = "ds_configs/recipes/tiny_arith.yaml"
 
@@ -124,9 +126,48 @@ def stop(job: subprocess.Popen, grace_s: float) -> None:
             job.wait()
 
 
+# DeepSpeed's own pattern (launcher/runner.py _parse_hostfile), so what passes here parses there.
+HOSTFILE_LINE = re.compile(r"^(\S+)\s+slots=(\d+)")
+
+
+def check_hostfile(path: str) -> dict[str, int]:
+    """The ``{host: slots}`` of a deepspeed hostfile, or a UserError naming the file (and line).
+
+    The deepspeed launcher treats a missing hostfile as "run on this node only", so a typo
+    would quietly turn a cluster run into a one-node run; it is checked here before anything
+    is loaded or launched."""
+    file = Path(path)
+    if file.is_dir():
+        raise UserError(f"--hostfile {path}: is a directory, not a file of `hostname slots=N` lines")
+    try:
+        text = file.read_text(errors="replace")
+    except FileNotFoundError:
+        raise UserError(f"--hostfile {path}: no such file "
+                        "(a typo here would turn a cluster run into a one-node run)") from None
+    except OSError as err:
+        raise UserError(f"--hostfile {path}: cannot read it ({err.strerror or err})") from None
+    slots: dict[str, int] = {}
+    first_line: dict[str, int] = {}
+    for number, line in enumerate(text.splitlines(), start=1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        match = HOSTFILE_LINE.match(line)
+        if not match:
+            raise UserError(f"--hostfile {path}:{number}: expected `hostname slots=N`, got {line!r}")
+        host = match.group(1)
+        if host in slots:
+            raise UserError(f"--hostfile {path}:{number}: host {host} is already listed on line "
+                            f"{first_line[host]}; list each host once")
+        slots[host], first_line[host] = int(match.group(2)), number
+    if not slots:
+        raise UserError(f"--hostfile {path}: no `hostname slots=N` line, only comments or blank lines")
+    return slots
+
+
 def preflight(recipe: str | None, overrides: list[str]):
     """The checks every rank would do first, done once here so that no rank starts in vain."""
-    from paced_ds.distill.trainer import preflight as check_inputs
+    from paced_ds.distill.inputs import preflight as check_inputs
 
     cfg = load_config(recipe, overrides)
     check_inputs(cfg)
@@ -136,6 +177,8 @@ def preflight(recipe: str | None, overrides: list[str]):
 def cmd_train(args) -> int:
     from paced_ds.runtime import checkpoint
 
+    if args.hostfile is not None:
+        check_hostfile(args.hostfile)
     cfg = preflight(args.config, args.overrides)
     if args.nproc < 1:
         raise UserError(f"--nproc must be >= 1, got {args.nproc}")
@@ -156,6 +199,8 @@ def cmd_train(args) -> int:
 
 
 def cmd_teacher_serve(args) -> int:
+    if args.hostfile is not None:
+        check_hostfile(args.hostfile)
     cfg = preflight(args.config, args.overrides)
     if not cfg.teacher.address:
         raise UserError("config key teacher.address: name the HOST:PORT this teacher job listens on "
@@ -181,7 +226,7 @@ def cmd_estimate(args) -> int:
 def cmd_snr(args) -> int:
     overrides = list(args.overrides)
     if args.run:  # a checkpoint: merge its ZeRO shards into a Hugging Face directory first
-        from paced_ds.runtime.export import export_checkpoint
+        from paced_ds.models.export import export_checkpoint
 
         model = export_checkpoint(args.run, tag=args.tag)
         print(f"paced-ds: checkpoint exported to {model}")
@@ -199,7 +244,7 @@ def cmd_eval(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from paced_ds.runtime.export import export_checkpoint
+    from paced_ds.models.export import export_checkpoint
 
     out = export_checkpoint(args.run, tag=args.tag, out=args.out)
     print(f"paced-ds: student exported to {out}")
@@ -210,7 +255,7 @@ def cmd_demo(args) -> int:
     recipe = str(REPO_ROOT / DEMO_RECIPE)
     output_dir = Path(args.output_dir)
     overrides = [f"train.output_dir={output_dir}"] + list(args.overrides)
-    if (output_dir / "checkpoints").is_dir() and (output_dir / "config.json").is_file():
+    if RunDir(output_dir).checkpoints.is_dir() and RunDir(output_dir).config.is_file():
         print(f"paced-ds demo: replacing the previous demo run in {output_dir}")
         shutil.rmtree(output_dir)
     preflight(recipe, overrides)
@@ -230,9 +275,10 @@ def _has_gpu() -> bool:
 
 
 def print_demo_summary(output_dir: Path) -> None:
-    from paced_ds.distill.generation import accuracy_table
+    from paced_ds.models.generation import accuracy_table
 
-    evals = [json.loads(line) for line in (output_dir / "eval.jsonl").read_text().splitlines() if line.strip()]
+    layout = RunDir(output_dir)
+    evals = [json.loads(line) for line in layout.evals.read_text().splitlines() if line.strip()]
     before, after = evals[0], evals[-1]
     levels = list(accuracy_table(after["by_difficulty"]))
     print("\nheld-out greedy accuracy of the student (per difficulty level):")
@@ -244,9 +290,9 @@ def print_demo_summary(output_dir: Path) -> None:
     if after.get("retention_set"):
         print(f"\nforgetting: {after['forgotten']:.1%} of the {after['retention_set']} retention problems the student "
               f"solved before training are no longer solved")
-    print(f"\nTensorBoard logs:   {output_dir / 'tensorboard'}  (tensorboard --logdir {output_dir / 'tensorboard'})")
-    print(f"metrics:            {output_dir / 'metrics.jsonl'}, {output_dir / 'eval.jsonl'}")
-    print(f"exported student:   {output_dir / 'student'}  (AutoModelForCausalLM.from_pretrained)")
+    print(f"\nTensorBoard logs:   {layout.tensorboard}  (tensorboard --logdir {layout.tensorboard})")
+    print(f"metrics:            {layout.metrics}, {layout.evals}")
+    print(f"exported student:   {layout.student}  (AutoModelForCausalLM.from_pretrained)")
 
 
 def cmd_config(args) -> int:

@@ -429,7 +429,7 @@ def validate(cfg: RunConfig) -> None:
         if cfg.teacher.ranks < 1:
             raise UserError(f"config key teacher.ranks: must be >= 1, got {cfg.teacher.ranks}")
         if cfg.teacher.address:
-            from paced_ds.distill.pipeline import parse_address
+            from paced_ds.runtime.dist import parse_address
 
             parse_address(cfg.teacher.address)
     if cfg.teacher.offload == "nvme" and not cfg.teacher.nvme_path:

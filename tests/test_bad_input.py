@@ -138,7 +138,7 @@ def test_nvme_offload_config_names_the_path(tmp_path):
     if not AsyncIOBuilder().is_compatible(verbose=False):
         pytest.skip("libaio is not installed (apt-get install libaio-dev)")
     from paced_ds.config import load_config
-    from paced_ds.distill.engines import teacher_ds_config
+    from paced_ds.models.engines import teacher_ds_config
 
     nvme = f"teacher.nvme_path={tmp_path / 'nvme'}"
     ds_config = teacher_ds_config(load_config(RECIPE, ["teacher.offload=nvme", nvme]))

@@ -52,7 +52,7 @@ class SwapFileProbe(Poller):
 
 def test_nvme_buffers_grow_to_the_largest_partition():
     """offload_param.buffer_size is raised to the largest partition (else DeepSpeed asserts)."""
-    from paced_ds.distill.engines import fit_nvme_buffers
+    from paced_ds.models.engines import fit_nvme_buffers
 
     largest = 128 * 384  # the tiny teacher's MLP matrices; its embedding is 300 x 128
     ds_config = {"zero_optimization": {"offload_param": {"device": "nvme", "buffer_size": 1000}}}

@@ -11,9 +11,10 @@ import pytest
 import torch
 
 from launch import RECIPE, REPO, cpu_env, explain, paced_ds, read_jsonl, run, small_overrides
-from paced_ds.distill import cache, pipeline
+from paced_ds.distill import pipeline
+from paced_ds.distill.answers import DenseAnswer, TopKAnswer, compress
 from paced_ds.errors import UserError
-from paced_ds.runtime.dist import free_port
+from paced_ds.runtime.dist import free_port, parse_address
 
 VOCAB = 11
 TABLE = torch.randn(VOCAB + 3, VOCAB + 3, generator=torch.Generator().manual_seed(0))  # a fake model: a bigram table
@@ -51,7 +52,7 @@ def in_threads(teacher_ranks: int, students: list, *, topk: int = 0, teacher_con
         try:
             bridge = pipeline.Bridge(address, side="student", rank=rank, ranks=len(students),
                                      contract={**CONTRACT, "topk": topk}, timeout_s=timeout_s)
-            client = pipeline.PipelinedTeacher(bridge, vocab=VOCAB, topk=topk, timeout_s=timeout_s)
+            client = pipeline.StudentClient(bridge, vocab=VOCAB, topk=topk, timeout_s=timeout_s)
             results[f"student{rank}"] = body(client)
             client.close()
         except Exception as err:
@@ -86,7 +87,7 @@ def test_answers_come_back_in_order_asked_ahead_or_now():
             got += list(zip(changed, client.answers(changed, reuse=False)))
             client.ask([batch(offset + 7)])
             got.append((batch(offset + 7), next(client.answers([batch(offset + 7)], reuse=True))))
-            got.append((batch(offset + 8), client.logits(batch(offset + 8))))  # synchronous
+            got.append((batch(offset + 8), client.answer(batch(offset + 8))))  # synchronous
             client.ask([batch(offset + 9)])
             with pytest.raises(UserError, match="other batches than were sent ahead"):
                 client.answers([batch(offset + 10)], reuse=True)
@@ -98,8 +99,9 @@ def test_answers_come_back_in_order_asked_ahead_or_now():
     for s in range(2):
         got = results[f"student{s}"]
         assert not isinstance(got, Exception), got
-        for sent, logits in got:
-            assert torch.equal(logits, bigram(sent["input_ids"], sent["attention_mask"])[..., :VOCAB])
+        for sent, answer in got:
+            assert isinstance(answer, DenseAnswer) and torch.equal(answer.mask, sent["loss_mask"])
+            assert torch.equal(answer.logits, bigram(sent["input_ids"], sent["attention_mask"])[..., :VOCAB])
     # Each student asked 9 times (2 + 2 dropped + 2 + 1 + 1 + 1 dropped at close): 9 rounds of one forward.
     assert results["teacher0"]["requests"] == 18 and results["teacher0"]["forwards"] == 9
 
@@ -109,16 +111,17 @@ def test_top_k_answers_match_the_cache_form_and_two_teacher_ranks_share_the_stud
 
     def go(client):
         b = batch(7)
-        return b, client.logits(b)
+        return b, client.answer(b)
 
     results = in_threads(2, [go, go, go], topk=k)
     assert results["teacher0"]["requests"] == 2 and results["teacher1"]["requests"] == 1  # s mod T
     for s in range(3):
         sent, got = results[f"student{s}"]
         full = bigram(sent["input_ids"], sent["attention_mask"])[..., :VOCAB]
-        expected = cache.expand(*cache.compress(full, sent["loss_mask"], k), VOCAB)
-        assert torch.equal(got[sent["loss_mask"]], expected)
-        assert not got[~sent["loss_mask"]].any()
+        expected = compress(full, sent["loss_mask"], k)  # what a cache stores, at temperature 1
+        assert isinstance(got, TopKAnswer) and got.k == k and got.vocab == VOCAB
+        for name in ("ids", "logprobs", "tail", "per_sample"):
+            assert torch.equal(getattr(got, name), getattr(expected, name)), name
 
 
 def test_a_teacher_for_another_run_is_refused_by_both_sides():
@@ -132,7 +135,7 @@ def test_no_teacher_at_the_address_is_a_clear_error():
     with pytest.raises(UserError, match=r"teacher.address: no teacher job answered at 127.0.0.1:\d+ within 1 s"):
         pipeline.Bridge(f"127.0.0.1:{free_port()}", side="student", rank=0, ranks=1, contract=CONTRACT, timeout_s=1)
     with pytest.raises(UserError, match="expected HOST:PORT"):
-        pipeline.parse_address("node0")
+        parse_address("node0")
 
 
 @pytest.mark.distributed

@@ -17,21 +17,22 @@ PROBE_SCRIPT = r"""
 import json, sys
 import torch
 from paced_ds.config import load_config
-from paced_ds.curriculum import snr
 from paced_ds.curriculum.calibrate import bucket_edges
-from paced_ds.distill import engines, trainer
+from paced_ds.distill import inputs, probe
+from paced_ds.distill.teachers import EngineTeacher
+from paced_ds.models import engines
 from paced_ds.runtime import dist
 args = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]
 out, recipe, overrides = args[0], args[1], args[2:]
 cfg = load_config(recipe, overrides)
-tokenizer, vocab, records, _ = trainer.preflight(cfg)
+tokenizer, vocab, records, _ = inputs.preflight(cfg)
 dist.init(cfg.train.timeout_s)
 teacher = engines.build_teacher(cfg)
 student, _ = engines.build_student(cfg)
-examples = trainer.tokenize_problems(cfg, tokenizer, records)
+examples = inputs.tokenize_problems(cfg, tokenizer, records)
 pass_rates = torch.tensor([PASS_RATES[i % len(PASS_RATES)] for i in range(len(records))], dtype=torch.float64)
-result = snr.probe(student, lambda batch: trainer.teacher_logits(teacher, batch, vocab), tokenizer, examples, pass_rates,
-                   bucket_edges(cfg.snr.buckets), cfg, vocab=vocab, seed=3, loss_params={})
+result = probe.probe(student, EngineTeacher(teacher, vocab), tokenizer, examples, pass_rates,
+                     bucket_edges(cfg.snr.buckets), cfg, vocab=vocab, seed=3, loss_params={})
 if dist.is_main():
     json.dump({"result": result, "pass_rates": pass_rates.tolist()}, open(out, "w"))
 from paced_ds.runtime import dist as _dist
@@ -67,13 +68,15 @@ def brute_force(data, pass_rates: list[float], per_bucket: int) -> dict:
     from paced_ds.curriculum import snr
     from paced_ds.curriculum.calibrate import bucket_edges
     from paced_ds.data.collate import collate_train
-    from paced_ds.distill import engines, trainer
+    from paced_ds.data import sources
+    from paced_ds.distill.inputs import tokenize_problems
     from paced_ds.distill.losses import distillation_loss
+    from paced_ds.models import engines
 
     cfg = load_config(RECIPE, [f"data.train={data}", "data.eval="])
     tokenizer = engines.load_tokenizer(cfg)
-    records = trainer.sources.load_train(cfg.data)
-    examples = trainer.tokenize_problems(cfg, tokenizer, records)
+    records = sources.load_train(cfg.data)
+    examples = tokenize_problems(cfg, tokenizer, records)
     student = AutoModelForCausalLM.from_pretrained(REPO / "paced_ds" / "assets" / "tiny-student").double()
     teacher = AutoModelForCausalLM.from_pretrained(REPO / "paced_ds" / "assets" / "tiny-teacher").double()
     buckets = bucket_edges(cfg.snr.buckets)

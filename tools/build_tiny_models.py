@@ -118,7 +118,7 @@ def make_batch(rows, pad_id):
 def generate(model, tokenizer, records, *, sample: bool = False, temperature: float = 1.0,
              max_new_tokens: int = 24, batch_size: int = 400) -> list[str]:
     """Texts generated for ``records``' prompts by the same code `paced-ds train` uses."""
-    from paced_ds.distill import generation
+    from paced_ds.models import generation
 
     prompts = [tokenizer(r["prompt"]).input_ids for r in records]
     outputs = generation.generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size,

@@ -127,7 +127,7 @@ def mean_std(values: list[float]) -> dict:
 
 
 def level_names(evals: list[dict]) -> list[str]:
-    from paced_ds.distill.generation import accuracy_table
+    from paced_ds.models.generation import accuracy_table
 
     return list(accuracy_table(evals[-1]["by_difficulty"]))
 

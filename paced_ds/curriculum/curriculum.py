@@ -15,6 +15,7 @@ from paced_ds.curriculum.competence import CompetenceTable, level_pass_rates
 from paced_ds.curriculum.kernel import curriculum_weights, normalize, weight_summary
 from paced_ds.errors import UserError
 from paced_ds.runtime import dist
+from paced_ds.runtime.rundir import RunDir
 from paced_ds.runtime.tracking import figure_rgb, new_figure
 
 PICTURE_BINS = 10
@@ -126,7 +127,7 @@ class Curriculum:
         self.history.append((step, counts / counts.sum().clamp(min=1)))
 
     def write(self, output_dir: str | Path, weights: torch.Tensor) -> Path:
-        return self.table.write_jsonl(Path(output_dir) / "competence.jsonl", weights=weights)
+        return self.table.write_jsonl(RunDir(output_dir).competence, weights=weights)
 
     def log(self, tracker, step: int, weights: torch.Tensor) -> None:
         """Histograms of pass rates and weights, and the curriculum picture (rank 0 only)."""

@@ -19,22 +19,18 @@ rank ends with the same SNR. Cost: one forward and backward per probed problem, 
 batched teacher forward, one gather of the student and one all-reduce of
 buckets x |params| floats (use ``snr.params`` to cover a subset, e.g. the last layers,
 when the student is large).
+
+This module holds the statistics; the probe that computes the gradients is
+``paced_ds.distill.probe``.
 """
 
 from __future__ import annotations
 
 import math
-import re
-import time
 
 import torch
 
 from paced_ds.curriculum.calibrate import assign_bucket
-from paced_ds.curriculum.estimate import plain_copy
-from paced_ds.data.collate import collate_train
-from paced_ds.distill.losses import distillation_loss
-from paced_ds.errors import UserError
-from paced_ds.runtime import dist
 from paced_ds.runtime.tracking import figure_rgb, new_figure
 
 
@@ -54,28 +50,6 @@ def choose_problems(pass_rates: torch.Tensor, buckets, per_bucket: int, seed: in
     return chosen
 
 
-def selected_parameters(model, pattern: str) -> list[tuple[str, torch.nn.Parameter]]:
-    """The named parameters the probe covers (``snr.params``; empty = all)."""
-    regex = re.compile(pattern) if pattern else None
-    named = [(name, p) for name, p in model.named_parameters() if regex is None or regex.search(name)]
-    if not named:
-        raise UserError(f"config key snr.params: {pattern!r} matches no parameter of the student")
-    return named
-
-
-def per_problem_gradient(model, params, example: dict, teacher_logits: torch.Tensor, *, pad_id: int,
-                         vocab: int, kind: str, temperature: float, loss_params: dict) -> torch.Tensor:
-    """The flattened gradient of one problem's token-mean distillation loss (float64)."""
-    batch = {k: v.to(teacher_logits.device) for k, v in collate_train([example], pad_id).items()}
-    width = batch["input_ids"].shape[1]
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[..., :vocab]
-    loss, _ = distillation_loss(logits, teacher_logits[None, :width], batch["loss_mask"], None, kind=kind,
-                                temperature=temperature, normalizer=None, **loss_params)
-    grads = torch.autograd.grad(loss, params, allow_unused=True)
-    return torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1).double()
-                      for g, p in zip(grads, params)])
-
-
 def ratio(sum_vector: torch.Tensor, sum_sq: float, count: int) -> dict | None:
     """SNR and its parts from one bucket's sums; None below 2 problems."""
     if count < 2:
@@ -85,48 +59,6 @@ def ratio(sum_vector: torch.Tensor, sum_sq: float, count: int) -> dict | None:
     signal = max(mean_sq - noise / count, 0.0)
     snr = signal / noise if noise > 0 else math.inf
     return {"snr": snr, "signal": signal, "noise": noise, "count": count}
-
-
-def probe(student_engine, teacher_forward, tokenizer, examples: list[dict], pass_rates: torch.Tensor, buckets,
-          cfg, *, vocab: int, seed: int, loss_params: dict) -> dict:
-    """Collective: SNR per bucket ``{bucket name: {"snr", "signal", "noise", "count", "pass_rate"} | None}``.
-    ``teacher_forward(batch)`` gives the teacher's logits over the shared vocabulary."""
-    started = time.time()
-    chosen = choose_problems(pass_rates, buckets, cfg.snr.per_bucket, seed)
-    mine = chosen[dist.rank()::dist.world_size()]
-    # One batched teacher forward per rank (a ZeRO-3 forward is collective: every rank
-    # makes it, a rank with no problem on a stand-in it then ignores).
-    stand_in = [examples[chosen[0][1]]] if chosen else [examples[0]]
-    batch = {k: v.to(dist.device()) for k, v in
-             collate_train([examples[i] for _, i in mine] or stand_in, tokenizer.pad_token_id).items()}
-    teacher_logits = teacher_forward(batch)
-    model = plain_copy(student_engine)
-    named = selected_parameters(model, cfg.snr.params)
-    for p in model.parameters():
-        p.requires_grad_(False)
-    params = [p.requires_grad_(True) for _, p in named]
-    size = sum(p.numel() for p in params)
-    sums = torch.zeros(len(buckets), size + 3, dtype=torch.float64)  # [sum g | sum ||g||^2, count, sum p]
-    for row, (bucket, index) in enumerate(mine):
-        g = per_problem_gradient(model, params, examples[index], teacher_logits[row], pad_id=tokenizer.pad_token_id,
-                                 vocab=vocab, kind=cfg.loss.kind, temperature=cfg.loss.temperature,
-                                 loss_params=loss_params)
-        sums[bucket, :size] += g
-        sums[bucket, size] += float(g @ g)
-        sums[bucket, size + 1] += 1
-        sums[bucket, size + 2] += float(pass_rates[index])
-    del model
-    sums = dist.all_reduce_sum(sums)
-    result = {}
-    for b, bucket in enumerate(buckets):
-        count = int(sums[b, size + 1])
-        parts = ratio(sums[b, :size], float(sums[b, size]), count)
-        if parts is not None:
-            parts["pass_rate"] = float(sums[b, size + 2]) / count
-        result[bucket.name] = parts
-    forward_tokens = sum(len(examples[i]["input_ids"]) for _, i in chosen)  # all ranks' probed sequences
-    return {"buckets": result, "seconds": time.time() - started, "params": size, "problems": len(chosen),
-            "forward_tokens": forward_tokens}
 
 
 def picture(result: dict):

@@ -7,8 +7,10 @@ rank) beside a manifest naming the teacher, tokenizer, k, problems and paced-ds 
 ``teacher.backend=cache`` reads them back and refuses a cache whose manifest does not
 match the run.
 
-The divergences need a full teacher distribution; the cache's is rebuilt per token as
-the top-k probabilities plus the tail mass spread evenly over the other V - k tokens.
+The stored distributions are at temperature 1 (the manifest says so, and a cache that
+does not is refused): the loss applies ``loss.temperature`` once, as it does to a live
+teacher. The cache answers ``TopKAnswer``s, which the divergences read sparse: the
+top-k probabilities as stored, the tail mass spread evenly over the other V - k tokens.
 Forward KL then differs from the exact one only through the tail's shape, by at most
 tail * log((V - k) * max tail token probability / tail); with ``teacher.topk=0`` the
 whole distribution is stored (k = V) and nothing is approximated.
@@ -23,9 +25,12 @@ from pathlib import Path
 import torch
 
 from paced_ds import __version__
+from paced_ds.distill.answers import TopKAnswer
 from paced_ds.errors import UserError
 
 MANIFEST = "manifest.json"
+STORED_TEMPERATURE = 1.0  # the temperature of the stored log-probabilities
+CHECKED_KEYS = ("teacher", "tokenizer", "k", "vocab", "data", "temperature")
 
 
 def tokenizer_digest(tokenizer) -> str:
@@ -43,25 +48,7 @@ def examples_digest(records: list[dict], examples: list[dict]) -> str:
 
 def expected_manifest(*, teacher: str, tokenizer, topk: int, vocab: int, records, examples) -> dict:
     return {"teacher": teacher, "tokenizer": tokenizer_digest(tokenizer), "k": topk or vocab, "vocab": vocab,
-            "data": examples_digest(records, examples), "paced_ds": __version__}
-
-
-def compress(teacher_logits: torch.Tensor, loss_mask: torch.Tensor, k: int, temperature: float = 1.0):
-    """Top-k ids (int32), log-probs (float32) and tail mass of every masked-in position, in order."""
-    rows = teacher_logits[loss_mask].float() / temperature
-    log_probs = torch.log_softmax(rows, dim=-1)
-    top_logp, top_ids = log_probs.topk(min(k, rows.shape[-1]), dim=-1)
-    tail = (1.0 - top_logp.exp().sum(-1)).clamp(min=0.0)
-    return top_ids.to(torch.int32), top_logp, tail
-
-
-def expand(top_ids: torch.Tensor, top_logp: torch.Tensor, tail: torch.Tensor, vocab: int) -> torch.Tensor:
-    """Full log-probabilities [tokens, vocab]: the top-k as stored, the tail mass spread evenly."""
-    rest = vocab - top_ids.shape[-1]
-    fill = torch.log((tail / max(rest, 1)).clamp(min=1e-30)) if rest > 0 else torch.zeros_like(tail)
-    full = fill[:, None].expand(-1, vocab).clone()
-    full.scatter_(1, top_ids.long(), top_logp)
-    return full
+            "data": examples_digest(records, examples), "temperature": STORED_TEMPERATURE, "paced_ds": __version__}
 
 
 def write_shard(directory: Path, rank: int, ids: list[str], top_ids, top_logp, tail, offsets) -> Path:
@@ -86,7 +73,7 @@ def write_manifest(directory: Path, manifest: dict, shards: int) -> Path:
 
 
 class TeacherCache:
-    """Memory-mapped reader: ``logprobs(problem_id)`` -> [response tokens, vocab] log-probs."""
+    """Memory-mapped reader: ``answer(problem_ids)`` -> the problems' ``TopKAnswer``."""
 
     def __init__(self, directory: str | Path, expected: dict):
         from safetensors import safe_open
@@ -97,7 +84,11 @@ class TeacherCache:
             raise UserError(f"config key teacher.cache: no teacher cache at {directory} (missing {MANIFEST}); "
                             "make one with `paced-ds cache-teacher`")
         manifest = json.loads(manifest_path.read_text())
-        differing = [key for key in ("teacher", "tokenizer", "k", "vocab", "data") if manifest.get(key) != expected[key]]
+        if "temperature" not in manifest:
+            raise UserError(f"{manifest_path}: this cache was made by paced-ds 0.1, which stored log-probabilities "
+                            "at loss.temperature (training then tempered them twice); run `paced-ds cache-teacher` "
+                            "again")
+        differing = [key for key in CHECKED_KEYS if manifest.get(key) != expected[key]]
         if differing:
             details = ", ".join(f"{key}: {manifest.get(key)!r} there, {expected[key]!r} here" for key in differing)
             raise UserError(f"{manifest_path}: this cache was made for another run ({details}); "
@@ -112,15 +103,11 @@ class TeacherCache:
                 start, stop = int(tensors["offsets"][i]), int(tensors["offsets"][i + 1])
                 self.index[problem_id] = (tensors, start, stop)
 
-    def logprobs(self, problem_id: str) -> torch.Tensor:
-        tensors, start, stop = self.index[problem_id]
-        return expand(tensors["top_ids"][start:stop], tensors["top_logp"][start:stop], tensors["tail"][start:stop],
-                      self.vocab)
-
-    def batch_logits(self, problem_ids: list[str], loss_mask: torch.Tensor) -> torch.Tensor:
-        """Teacher log-probs laid out like the batch: [B, T, V], zeros off the response positions
-        (log-probs are valid logits: softmax gives back the same distribution)."""
-        out = torch.zeros(*loss_mask.shape, self.vocab)
-        for row, problem_id in enumerate(problem_ids):
-            out[row][loss_mask[row].cpu()] = self.logprobs(problem_id)
-        return out.to(loss_mask.device)
+    def answer(self, problem_ids: list[str]) -> TopKAnswer:
+        """The stored top-k of each problem's response tokens, in order (no copy of the rest)."""
+        parts = []
+        for problem_id in problem_ids:
+            tensors, start, stop = self.index[problem_id]
+            parts.append(TopKAnswer(tensors["top_ids"][start:stop], tensors["top_logp"][start:stop],
+                                    tensors["tail"][start:stop], torch.tensor([stop - start]), self.vocab))
+        return TopKAnswer.concat(parts)

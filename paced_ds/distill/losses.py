@@ -3,15 +3,23 @@
 Two layers:
 
 - Per-token divergences, plain functions
-  ``f(student_logits, teacher_logits, *, temperature=1.0, **its_params)`` returning one
-  value per token (shape ``logits.shape[:-1]``). They compute in float32 whatever the
-  input dtype (float64 inputs stay float64, for gradient checks). Both logits are
-  divided by ``temperature`` before the softmax; no ``temperature**2`` factor is
-  applied. Masking, weighting and reduction are not their business.
+  ``f(student_logits, teacher, *, temperature=1.0, **its_params)`` returning one value
+  per token (shape ``student_logits.shape[:-1]``). ``teacher`` is either dense logits
+  (same shape as the student's) or sparse top-k rows (``TopKRows``: ids, log-probs at
+  temperature 1 and the tail mass of each token). They compute in float32 whatever the
+  input dtype (float64 inputs stay float64, for gradient checks). Both distributions are
+  tempered by ``temperature`` here, the only place it is applied; no ``temperature**2``
+  factor. Masking, weighting and reduction are not their business.
 - ``distillation_loss``: picks the response tokens, weights each by its sample's weight,
   sums, and divides once by the token count of the whole optimizer step. It works in
   chunks of tokens and recomputes each chunk in backward, so no full float32
-  [tokens, vocab] copy of either distribution ever exists.
+  [tokens, vocab] copy of either distribution ever exists; a sparse teacher stays sparse.
+
+A sparse teacher is the distribution with its top-k probabilities as given and its tail
+mass spread evenly over the other V - k tokens. Every divergence here is a sum over the
+vocabulary of a term in (p_S,v, p_T,v), so the V - k tail tokens, which share one teacher
+probability, are summed in closed form from the student's side: the teacher costs O(k)
+per token, not O(V). With k = V nothing is approximated.
 
 Teacher probabilities of exactly 0 and ``-inf`` logits (a masked, padded vocabulary)
 give finite results: log-probabilities are floored at ``LOG_PROB_FLOOR``, below which
@@ -24,14 +32,29 @@ from __future__ import annotations
 
 import inspect
 import math
+from dataclasses import dataclass
 
 import torch
 
+from paced_ds.distill.answers import DenseAnswer, TopKAnswer
 from paced_ds.errors import UserError
 
 # exp(-1e4) is exactly 0 in float32 and float64, so flooring changes no probability; it
 # keeps -inf out of `0 * (log p - log q)` and out of logaddexp's gradient (no NaN).
 LOG_PROB_FLOOR = -1.0e4
+# The smallest probability a sparse teacher's tail token is given (as when it was expanded).
+TAIL_PROBABILITY_FLOOR = 1e-30
+
+
+@dataclass
+class TopKRows:
+    """A sparse teacher for a set of tokens: ids, log-probabilities [..., k] at temperature 1,
+    and the mass of the other ``vocab - k`` tokens [...]."""
+
+    ids: torch.Tensor
+    logprobs: torch.Tensor
+    tail: torch.Tensor
+    vocab: int
 
 
 def _check_unit_interval(divergence: str, param: str, value: float) -> None:
@@ -44,28 +67,83 @@ def _compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
     return torch.float64 if any(tensor.dtype == torch.float64 for tensor in tensors) else torch.float32
 
 
-def _log_probs(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float):
-    """(log p_S, log p_T) at ``temperature``, floored, in float32 (float64 if either input is)."""
-    if student_logits.shape[-1] != teacher_logits.shape[-1]:
-        raise UserError(
-            f"student vocabulary ({student_logits.shape[-1]}) != teacher vocabulary "
-            f"({teacher_logits.shape[-1]}): slice the logits to the shared tokenizer's size"
-        )
+def _check_temperature(temperature: float) -> None:
     if not temperature > 0:
         raise UserError(f"loss temperature must be > 0, got {temperature!r}")
-    dtype = _compute_dtype(student_logits, teacher_logits)
+
+
+class _Dense:
+    """The teacher's floored log-probabilities over the whole vocabulary."""
+
+    def __init__(self, log_q: torch.Tensor):
+        self.log_q = log_q
+
+    def elementwise(self, term, student: torch.Tensor) -> torch.Tensor:
+        """term(student_v, log q_v) for every vocabulary entry v."""
+        return term(student, self.log_q)
+
+    def sum(self, term, student: torch.Tensor) -> torch.Tensor:
+        return term(student, self.log_q).sum(dim=-1)
+
+
+class _Sparse:
+    """The teacher's floored, tempered log-probabilities of its top-k tokens (``log_q_top``)
+    and the one log-probability every other token shares (``log_q_rest``)."""
+
+    def __init__(self, rows: TopKRows, temperature: float, dtype: torch.dtype):
+        self.ids = rows.ids.long()
+        k = self.ids.shape[-1]
+        self.rest = rows.vocab - k  # tokens outside the top-k
+        top = rows.logprobs.to(dtype)
+        if self.rest > 0:
+            rest = torch.log((rows.tail.to(dtype) / self.rest).clamp(min=TAIL_PROBABILITY_FLOOR))
+        else:
+            rest = torch.full(top.shape[:-1], LOG_PROB_FLOOR, dtype=dtype, device=top.device)
+        if temperature != 1.0:
+            top, rest = top / temperature, rest / temperature
+        # log Z over the k top tokens and the `rest` tail tokens (each at `rest`): softmax in closed form.
+        terms = [top] if self.rest == 0 else [top, (rest + math.log(self.rest))[..., None]]
+        log_z = torch.cat(terms, dim=-1).logsumexp(dim=-1)
+        self.log_q_top = (top - log_z[..., None]).clamp_min(LOG_PROB_FLOOR)
+        self.log_q_rest = (rest - log_z).clamp_min(LOG_PROB_FLOOR)
+
+    def elementwise(self, term, student: torch.Tensor) -> torch.Tensor:
+        out = term(student, self.log_q_rest[..., None])
+        return out.scatter(-1, self.ids, term(student.gather(-1, self.ids), self.log_q_top))
+
+    def sum(self, term, student: torch.Tensor) -> torch.Tensor:
+        return self.elementwise(term, student).sum(dim=-1)
+
+
+def _log_probs(student_logits: torch.Tensor, teacher, temperature: float):
+    """(log p_S, teacher) at ``temperature``, floored, in float32 (float64 if an input is):
+    log p_S a tensor, the teacher a ``_Dense`` or ``_Sparse``."""
+    sparse = isinstance(teacher, TopKRows)
+    teacher_vocab = teacher.vocab if sparse else teacher.shape[-1]
+    if student_logits.shape[-1] != teacher_vocab:
+        raise UserError(
+            f"student vocabulary ({student_logits.shape[-1]}) != teacher vocabulary "
+            f"({teacher_vocab}): slice the logits to the shared tokenizer's size"
+        )
+    _check_temperature(temperature)
+    dtype = _compute_dtype(student_logits, teacher.logprobs if sparse else teacher)
     log_probs = []
-    for logits in (student_logits, teacher_logits):
+    for logits in (student_logits,) if sparse else (student_logits, teacher):
         logits = logits.to(dtype)
         if temperature != 1.0:
             logits = logits / temperature
         log_probs.append(torch.log_softmax(logits, dim=-1).clamp_min(LOG_PROB_FLOOR))
-    return log_probs[0], log_probs[1]
+    return log_probs[0], (_Sparse(teacher, temperature, dtype) if sparse else _Dense(log_probs[1]))
 
 
-def _kl(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
-    """KL(p || q) = sum_v p (log p - log q) over the last dim, from floored log-probs."""
-    return (log_p.exp() * (log_p - log_q)).sum(dim=-1)
+# The per-vocabulary-entry terms the divergences sum, in (log p, log q) of two distributions.
+def _kl_term(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
+    """p (log p - log q): KL(p || q) summed over the vocabulary."""
+    return log_p.exp() * (log_p - log_q)
+
+
+def _reverse_kl_term(log_q: torch.Tensor, log_p: torch.Tensor) -> torch.Tensor:
+    return _kl_term(log_p, log_q)
 
 
 def _log_mixture(log_p: torch.Tensor, log_q: torch.Tensor, weight_p: float) -> torch.Tensor:
@@ -77,83 +155,83 @@ def _log_mixture(log_p: torch.Tensor, log_q: torch.Tensor, weight_p: float) -> t
     return torch.logaddexp(log_p + math.log(weight_p), log_q + math.log1p(-weight_p))
 
 
-def forward_kl(student_logits, teacher_logits, *, temperature: float = 1.0) -> torch.Tensor:
+def forward_kl(student_logits, teacher, *, temperature: float = 1.0) -> torch.Tensor:
     """Forward KL, KL(p_T || p_S) = sum_v p_T (log p_T - log p_S), per token.
 
     Mass-covering: the student pays for every token the teacher likes. 0 iff the two
     distributions are equal; gradient w.r.t. the student logits is (p_S - p_T) / T.
     """
-    log_p_s, log_p_t = _log_probs(student_logits, teacher_logits, temperature)
-    return _kl(log_p_t, log_p_s)
+    log_p_s, t = _log_probs(student_logits, teacher, temperature)
+    return t.sum(_reverse_kl_term, log_p_s)
 
 
-def reverse_kl(student_logits, teacher_logits, *, temperature: float = 1.0) -> torch.Tensor:
+def reverse_kl(student_logits, teacher, *, temperature: float = 1.0) -> torch.Tensor:
     """Reverse KL, KL(p_S || p_T) = sum_v p_S (log p_S - log p_T), per token.
 
     Mode-seeking: the student pays for mass where the teacher has little. 0 iff equal.
     """
-    log_p_s, log_p_t = _log_probs(student_logits, teacher_logits, temperature)
-    return _kl(log_p_s, log_p_t)
+    log_p_s, t = _log_probs(student_logits, teacher, temperature)
+    return t.sum(_kl_term, log_p_s)
 
 
-def jsd(student_logits, teacher_logits, *, temperature: float = 1.0, beta: float = 0.5) -> torch.Tensor:
-    """Generalised Jensen-Shannon divergence, scaled so its endpoints are the two KLs.
+def jsd(student_logits, teacher, *, temperature: float = 1.0, beta: float = 0.5) -> torch.Tensor:
+    """Generalized Jensen-Shannon divergence (GKD, Agarwal et al. 2024), as TRL's
+    ``generalized_jsd_loss`` computes it per token.
 
-    With the mixture m = beta * p_T + (1 - beta) * p_S, per token::
+    With the mixture m = beta * p_T + (1 - beta) * p_S::
 
-        jsd = [beta * KL(p_T || m) + (1 - beta) * KL(p_S || m)] / (beta * (1 - beta))
-            = KL(p_T || m) / (1 - beta) + KL(p_S || m) / beta
+        jsd = beta * KL(p_T || m) + (1 - beta) * KL(p_S || m)
 
-    The bracket is GKD's generalised JSD; it vanishes at both ends of [0, 1], and
-    dividing by beta * (1 - beta) turns its limits into the two KLs:
+    At beta = 0.5 this is the textbook JSD (at most ln 2). The bracket vanishes at both
+    ends of [0, 1], so, as in TRL, the endpoints are defined as the two KLs:
 
-        beta -> 0: jsd -> KL(p_T || p_S)  (forward_kl)
-        beta -> 1: jsd -> KL(p_S || p_T)  (reverse_kl)
+        beta = 0: KL(p_T || p_S)  (forward_kl)
+        beta = 1: KL(p_S || p_T)  (reverse_kl)
 
-    and the endpoints are defined as those limits, so the family is continuous in beta.
-    Scale: at beta = 0.5 this is 4 x the textbook JSD (at most 4 ln 2); to reproduce an
-    unscaled generalised-JSD loss, multiply by beta * (1 - beta).
+    (paced-ds 0.1 divided the middle by beta * (1 - beta): 4x this at beta = 0.5.)
     """
     _check_unit_interval("jsd", "beta", beta)
-    log_p_s, log_p_t = _log_probs(student_logits, teacher_logits, temperature)
+    log_p_s, t = _log_probs(student_logits, teacher, temperature)
     if beta == 0.0:
-        return _kl(log_p_t, log_p_s)
+        return t.sum(_reverse_kl_term, log_p_s)
     if beta == 1.0:
-        return _kl(log_p_s, log_p_t)
-    log_m = _log_mixture(log_p_t, log_p_s, beta)
-    return _kl(log_p_t, log_m) / (1.0 - beta) + _kl(log_p_s, log_m) / beta
+        return t.sum(_kl_term, log_p_s)
+
+    def term(log_p, log_q):
+        log_m = _log_mixture(log_q, log_p, beta)
+        return beta * _kl_term(log_q, log_m) + (1.0 - beta) * _kl_term(log_p, log_m)
+
+    return t.sum(term, log_p_s)
 
 
-def tvd(student_logits, teacher_logits, *, temperature: float = 1.0) -> torch.Tensor:
+def tvd(student_logits, teacher, *, temperature: float = 1.0) -> torch.Tensor:
     """Total variation distance, 0.5 * sum_v |p_T - p_S|, per token.
 
     In [0, 1]: 0 iff the distributions are equal, 1 iff their supports are disjoint.
     """
-    log_p_s, log_p_t = _log_probs(student_logits, teacher_logits, temperature)
-    return 0.5 * (log_p_t.exp() - log_p_s.exp()).abs().sum(dim=-1)
+    log_p_s, t = _log_probs(student_logits, teacher, temperature)
+    return 0.5 * t.sum(lambda log_p, log_q: (log_q.exp() - log_p.exp()).abs(), log_p_s)
 
 
-def skew_kl(student_logits, teacher_logits, *, temperature: float = 1.0, alpha: float = 0.1) -> torch.Tensor:
+def skew_kl(student_logits, teacher, *, temperature: float = 1.0, alpha: float = 0.1) -> torch.Tensor:
     """Skew forward KL (DistiLLM, Ko et al. 2024), KL(p_T || alpha * p_T + (1 - alpha) * p_S).
 
     alpha = 0 is forward_kl; alpha = 1 is 0. For alpha > 0 it is at most -log(alpha),
     so a student that misses a teacher token gets a bounded, smoother signal.
     """
     _check_unit_interval("skew_kl", "alpha", alpha)
-    log_p_s, log_p_t = _log_probs(student_logits, teacher_logits, temperature)
-    return _kl(log_p_t, _log_mixture(log_p_t, log_p_s, alpha))
+    log_p_s, t = _log_probs(student_logits, teacher, temperature)
+    return t.sum(lambda log_p, log_q: _kl_term(log_q, _log_mixture(log_q, log_p, alpha)), log_p_s)
 
 
-def skew_reverse_kl(
-    student_logits, teacher_logits, *, temperature: float = 1.0, alpha: float = 0.1
-) -> torch.Tensor:
+def skew_reverse_kl(student_logits, teacher, *, temperature: float = 1.0, alpha: float = 0.1) -> torch.Tensor:
     """Skew reverse KL (DistiLLM), KL(p_S || alpha * p_S + (1 - alpha) * p_T).
 
     alpha = 0 is reverse_kl; alpha = 1 is 0; at most -log(alpha) for alpha > 0.
     """
     _check_unit_interval("skew_reverse_kl", "alpha", alpha)
-    log_p_s, log_p_t = _log_probs(student_logits, teacher_logits, temperature)
-    return _kl(log_p_s, _log_mixture(log_p_s, log_p_t, alpha))
+    log_p_s, t = _log_probs(student_logits, teacher, temperature)
+    return t.sum(lambda log_p, log_q: _kl_term(log_p, _log_mixture(log_p, log_q, alpha)), log_p_s)
 
 
 def _akl_head_weight(student_probs: torch.Tensor, teacher_probs: torch.Tensor, mu: float) -> torch.Tensor:
@@ -171,9 +249,11 @@ def _akl_head_weight(student_probs: torch.Tensor, teacher_probs: torch.Tensor, m
         in_head = torch.ones_like(gap, dtype=torch.bool)
     else:
         in_head = teacher_probs >= _head_threshold(teacher_probs, mu)
-    gap_head = (gap * in_head).sum(dim=-1)
-    gap_total = gap.sum(dim=-1)
-    return torch.where(gap_total > 0, gap_head / gap_total, torch.zeros_like(gap_total))
+    return _share(((gap * in_head).sum(dim=-1)), gap.sum(dim=-1))
+
+
+def _share(part: torch.Tensor, total: torch.Tensor) -> torch.Tensor:
+    return torch.where(total > 0, part / total, torch.zeros_like(total))
 
 
 def _head_threshold(teacher_probs: torch.Tensor, mu: float) -> torch.Tensor:
@@ -199,7 +279,33 @@ def _head_threshold(teacher_probs: torch.Tensor, mu: float) -> torch.Tensor:
     return threshold.reshape(*teacher_probs.shape[:-1], 1)
 
 
-def akl(student_logits, teacher_logits, *, temperature: float = 1.0, mu: float = 0.5) -> torch.Tensor:
+def _akl_head_weight_sparse(student_probs: torch.Tensor, t: _Sparse, mu: float) -> torch.Tensor:
+    """``_akl_head_weight`` for a sparse teacher: its values are the k top probabilities
+    and one tail probability shared by ``t.rest`` tokens (all in the head or none, as ties)."""
+    q_top, q_rest = t.log_q_top.exp(), t.log_q_rest.exp()
+    gap_top = (q_top - student_probs.gather(-1, t.ids)).abs()
+    gap_rest = t.elementwise(lambda p, log_q: (log_q.exp() - p).abs(), student_probs)
+    gap_rest = gap_rest.scatter(-1, t.ids, 0.0).sum(dim=-1)  # the tail tokens only
+    gap_total = gap_top.sum(dim=-1) + gap_rest
+    if mu <= 0.0:
+        return torch.zeros_like(gap_total)
+    if mu >= 1.0:
+        return _share(gap_total, gap_total)
+    values = torch.cat([q_top, q_rest[..., None]], dim=-1)
+    counts = torch.ones_like(values)
+    counts[..., -1] = t.rest
+    values, order = values.sort(dim=-1, descending=True)
+    mass = values * counts.gather(-1, order)
+    mass_before = mass.cumsum(dim=-1) - mass
+    head_size = (mass_before < mu).sum(dim=-1, keepdim=True)
+    threshold = values.gather(-1, head_size - 1)
+    gap_head = (gap_top * (q_top >= threshold)).sum(dim=-1)
+    if t.rest > 0:
+        gap_head = gap_head + gap_rest * (q_rest >= threshold.squeeze(-1))
+    return _share(gap_head, gap_total)
+
+
+def akl(student_logits, teacher, *, temperature: float = 1.0, mu: float = 0.5) -> torch.Tensor:
     """Adaptive KL (Wu et al. 2024), g_head * KL(p_T || p_S) + (1 - g_head) * KL(p_S || p_T).
 
     g_head (see ``_akl_head_weight``) is the share of the total gap sum_v |p_T - p_S| that
@@ -209,10 +315,13 @@ def akl(student_logits, teacher_logits, *, temperature: float = 1.0, mu: float =
     The weights are treated as constants for the gradient (computed without grad).
     """
     _check_unit_interval("akl", "mu", mu)
-    log_p_s, log_p_t = _log_probs(student_logits, teacher_logits, temperature)
+    log_p_s, t = _log_probs(student_logits, teacher, temperature)
     with torch.no_grad():
-        g_head = _akl_head_weight(log_p_s.exp(), log_p_t.exp(), mu)
-    return g_head * _kl(log_p_t, log_p_s) + (1.0 - g_head) * _kl(log_p_s, log_p_t)
+        if isinstance(t, _Sparse):
+            g_head = _akl_head_weight_sparse(log_p_s.exp(), t, mu)
+        else:
+            g_head = _akl_head_weight(log_p_s.exp(), t.log_q.exp(), mu)
+    return g_head * t.sum(_reverse_kl_term, log_p_s) + (1.0 - g_head) * t.sum(_kl_term, log_p_s)
 
 
 DIVERGENCES = {
@@ -233,63 +342,22 @@ def get_divergence(name: str):
     return DIVERGENCES[name]
 
 
-def forward_kl_topk(
-    student_logits: torch.Tensor,
-    teacher_topk_ids: torch.Tensor,
-    teacher_topk_logprobs: torch.Tensor,
-    *,
-    teacher_tail_mass: torch.Tensor | None = None,
-    temperature: float = 1.0,
-) -> torch.Tensor:
-    """Forward KL against a teacher known only by its top-k tokens and the mass of the rest.
-
-    The teacher is the (k+1)-outcome distribution: its top-k tokens (``teacher_topk_ids``,
-    ``teacher_topk_logprobs``, shape [..., k]) plus one "tail" outcome of mass r
-    (``teacher_tail_mass``, shape [...]; default 1 - sum of the top-k probabilities,
-    0 when that is within float rounding).
-    The student is grouped the same way, its tail being all tokens outside the top-k:
-
-        sum_{i in top-k} p_T,i (log p_T,i - log p_S,i) + r (log r - log p_S(tail))
-
-    This is at most the full forward KL, grows with k, and equals it once the top-k hold
-    all the teacher's mass. ``temperature`` applies to the student logits only: the
-    teacher log-probs must already be at that temperature.
-    """
-    if not temperature > 0:
-        raise UserError(f"loss temperature must be > 0, got {temperature!r}")
-    dtype = _compute_dtype(student_logits)
-    student_logits = student_logits.to(dtype)
-    if temperature != 1.0:
-        student_logits = student_logits / temperature
-    log_p_s = torch.log_softmax(student_logits, dim=-1).clamp_min(LOG_PROB_FLOOR)
-    log_p_t_topk = teacher_topk_logprobs.to(dtype).clamp_min(LOG_PROB_FLOOR)
-    if teacher_tail_mass is None:
-        teacher_tail_mass = 1.0 - log_p_t_topk.exp().sum(dim=-1)
-        # A tail within the rounding of that sum is 0: else, once the top-k cover the
-        # vocabulary, rounding noise would meet the student's floored empty tail.
-        rounding = 32 * torch.finfo(dtype).eps
-        teacher_tail_mass = torch.where(teacher_tail_mass > rounding, teacher_tail_mass, 0.0)
-    log_tail_t = teacher_tail_mass.to(dtype).clamp_min(0.0).log().clamp_min(LOG_PROB_FLOOR)
-    # Student tail: its mass outside the top-k ids (the floor, not -inf, keeps the
-    # gradient finite when the top-k cover the whole vocabulary).
-    log_tail_s = log_p_s.scatter(-1, teacher_topk_ids, LOG_PROB_FLOOR).logsumexp(dim=-1)
-    log_p_s_topk = log_p_s.gather(-1, teacher_topk_ids)
-    topk_terms = _kl(log_p_t_topk, log_p_s_topk)
-    return topk_terms + log_tail_t.exp() * (log_tail_t - log_tail_s)
-
-
-def _forward_kl_student_grad(student_logits, teacher_logits, *, temperature: float = 1.0):
+def _forward_kl_student_grad(student_logits, teacher, *, temperature: float = 1.0):
     """d forward_kl / d student_logits = (p_S - p_T) / T, per token."""
-    dtype = _compute_dtype(student_logits, teacher_logits)
+    if isinstance(teacher, TopKRows):
+        log_p_s, t = _log_probs(student_logits, teacher, temperature)
+        p_s = torch.softmax(student_logits.to(log_p_s.dtype) / temperature, dim=-1)
+        return t.elementwise(lambda p, log_q: p - log_q.exp(), p_s) / temperature
+    dtype = _compute_dtype(student_logits, teacher)
     p_s = torch.softmax(student_logits.to(dtype) / temperature, dim=-1)
-    p_t = torch.softmax(teacher_logits.to(dtype) / temperature, dim=-1)
+    p_t = torch.softmax(teacher.to(dtype) / temperature, dim=-1)
     return (p_s - p_t) / temperature
 
 
-def _reverse_kl_student_grad(student_logits, teacher_logits, *, temperature: float = 1.0):
+def _reverse_kl_student_grad(student_logits, teacher, *, temperature: float = 1.0):
     """d reverse_kl / d student_logits = p_S (log p_S - log p_T - KL(p_S || p_T)) / T."""
-    log_p_s, log_p_t = _log_probs(student_logits, teacher_logits, temperature)
-    p_s, log_ratio = log_p_s.exp(), log_p_s - log_p_t
+    log_p_s, t = _log_probs(student_logits, teacher, temperature)
+    p_s, log_ratio = log_p_s.exp(), t.elementwise(torch.sub, log_p_s)
     kl = (p_s * log_ratio).sum(dim=-1, keepdim=True)
     return p_s * (log_ratio - kl) / temperature
 
@@ -320,43 +388,60 @@ def _row_view(logits: torch.Tensor, rows_b: torch.Tensor, rows_t: torch.Tensor):
     return view, rows_b * rows_per_sample + rows_t
 
 
+class _TeacherRows:
+    """The teacher's side of the selected tokens, chunk by chunk: rows of dense logits
+    (their own rows, or the student's when the two share a layout), or slices of a sparse
+    top-k answer (ids, log-probs, tail)."""
+
+    def __init__(self, sparse: bool, tensors: tuple, vocab: int, rows_b, rows_t):
+        self.sparse, self.tensors, self.vocab = sparse, tensors, vocab
+        if not sparse:
+            self.view, self.row_ids = _row_view(tensors[0], *(tensors[1:] or (rows_b, rows_t)))
+
+    def chunk(self, start: int, end: int):
+        if not self.sparse:
+            return self.view.index_select(0, self.row_ids[start:end])
+        ids, logprobs, tail = self.tensors
+        return TopKRows(ids[start:end], logprobs[start:end], tail[start:end], self.vocab)
+
+
 class _ChunkedDivergenceSum(torch.autograd.Function):
     """(sum_i w_i * div(row_i), sum_i div(row_i)) over the selected rows, chunk by chunk.
 
     Forward keeps no per-chunk state; backward recomputes each chunk and its gradient
     (closed form or autograd), so at most one chunk's float32 buffers are alive at a
-    time and the only saved tensors are the inputs. No gradient flows to the teacher.
+    time and the only saved tensors are the inputs. No gradient flows to the teacher,
+    given as dense logits (with its own rows, or none: the student's) or a sparse top-k.
     """
 
     @staticmethod
-    def forward(ctx, student_logits, teacher_logits, rows_b, rows_t, row_weights, divergence, params, chunk_tokens):
-        ctx.save_for_backward(student_logits, teacher_logits, rows_b, rows_t, row_weights)
-        ctx.divergence, ctx.params, ctx.chunk_tokens = divergence, params, chunk_tokens
+    def forward(ctx, student_logits, rows_b, rows_t, row_weights, divergence, params, chunk_tokens, sparse,
+                *teacher_tensors):
+        ctx.save_for_backward(student_logits, rows_b, rows_t, row_weights, *teacher_tensors)
+        ctx.divergence, ctx.params, ctx.chunk_tokens, ctx.sparse = divergence, params, chunk_tokens, sparse
         student_rows, student_row_ids = _row_view(student_logits, rows_b, rows_t)
-        teacher_rows, teacher_row_ids = _row_view(teacher_logits, rows_b, rows_t)
+        teacher = _TeacherRows(sparse, teacher_tensors, student_logits.shape[-1], rows_b, rows_t)
         weighted_sum = torch.zeros((), dtype=torch.float64, device=student_logits.device)
         plain_sum = torch.zeros((), dtype=torch.float64, device=student_logits.device)
         for start in range(0, rows_b.numel(), chunk_tokens):
             end = start + chunk_tokens
-            div = divergence(
-                student_rows.index_select(0, student_row_ids[start:end]),
-                teacher_rows.index_select(0, teacher_row_ids[start:end]),
-                **params,
-            )
+            div = divergence(student_rows.index_select(0, student_row_ids[start:end]), teacher.chunk(start, end),
+                             **params)
             weighted_sum += (div * row_weights[start:end]).sum()
             plain_sum += div.sum()
-        dtype = _compute_dtype(student_logits, teacher_logits)
+        dtype = _compute_dtype(student_logits, teacher_tensors[1 if sparse else 0])
         plain_sum = plain_sum.to(dtype)
         ctx.mark_non_differentiable(plain_sum)
         return weighted_sum.to(dtype), plain_sum
 
     @staticmethod
     def backward(ctx, grad_weighted_sum, _grad_plain_sum):
+        n_inputs = 8 + len(ctx.saved_tensors) - 4
         if not ctx.needs_input_grad[0]:
-            return (None,) * 8
-        student_logits, teacher_logits, rows_b, rows_t, row_weights = ctx.saved_tensors
+            return (None,) * n_inputs
+        student_logits, rows_b, rows_t, row_weights, *teacher_tensors = ctx.saved_tensors
         student_rows, student_row_ids = _row_view(student_logits, rows_b, rows_t)
-        teacher_rows, teacher_row_ids = _row_view(teacher_logits, rows_b, rows_t)
+        teacher = _TeacherRows(ctx.sparse, tuple(teacher_tensors), student_logits.shape[-1], rows_b, rows_t)
         batch_size, tokens, vocab = student_logits.shape
         grad_student = torch.zeros(
             (batch_size * tokens, vocab), dtype=student_logits.dtype, device=student_logits.device
@@ -366,7 +451,7 @@ class _ChunkedDivergenceSum(torch.autograd.Function):
         for start in range(0, rows_b.numel(), ctx.chunk_tokens):
             end = start + ctx.chunk_tokens
             student_chunk = student_rows.index_select(0, student_row_ids[start:end])
-            teacher_chunk = teacher_rows.index_select(0, teacher_row_ids[start:end])
+            teacher_chunk = teacher.chunk(start, end)
             chunk_weights = row_weights[start:end] * grad_weighted_sum
             if closed_form_grad is not None:
                 grad_chunk = closed_form_grad(student_chunk, teacher_chunk, **ctx.params)
@@ -377,7 +462,7 @@ class _ChunkedDivergenceSum(torch.autograd.Function):
                     div = ctx.divergence(student_chunk, teacher_chunk, **ctx.params)
                     (grad_chunk,) = torch.autograd.grad(div, student_chunk, grad_outputs=chunk_weights.to(div.dtype))
             grad_student.index_copy_(0, grad_row_ids[start:end], grad_chunk.to(grad_student.dtype))
-        return grad_student.view(batch_size, tokens, vocab), None, None, None, None, None, None, None
+        return (grad_student.view(batch_size, tokens, vocab),) + (None,) * (n_inputs - 1)
 
 
 # Logits per chunk when chunk_tokens is None. CPU: measured (tools/bench_losses.py) that
@@ -395,9 +480,35 @@ def default_chunk_tokens(vocab_size: int, device: torch.device | str) -> int:
     return max(1, elements // vocab_size)
 
 
+def _teacher_tensors(teacher, response_mask: torch.Tensor, student_shape) -> tuple[bool, tuple]:
+    """(sparse, the teacher's tensors) for ``_ChunkedDivergenceSum``, its rows paired with
+    the student's response tokens (in order, sample by sample)."""
+    student_counts = (response_mask != 0).sum(1).cpu()
+    if isinstance(teacher, torch.Tensor):
+        if teacher.shape != student_shape:
+            raise UserError(f"distillation_loss: student logits {tuple(student_shape)} and teacher logits "
+                            f"{tuple(teacher.shape)} must both be [batch, tokens, vocab]")
+        return False, (teacher.detach(),)
+    if not torch.equal(teacher.counts().cpu(), student_counts):
+        raise UserError(f"distillation_loss: the teacher scores {teacher.counts().tolist()} tokens per sample, the "
+                        f"student {student_counts.tolist()}: they must score the same response tokens")
+    if isinstance(teacher, DenseAnswer):
+        if teacher.logits.dim() != 3 or teacher.logits.shape[-1] != student_shape[-1]:
+            raise UserError(f"distillation_loss: teacher logits {tuple(teacher.logits.shape)} must be "
+                            f"[batch, tokens, {student_shape[-1]}]")
+        teacher_b, teacher_t = (teacher.mask != 0).nonzero(as_tuple=True)
+        return False, (teacher.logits.detach(), teacher_b, teacher_t)
+    if isinstance(teacher, TopKAnswer):
+        if teacher.vocab != student_shape[-1]:
+            raise UserError(f"student vocabulary ({student_shape[-1]}) != teacher vocabulary ({teacher.vocab}): "
+                            "slice the logits to the shared tokenizer's size")
+        return True, (teacher.ids.detach(), teacher.logprobs.detach(), teacher.tail.detach())
+    raise UserError(f"distillation_loss: unknown teacher answer {type(teacher).__name__}")
+
+
 def distillation_loss(
     student_logits: torch.Tensor,
-    teacher_logits: torch.Tensor,
+    teacher,
     response_mask: torch.Tensor,
     sample_weights: torch.Tensor | None,
     *,
@@ -409,9 +520,13 @@ def distillation_loss(
 ):
     """The trainer's loss: sum_{b,t} mask[b,t] * w[b] * div(b, t) / normalizer.
 
-    student_logits, teacher_logits: [B, T, V], any float dtype; the teacher is a
-        constant (no gradient reaches it). Both may be strided views, e.g. logits[:, :-1].
-    response_mask: [B, T], bool or 0/1; the positions that count.
+    student_logits: [B, T, V], any float dtype; may be a strided view, e.g. logits[:, :-1].
+    teacher: a constant (no gradient reaches it), at temperature 1, either
+        - dense logits [B, T, V] laid out like the student's (same response_mask);
+        - a ``DenseAnswer`` (logits and its own mask) or a ``TopKAnswer`` (sparse rows):
+          their scored tokens are paired with the student's response tokens in order,
+          sample by sample (self-distillation's teacher sees other prompts).
+    response_mask: [B, T], bool or 0/1; the student positions that count.
     sample_weights: [B], each sample's weight (e.g. PACED's w(p)) for all its tokens;
         None means 1. Treated as a constant.
     kind, temperature, params: the per-token divergence (``DIVERGENCES``) and its
@@ -438,16 +553,15 @@ def distillation_loss(
             raise UserError(
                 f"loss.kind={kind} has no parameter {name!r}; its parameters: {', '.join(accepted) or 'none'}"
             )
-    if student_logits.dim() != 3 or teacher_logits.shape != student_logits.shape:
-        raise UserError(
-            f"distillation_loss: student logits {tuple(student_logits.shape)} and teacher logits "
-            f"{tuple(teacher_logits.shape)} must both be [batch, tokens, vocab]"
-        )
+    if student_logits.dim() != 3:
+        raise UserError(f"distillation_loss: student logits {tuple(student_logits.shape)} must be "
+                        "[batch, tokens, vocab]")
     if response_mask.shape != student_logits.shape[:2]:
         raise UserError(
             f"distillation_loss: response_mask {tuple(response_mask.shape)} must be "
             f"{tuple(student_logits.shape[:2])}, the logits' [batch, tokens]"
         )
+    _check_temperature(temperature)
     batch_size = student_logits.shape[0]
     if sample_weights is None:
         sample_weights = torch.ones(batch_size, device=student_logits.device)
@@ -461,10 +575,11 @@ def distillation_loss(
         raise UserError(f"distillation_loss: normalizer must be > 0 (a token count), got {normalizer}")
 
     rows_b, rows_t = (response_mask != 0).nonzero(as_tuple=True)
+    sparse, teacher_tensors = _teacher_tensors(teacher, response_mask, student_logits.shape)
     row_weights = sample_weights.detach().to(_compute_dtype(student_logits))[rows_b]
     params = dict(params, temperature=temperature)
     weighted_sum, plain_sum = _ChunkedDivergenceSum.apply(
-        student_logits, teacher_logits.detach(), rows_b, rows_t, row_weights, divergence, params, chunk_tokens
+        student_logits, rows_b, rows_t, row_weights, divergence, params, chunk_tokens, sparse, *teacher_tensors
     )
     tokens = rows_b.numel()
     loss = weighted_sum / (max(tokens, 1) if normalizer is None else normalizer)

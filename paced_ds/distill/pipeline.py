@@ -7,15 +7,15 @@ the student job's world-wide barriers never wait for it. The two jobs meet throu
 student s is served by teacher rank s mod T.
 
 A request carries one batch's token ids, attention and loss masks; the answer carries
-the teacher's logits over the shared vocabulary (``teacher.topk=0``), or the top-k
-log-probabilities and tail mass of the response positions (``teacher.topk=k``), which
-the student expands as it would a cached teacher. Each student's requests are answered
+the teacher's logits over the shared vocabulary (``teacher.topk=0``, a ``DenseAnswer``),
+or the top-k log-probabilities and tail mass of the response positions at temperature 1
+(``teacher.topk=k``, a ``TopKAnswer``, which the loss reads sparse, as a cache's). Each student's requests are answered
 in order, and every student makes the same sequence of requests (the trainer makes the
 same decisions on every rank), so each teacher rank takes one request from each of its
 students per round and runs one forward for them all.
 
 Because the sampler's plan is deterministic, students send the next optimizer step's
-batches before they train on the current one (``PipelinedTeacher.ask``); the teacher
+batches before they train on the current one (``StudentClient.ask``); the teacher
 computes while they train. If the plan changed meanwhile on any rank, every student drops
 those answers and asks again, so that the students' requests stay in step. At most one step
 is in flight per student, so memory stays fixed. A dead peer closes its sockets and the other side stops at once with an error
@@ -32,20 +32,14 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as torch_dist
 
-from paced_ds.distill.cache import compress, expand
+from paced_ds.distill.answers import DenseAnswer, TopKAnswer, compress
 from paced_ds.errors import UserError
 from paced_ds.runtime import faults
+from paced_ds.runtime.dist import parse_address
 
 LOGITS, STOP = 0, 1  # request kinds
 HEADER = 6  # int64 fields of every header: kind, tag, batch, length, topk, spare
 IDLE_TIMEOUT = datetime.timedelta(days=7)  # waits between requests: a dead peer is noticed sooner
-
-
-def parse_address(address: str) -> tuple[str, int]:
-    host, _, port = address.rpartition(":")
-    if not host or not port.isdigit():
-        raise UserError(f"config key teacher.address: expected HOST:PORT, got {address!r}")
-    return host, int(port)
 
 
 class Bridge:
@@ -138,8 +132,8 @@ class Request:
     loss_mask: torch.Tensor
 
 
-class PipelinedTeacher:
-    """The student side: send batches now or ahead of time, collect the teacher's logits in order."""
+class StudentClient:
+    """The student side: send batches now or ahead of time, collect the teacher's answers in order."""
 
     def __init__(self, bridge: Bridge, *, vocab: int, topk: int, timeout_s: int):
         self.bridge, self.vocab, self.topk = bridge, vocab, topk
@@ -168,7 +162,7 @@ class PipelinedTeacher:
         self.in_flight.append(Request(self.tag, works, header, planes, batch["loss_mask"]))
         self.tag += 1
 
-    def _collect(self) -> torch.Tensor:
+    def _collect(self):
         request = self.in_flight.pop(0)
         tag, loss_mask = request.tag, request.loss_mask
         started = time.time()
@@ -181,21 +175,22 @@ class PipelinedTeacher:
                                 f"request {int(header[1])} where {tag} was due: the two jobs are out of step")
             batch, length, k = (int(x) for x in header[2:5])
             if k == 0:
-                out = self.bridge.recv(torch.empty(batch, length, self.vocab), self.teacher, self.timeout)
+                logits = self.bridge.recv(torch.empty(batch, length, self.vocab), self.teacher, self.timeout)
+                out = DenseAnswer(logits, loss_mask.cpu())
             else:
-                count = int(loss_mask.sum())
+                per_sample = loss_mask.cpu().bool().sum(1)
+                count = int(per_sample.sum())
                 top_ids = self.bridge.recv(torch.empty(count, k, dtype=torch.int32), self.teacher, self.timeout)
                 top_logp = self.bridge.recv(torch.empty(count, k), self.teacher, self.timeout)
                 tail = self.bridge.recv(torch.empty(count), self.teacher, self.timeout)
-                out = torch.zeros(batch, length, self.vocab)
-                out[loss_mask.cpu().bool()] = expand(top_ids, top_logp, tail, self.vocab)
+                out = TopKAnswer(top_ids, top_logp, tail, per_sample, self.vocab)
         except RuntimeError as err:
             self._fail(err)
         self.wait_s += time.time() - started
-        return out.to(loss_mask.device)
+        return out
 
-    def logits(self, batch: dict) -> torch.Tensor:
-        """The teacher's logits for ``batch`` now (what was asked ahead is dropped)."""
+    def answer(self, batch: dict):
+        """The teacher's answer for ``batch`` now (what was asked ahead is dropped)."""
         return next(self.answers([batch], reuse=False))
 
     def ask(self, batches: list[dict]) -> None:
@@ -209,7 +204,7 @@ class PipelinedTeacher:
             torch.equal(request.planes, self._planes(batch)) for request, batch in zip(self.in_flight, batches))
 
     def answers(self, batches: list[dict], *, reuse: bool):
-        """The teacher's logits for ``batches``, an iterator: collected from what was asked ahead
+        """The teacher's answers for ``batches``, an iterator: collected from what was asked ahead
         (``reuse``, which every student rank must decide alike: ``asked`` on every rank), else
         asked now, what was in flight dropped. Alike, so that every student makes the same
         requests and the teacher's rounds pair them up."""
@@ -311,6 +306,6 @@ def answer(forward, requests: list, *, vocab: int, topk: int) -> list[list[torch
         if topk == 0:
             out.append([mine.contiguous()])
         else:
-            top_ids, top_logp, tail = compress(mine, planes[2].bool(), topk, temperature=1.0)
-            out.append([top_ids, top_logp, tail])
+            sparse = compress(mine, planes[2].bool(), topk)
+            out.append([sparse.ids, sparse.logprobs, sparse.tail])
     return out

@@ -13,17 +13,16 @@ import dataclasses
 import json
 from pathlib import Path
 
-from paced_ds.distill import generation
+from paced_ds.models import generation
 from paced_ds.runtime import dist
 from paced_ds.runtime.files import write_text_atomic
-
-FILE = "retention.json"
+from paced_ds.runtime.rundir import RunDir
 
 
 class Retention:
     def __init__(self, records: list[dict], output_dir: str | Path):
         self.records = records
-        self.path = Path(output_dir) / FILE
+        self.path = RunDir(output_dir).retention
         self.kept: list[dict] | None = None  # the retention set, once known
 
     @property

@@ -4,13 +4,27 @@ cache (`cache-teacher`) and the pipelined teacher job (`teacher-serve`)."""
 
 from __future__ import annotations
 
+import json
+import math
+from pathlib import Path
+
+import torch
+
 from paced_ds.config import RunConfig
+from paced_ds.curriculum.calibrate import bucket_edges
+from paced_ds.curriculum.curriculum import Curriculum
 from paced_ds.data import sources
-from paced_ds.distill import engines, generation
-from paced_ds.distill.trainer import (generate_responses, preflight, say, teacher_contract, teacher_path,
-                                      with_teacher_responses)
+from paced_ds.data.collate import collate_train
+from paced_ds.distill import cache, estimate, pipeline, probe
+from paced_ds.distill.answers import compress
+from paced_ds.distill.inputs import generate_responses, preflight, tokenize_problems, with_teacher_responses
+from paced_ds.distill.step import divergence_params
+from paced_ds.distill.teachers import EngineTeacher, teacher_contract, teacher_path
 from paced_ds.errors import UserError
+from paced_ds.models import engines, generation
 from paced_ds.runtime import dist
+from paced_ds.runtime.log import say
+from paced_ds.runtime.rundir import RunDir
 
 
 def open_teacher(cfg: RunConfig, *, responses: bool = True):
@@ -68,18 +82,13 @@ def evaluate(cfg: RunConfig) -> dict:
 
 def estimate_competence(cfg: RunConfig) -> dict:
     """K rollouts per training problem from model.student; competence.jsonl in train.output_dir."""
-    from pathlib import Path
-
-    from paced_ds.curriculum import estimate
-    from paced_ds.curriculum.curriculum import Curriculum
-
     tokenizer, _, train_records, _ = preflight(cfg)
     dist.init(cfg.train.timeout_s)
     model = frozen_student(cfg)
     curriculum = Curriculum(cfg, train_records)
     result = estimate.estimate(model, tokenizer, train_records, curriculum.table, cfg, seed=cfg.train.seed + 1)
     weights = curriculum.weights()
-    path = Path(cfg.train.output_dir) / "competence.jsonl"
+    path = RunDir(cfg.train.output_dir).competence
     if dist.is_main():
         path.parent.mkdir(parents=True, exist_ok=True)
         curriculum.write(cfg.train.output_dir, weights)
@@ -93,14 +102,6 @@ def estimate_competence(cfg: RunConfig) -> dict:
 
 def measure_snr(cfg: RunConfig) -> dict:
     """Gradient SNR per pass-rate bucket of model.student (e.g. a checkpoint's export) on data.train."""
-    import json
-    from pathlib import Path
-
-    from paced_ds.curriculum import estimate, snr
-    from paced_ds.curriculum.calibrate import bucket_edges
-    from paced_ds.curriculum.curriculum import Curriculum
-    from paced_ds.distill.trainer import divergence_params, teacher_logits, tokenize_problems
-
     tokenizer, vocab, teacher, train_records = open_teacher(cfg)
     examples = tokenize_problems(cfg, tokenizer, train_records)
     student = frozen_student(cfg)
@@ -109,10 +110,10 @@ def measure_snr(cfg: RunConfig) -> dict:
         curriculum.load_given(cfg.curriculum.competence)
     else:
         estimate.estimate(student, tokenizer, train_records, curriculum.table, cfg, seed=cfg.train.seed + 1)
-    result = snr.probe(student, lambda batch: teacher_logits(teacher, batch, vocab), tokenizer, examples,
-                       curriculum.table.pass_rates(), bucket_edges(cfg.snr.buckets), cfg, vocab=vocab, seed=cfg.train.seed,
-                       loss_params=divergence_params(cfg, cfg.loss.kind))
-    path = Path(cfg.train.output_dir) / "snr.json"
+    result = probe.probe(student, EngineTeacher(teacher, vocab), tokenizer, examples, curriculum.table.pass_rates(),
+                         bucket_edges(cfg.snr.buckets), cfg, vocab=vocab, seed=cfg.train.seed,
+                         loss_params=divergence_params(cfg, cfg.loss.kind))
+    path = RunDir(cfg.train.output_dir).snr_measurement
     if dist.is_main():
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(result, indent=1))
@@ -127,16 +128,7 @@ def measure_snr(cfg: RunConfig) -> dict:
 
 
 def cache_teacher(cfg: RunConfig) -> dict:
-    """The teacher's top-k log-probs on data.train's responses, stored in teacher.cache."""
-    import math
-    from pathlib import Path
-
-    import torch
-
-    from paced_ds.data.collate import collate_train
-    from paced_ds.distill import cache
-    from paced_ds.distill.trainer import teacher_logits, tokenize_problems
-
+    """The teacher's top-k log-probs (temperature 1) on data.train's responses, stored in teacher.cache."""
     if not cfg.teacher.cache:
         raise UserError("config key teacher.cache: name the directory the cache is written to")
     tokenizer, vocab, teacher, records = open_teacher(cfg)
@@ -145,17 +137,19 @@ def cache_teacher(cfg: RunConfig) -> dict:
     batch_size = cfg.eval.batch_size
     batches = math.ceil(math.ceil(len(examples) / dist.world_size()) / batch_size)
     k = cfg.teacher.topk or vocab
+    forward = EngineTeacher(teacher, vocab).forward
     parts, offsets, ids = [], [0], []
     for b in range(batches):  # every rank makes the same number of (collective) teacher forwards
         chunk = mine[b * batch_size:(b + 1) * batch_size]
         batch = {key: value.to(dist.device()) for key, value in
                  collate_train([examples[i] for i in chunk] or [examples[0]], tokenizer.pad_token_id).items()}
-        logits = teacher_logits(teacher, batch, vocab)
+        logits = forward(batch)
         if not chunk:
             continue
         for row, index in enumerate(chunk):
             mask = batch["loss_mask"][row:row + 1]
-            parts.append(cache.compress(logits[row:row + 1], mask, k, cfg.loss.temperature))
+            answer = compress(logits[row:row + 1], mask, k)
+            parts.append((answer.ids, answer.logprobs, answer.tail))
             offsets.append(offsets[-1] + int(mask.sum()))
             ids.append(records[index]["id"])
     directory = Path(cfg.teacher.cache)
@@ -176,10 +170,6 @@ def cache_teacher(cfg: RunConfig) -> dict:
 def teacher_serve(cfg: RunConfig) -> dict:
     """The teacher job of teacher.backend=pipelined: ZeRO-3 among its own ranks, answering the
     student job at teacher.address until every student rank is done."""
-    import torch
-
-    from paced_ds.distill import pipeline
-
     if not cfg.teacher.address:
         raise UserError("config key teacher.address: teacher-serve needs the HOST:PORT the student job "
                         "connects to (e.g. teacher.address=node0:29600)")

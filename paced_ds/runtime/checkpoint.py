@@ -25,6 +25,7 @@ import torch
 from paced_ds.errors import UserError
 from paced_ds.runtime import dist, faults
 from paced_ds.runtime.files import write_text_atomic
+from paced_ds.runtime.rundir import RunDir
 
 PARTIAL_PREFIX = ".tmp-"  # a checkpoint being written, or left half-written by a crash
 STATE_FILE = "paced_ds.json"
@@ -41,7 +42,7 @@ RESUME_MAY_CHANGE = (
 
 
 def checkpoint_dir(output_dir: str | Path) -> Path:
-    return Path(output_dir) / "checkpoints"
+    return RunDir(output_dir).checkpoints
 
 
 def rng_state() -> dict:

@@ -17,6 +17,8 @@ import warnings
 import torch
 import torch.distributed as torch_dist
 
+from paced_ds.errors import UserError
+
 
 def ensure_accelerator_env() -> None:
     """Pick DeepSpeed's CPU accelerator when no GPU is visible (before deepspeed is imported)."""
@@ -124,8 +126,9 @@ def barrier() -> None:
         torch_dist.barrier()
 
 
-def shard(items: list, rank_: int | None = None, world: int | None = None) -> list:
-    """This rank's strided share of ``items`` (rank r gets r, r+W, r+2W, ...)."""
-    rank_ = rank() if rank_ is None else rank_
-    world = world_size() if world is None else world
-    return items[rank_::world]
+def parse_address(address: str) -> tuple[str, int]:
+    """(host, port) of a HOST:PORT address (teacher.address)."""
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        raise UserError(f"config key teacher.address: expected HOST:PORT, got {address!r}")
+    return host, int(port)

@@ -13,6 +13,7 @@ from pathlib import Path
 from paced_ds.errors import UserError
 from paced_ds.runtime import dist
 from paced_ds.runtime.files import write_jsonl_atomic
+from paced_ds.runtime.rundir import RunDir
 
 
 class Tracker:
@@ -24,13 +25,14 @@ class Tracker:
         if not self.enabled:
             return
         self.output_dir.mkdir(parents=True, exist_ok=True)
+        layout = RunDir(output_dir)
         if resume_step is not None:
             # A run that crashed logged steps past its last checkpoint; they are done again now.
-            for name in ("metrics.jsonl", "eval.jsonl", "snr.jsonl"):
-                drop_rows_after(self.output_dir / name, resume_step)
+            for path in (layout.metrics, layout.evals, layout.snr):
+                drop_rows_after(path, resume_step)
         mode = "a" if resume_step is not None else "w"
-        self.metrics_file = (self.output_dir / "metrics.jsonl").open(mode)
-        self.eval_file = (self.output_dir / "eval.jsonl").open(mode)
+        self.metrics_file = layout.metrics.open(mode)
+        self.eval_file = layout.evals.open(mode)
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -40,7 +42,7 @@ class Tracker:
 
             # On resume, TensorBoard drops the events a crashed run wrote past its checkpoint.
             purge_step = None if resume_step is None else resume_step + 1
-            self.writer = SummaryWriter(log_dir=str(self.output_dir / "tensorboard"), purge_step=purge_step)
+            self.writer = SummaryWriter(log_dir=str(layout.tensorboard), purge_step=purge_step)
 
     def log_step(self, step: int, values: dict) -> None:
         if not self.enabled:

@@ -11,6 +11,7 @@ import shutil
 from pathlib import Path
 
 from paced_ds.errors import UserError
+from paced_ds.runtime.rundir import RunDir
 
 
 def export_checkpoint(run_dir: str, tag: str | None = None, out: str | None = None) -> Path:
@@ -18,11 +19,10 @@ def export_checkpoint(run_dir: str, tag: str | None = None, out: str | None = No
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     from paced_ds.config import RunConfig
-    from paced_ds.distill.engines import resolve_model
+    from paced_ds.models.engines import resolve_model
 
-    run = Path(run_dir)
-    config_path = run / "config.json"
-    root = run / "checkpoints"
+    layout = RunDir(run_dir)
+    run, config_path, root = layout.root, layout.config, layout.checkpoints
     if not config_path.is_file():
         raise UserError(f"--run {run_dir}: no config.json (not a paced-ds run directory)")
     if tag is None:

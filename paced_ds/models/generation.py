@@ -1,4 +1,5 @@
-"""Batched generation under ZeRO-3: held-out evaluation and teacher reference responses.
+"""Generation under ZeRO-3: held-out evaluation, teacher reference responses, rollouts, and
+the gathered plain copy of a sharded model that generation without collectives runs on.
 
 Every rank generates for its own shard of the prompts. A ZeRO-3 forward all-gathers
 parameters collectively, so all ranks must run the same number of forward passes: each
@@ -16,6 +17,23 @@ from paced_ds import verify
 from paced_ds.data.collate import collate_prompts, encode
 from paced_ds.data.prompts import format_prompt
 from paced_ds.runtime import dist
+
+
+def plain_copy(engine):
+    """A full, non-partitioned copy of the engine's model on this rank, for generation."""
+    import deepspeed
+    from transformers import AutoModelForCausalLM
+
+    module = engine.module
+    if not engine.zero_optimization_partition_weights():
+        return module
+    with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
+        state = {name: tensor.detach().clone() for name, tensor in module.state_dict().items()}
+    copy = AutoModelForCausalLM.from_config(module.config, dtype=next(iter(state.values())).dtype)
+    copy.load_state_dict(state, strict=False)
+    copy.tie_weights()
+    copy.config.use_cache = True
+    return copy.to(dist.device()).eval()
 
 
 def prompt_texts(tokenizer, records: list[dict], data_cfg) -> list[str]:

@@ -19,25 +19,8 @@ import torch
 
 from paced_ds import verify
 from paced_ds.curriculum.competence import CompetenceTable
-from paced_ds.distill import generation
+from paced_ds.models import generation
 from paced_ds.runtime import dist
-
-
-def plain_copy(engine):
-    """A full, non-partitioned copy of the engine's model on this rank, for generation."""
-    import deepspeed
-    from transformers import AutoModelForCausalLM
-
-    module = engine.module
-    if not engine.zero_optimization_partition_weights():
-        return module
-    with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
-        state = {name: tensor.detach().clone() for name, tensor in module.state_dict().items()}
-    copy = AutoModelForCausalLM.from_config(module.config, dtype=next(iter(state.values())).dtype)
-    copy.load_state_dict(state, strict=False)
-    copy.tie_weights()
-    copy.config.use_cache = True
-    return copy.to(dist.device()).eval()
 
 
 def estimate(engine, tokenizer, records: list[dict], table: CompetenceTable, cfg, *, seed: int,
@@ -54,7 +37,7 @@ def estimate(engine, tokenizer, records: list[dict], table: CompetenceTable, cfg
     sampling = dict(max_new_tokens=rollout.max_new_tokens, do_sample=True, temperature=rollout.temperature,
                     top_p=rollout.top_p)
     if rollout.gather:
-        model = plain_copy(engine)
+        model = generation.plain_copy(engine)
         indices = list(range(dist.rank(), len(expanded), dist.world_size()))
         outputs = generation.generate(model, tokenizer, [expanded[i] for i in indices],
                                       batch_size=rollout.batch_size, synced=False, progress=progress, **sampling)

@@ -1,0 +1,79 @@
+"""A run's inputs, checked and made ready: tokenizer, vocabulary, problems, the teacher's
+responses (stored, or generated now) and the tokenized training sequences. Shared by
+``paced-ds train`` and the other launcher tasks."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from paced_ds.config import RunConfig
+from paced_ds.data import sources
+from paced_ds.data.collate import encode
+from paced_ds.distill.teachers import teacher_path
+from paced_ds.errors import UserError
+from paced_ds.models import engines, generation
+from paced_ds.runtime import checkpoint, dist, faults
+from paced_ds.runtime.log import progress_bar, say
+from paced_ds.runtime.rundir import RunDir
+
+
+def preflight(cfg: RunConfig):
+    """Everything that can be checked before a process group exists: tokenizer, the two
+    models' vocabularies, and the problems. Bad input fails here, on every rank alike."""
+    if cfg.train.resume == "never" and RunDir(cfg.train.output_dir).holds_run():
+        raise UserError(f"config key train.output_dir: {cfg.train.output_dir} already holds a run with "
+                        "checkpoints; continue it with train.resume=auto or choose another train.output_dir")
+    resume_from = checkpoint.find_resume(cfg.train.output_dir, cfg.train.resume)
+    if resume_from is not None:
+        checkpoint.check_resumable(*resume_from, cfg)
+    faults.active()  # a malformed PACED_DS_FAULT fails here too
+    if cfg.curriculum.competence and not Path(cfg.curriculum.competence).is_file():
+        raise UserError(f"config key curriculum.competence: no file {cfg.curriculum.competence}")
+    engines.student_ds_config(cfg)  # the DeepSpeed JSONs exist and parse
+    engines.teacher_ds_config(cfg)
+    tokenizer = engines.load_tokenizer(cfg)
+    vocab = engines.shared_vocab_size(cfg, tokenizer, teacher=teacher_path(cfg))
+    train_records = sources.load_train(cfg.data)
+    eval_records = sources.limit_per_level(sources.load_eval(cfg.data), cfg.eval.limit_per_level)
+    return tokenizer, vocab, train_records, eval_records
+
+
+def with_teacher_responses(cfg: RunConfig, tokenizer, teacher_engine, train_records: list[dict]) -> list[dict]:
+    """Train problems with a response each: their own, stored ones, or generated now by the teacher."""
+    teacher_name = sources.teacher_identity(teacher_path(cfg))
+    attached = sources.with_stored_responses(train_records, cfg.data, teacher_name)
+    if attached is None and teacher_engine is None:
+        raise UserError(f"teacher.backend={cfg.teacher.backend}: the teacher's responses are not stored for these "
+                        f"problems in data.responses_dir ({cfg.data.responses_dir}); run `paced-ds generate` first")
+    if attached is None:
+        needed = sources.missing_responses(train_records)
+        say(f"generating teacher responses for {len(needed)} problems (stored for later runs)")
+        rows = generate_responses(cfg, tokenizer, teacher_engine, needed)
+        if dist.is_main():
+            path = sources.store_responses(train_records, rows, cfg.data, teacher_name)
+            correct = sum(row["correct"] for row in rows)
+            say(f"teacher solved {correct}/{len(rows)}; responses stored in {path}")
+        dist.barrier()
+        attached = sources.with_stored_responses(train_records, cfg.data, teacher_name)
+    records, dropped = attached
+    if dropped:
+        say(f"dropped {dropped} problems whose teacher response failed verification (data.keep_incorrect)")
+    records = [r for r in records if r.get("response")]
+    if not records:
+        raise UserError(f"data.train: no problem has a usable teacher response ({cfg.data.train})")
+    return records
+
+
+def generate_responses(cfg: RunConfig, tokenizer, teacher_engine, records: list[dict]) -> list[dict]:
+    progress = progress_bar(len(records), "teacher responses", cfg.logging.progress) if dist.is_main() else None
+    rows = generation.teacher_responses(teacher_engine.module, tokenizer, records, cfg.data,
+                                        batch_size=cfg.eval.batch_size, progress=progress)
+    if progress is not None:
+        progress.close()
+    return rows
+
+
+def tokenize_problems(cfg: RunConfig, tokenizer, records: list[dict]) -> list[dict]:
+    texts = generation.prompt_texts(tokenizer, records, cfg.data)
+    return [encode(tokenizer, text, record["response"], cfg.data.max_length, problem_id=record["id"])
+            for text, record in zip(texts, records)]

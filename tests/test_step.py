@@ -1,0 +1,156 @@
+"""One optimizer step in this process, on a real ZeRO-3 engine (a world of one): its
+normalisation, accumulation, weights, teacher grouping, zero-weight and non-finite rules,
+against the gradient computed directly from the formula with plain torch."""
+
+from __future__ import annotations
+
+import json
+import os
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from launch import REPO
+from paced_ds.config import load_config
+from paced_ds.data import arith
+from paced_ds.distill.inputs import tokenize_problems
+from paced_ds.distill.losses import forward_kl
+from paced_ds.distill.step import optimizer_step
+from paced_ds.distill.teachers import EngineTeacher
+from paced_ds.models import engines
+from paced_ds.models.generation import plain_copy
+from paced_ds.runtime import dist
+
+ASSETS = REPO / "paced_ds" / "assets"
+LR = 0.5
+WEIGHTS = torch.tensor([0.0, 0.5, 1.0, 2.5])  # one problem weighs nothing; the others differ
+
+
+@pytest.fixture(scope="module")
+def world_of_one():
+    """A process group of this one process (gloo), removed afterwards with its environment."""
+    saved = dict(os.environ)
+    dist.init(60)
+    yield
+    dist.shutdown()
+    os.environ.clear()
+    os.environ.update(saved)
+
+
+@pytest.fixture(scope="module")
+def setup(world_of_one, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("step")
+    ds_json = json.loads((REPO / "ds_configs" / "student_zero3.json").read_text())
+    ds_json["optimizer"] = {"type": "SGD", "params": {}}  # an update proportional to the gradient
+    ds_json["zero_allow_untested_optimizer"] = True
+    (tmp / "sgd.json").write_text(json.dumps(ds_json))
+    cfg = load_config(REPO / "ds_configs" / "recipes" / "tiny_arith.yaml",
+                      [f"train.ds_config={tmp / 'sgd.json'}", f"train.lr={LR}", "train.warmup_steps=0",
+                       "train.decay=constant", "train.clip_grad=0", "model.dtype=fp32",
+                       "curriculum.normalize=dataset_mean"])
+    tokenizer = engines.load_tokenizer(cfg)
+    records = arith.dataset("train", 2)[:4]  # responses of different lengths
+    examples = tokenize_problems(cfg, tokenizer, records)
+    teacher_model = engines._from_pretrained(str(ASSETS / "tiny-teacher"), {}, torch.float32, False, "model.teacher")
+    vocab = len(tokenizer)
+    teacher = EngineTeacher(SimpleNamespace(module=teacher_model.eval()), vocab)
+    return SimpleNamespace(cfg=cfg, tokenizer=tokenizer, examples=examples, teacher=teacher, vocab=vocab,
+                           teacher_model=teacher_model)
+
+
+def full_state(engine) -> dict:
+    return {name: t.detach().clone() for name, t in plain_copy(engine).state_dict().items()}
+
+
+def run_step(setup, micro_batch: int, accumulation: int, weights=WEIGHTS, forward_micro_batches: int = 0, **extra):
+    cfg = setup.cfg
+    cfg.train.micro_batch_size, cfg.train.grad_accum = micro_batch, accumulation
+    cfg.teacher.forward_micro_batches = forward_micro_batches
+    for key, value in extra.items():
+        section, name = key.split("__")
+        setattr(getattr(cfg, section), name, value)
+    student, _ = engines.build_student(cfg)
+    before = full_state(student)
+    outcome = optimizer_step(cfg, student, setup.teacher, setup.examples, list(range(4)), weights, kind="forward_kl",
+                             vocab=setup.vocab, pad_id=setup.tokenizer.pad_token_id, number=1)
+    after = full_state(student)
+    return outcome, {name: after[name] - before[name] for name in before}, before
+
+
+def expected_update(setup, weights) -> tuple[dict, float]:
+    """-lr x the gradient of sum_i w_i sum_t FKL_it / (all response tokens), plain torch, and the loss."""
+    from transformers import AutoModelForCausalLM
+
+    student = AutoModelForCausalLM.from_pretrained(ASSETS / "tiny-student", dtype=torch.float32)
+    total_tokens = sum(len(e["input_ids"]) - e["response_start"] for e in setup.examples)
+    loss = 0.0
+    for example, weight in zip(setup.examples, weights):
+        ids = torch.tensor([example["input_ids"]])
+        with torch.no_grad():
+            teacher_logits = setup.teacher_model(input_ids=ids).logits[0, :, :setup.vocab]
+        student_logits = student(input_ids=ids).logits[0, :, :setup.vocab]
+        # position t predicts token t + 1: the response tokens are predicted from response_start - 1 on
+        rows = slice(example["response_start"] - 1, len(example["input_ids"]) - 1)
+        loss = loss + weight * forward_kl(student_logits[rows], teacher_logits[rows]).sum()
+    loss = loss / total_tokens
+    loss.backward()
+    return {name: -LR * p.grad for name, p in student.named_parameters()}, loss.item()
+
+
+def assert_updates_equal(got: dict, want: dict):
+    for name, delta in want.items():
+        torch.testing.assert_close(got[name], delta, rtol=1e-4, atol=1e-7, msg=name)
+
+
+def test_one_global_token_count_whatever_the_accumulation(setup):
+    """1 x 4 = 2 x 2 = 4 x 1, and each equals the update from the formula: the weights are
+    applied once and the loss divided once, by the step's response tokens."""
+    want, want_loss = expected_update(setup, WEIGHTS)
+    for micro_batch, accumulation in ((4, 1), (2, 2), (1, 4)):
+        outcome, delta, _ = run_step(setup, micro_batch, accumulation)
+        assert outcome.status == "applied", (micro_batch, accumulation)
+        assert outcome.tokens == sum(len(e["input_ids"]) - e["response_start"] for e in setup.examples)
+        assert outcome.loss == pytest.approx(want_loss, rel=1e-5)
+        assert_updates_equal(delta, want)
+
+
+def test_teacher_requests_grouping_changes_nothing(setup):
+    want, _ = expected_update(setup, WEIGHTS)
+    for group in (1, 2, 4):  # one teacher forward per 1, 2 or 4 micro-batches
+        outcome, delta, _ = run_step(setup, 1, 4, forward_micro_batches=group)
+        assert outcome.status == "applied"
+        assert_updates_equal(delta, want)
+
+
+def test_batch_mean_rescales_the_weights_to_average_one(setup):
+    want, _ = expected_update(setup, WEIGHTS / WEIGHTS.mean())
+    outcome, delta, _ = run_step(setup, 2, 2, curriculum__normalize="batch_mean")
+    assert outcome.weight_mean == pytest.approx(1.0)
+    assert_updates_equal(delta, want)
+    setup.cfg.curriculum.normalize = "dataset_mean"
+
+
+def test_a_step_whose_weights_are_all_zero_does_nothing(setup):
+    calls = []
+    teacher = setup.teacher
+
+    class Counting(EngineTeacher):
+        def answers(self, requests):
+            calls.append(len(requests))
+            return super().answers(requests)
+
+    setup.teacher = Counting(teacher.engine, teacher.vocab)
+    try:
+        outcome, delta, _ = run_step(setup, 2, 2, weights=torch.zeros(4))
+    finally:
+        setup.teacher = teacher
+    assert outcome.status == "zero_weight" and calls == []
+    assert all(not d.any() for d in delta.values())
+
+
+def test_a_non_finite_loss_skips_the_update_and_names_the_rank(setup, monkeypatch):
+    monkeypatch.setenv("PACED_DS_FAULT", "nan:step=1")
+    outcome, delta, _ = run_step(setup, 2, 2)
+    assert outcome.status == "nonfinite" and outcome.nonfinite_ranks == [0] and not outcome.applied_anyway
+    assert all(not d.any() for d in delta.values())
