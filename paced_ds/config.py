@@ -73,7 +73,8 @@ class DataConfig:
 class LossConfig:
     kind: str = _f("forward_kl", "token-level divergence between teacher and student", DIVERGENCE_KINDS)
     temperature: float = _f(1.0, "softmax temperature applied to both teacher and student logits")
-    jsd_beta: float = _f(0.5, "mixture weight of generalized JSD (loss.kind=jsd)")
+    jsd_beta: float = _f(0.5, "mixture weight beta of the generalized JSD, as TRL's generalized_jsd_loss "
+                              "(loss.kind=jsd; 0 = forward KL, 1 = reverse KL)")
     skew_alpha: float = _f(0.1, "own share of the skewed mixture (loss.kind=skew_kl: the teacher's; "
                                 "skew_reverse_kl: the student's)")
     akl_mu: float = _f(0.5, "teacher probability mass that defines the head (loss.kind=akl)")
@@ -137,17 +138,18 @@ class RolloutConfig:
 
 @dataclass
 class TeacherConfig:
-    backend: str = _f("engine", "where teacher logits come from: engine = a ZeRO-3 inference engine on the "
+    backend: str = _f("engine", "where teacher answers come from: engine = a ZeRO-3 inference engine on the "
                                 "student's ranks; pipelined = a teacher job on its own ranks that computes the "
-                                "next steps' logits ahead; cache = top-k log-probs stored by `paced-ds cache-teacher`",
+                                "next steps' answers ahead; cache = top-k log-probs (temperature 1) stored by "
+                                "`paced-ds cache-teacher`",
                       ("engine", "pipelined", "cache"))
     ranks: int = _f(1, "teacher.backend=pipelined: ranks of the teacher job `paced-ds train` starts beside the "
                        "students (ZeRO-3 among them)")
     address: str = _f("", "teacher.backend=pipelined: HOST:PORT of a teacher job started with `paced-ds "
                           "teacher-serve` (empty: `paced-ds train` starts one on this node)")
     cache: str = _f("", "teacher cache directory (teacher.backend=cache, and where `paced-ds cache-teacher` writes)")
-    topk: int = _f(0, "teacher log-probs kept per token by the cache or sent by a pipelined teacher "
-                      "(0 = the full distribution)")
+    topk: int = _f(0, "teacher log-probs kept per token by the cache or sent by a pipelined teacher, read "
+                      "sparse by the loss (0 = the full distribution)")
     offload: str = _f("none", "where the teacher's partitioned parameters live", ("none", "cpu", "nvme"))
     nvme_path: str = _f("", "directory for teacher.offload=nvme")
     ds_config: str = _f("auto", "DeepSpeed JSON for the teacher; auto = ds_configs/teacher_zero3[_offload_*].json")

@@ -112,14 +112,6 @@ def is_correct(response: str, reference: str) -> bool:
         return False
 
 
-def check_batch(responses: list[str], references: list[str]) -> list[bool]:
-    """``is_correct`` for each (response, reference) pair."""
-    if len(responses) != len(references):
-        raise ValueError(f"check_batch: {len(responses)} responses but {len(references)} "
-                         f"references; pass one reference per response")
-    return [is_correct(response, reference) for response, reference in zip(responses, references)]
-
-
 def _is_correct(response: str, reference: str) -> bool:
     predicted = extract_answer(response)
     expected = _reference_answer(reference)

@@ -87,7 +87,7 @@ def test_answers_come_back_in_order_asked_ahead_or_now():
             got += list(zip(changed, client.answers(changed, reuse=False)))
             client.ask([batch(offset + 7)])
             got.append((batch(offset + 7), next(client.answers([batch(offset + 7)], reuse=True))))
-            got.append((batch(offset + 8), client.answer(batch(offset + 8))))  # synchronous
+            got.append((batch(offset + 8), next(client.answers([batch(offset + 8)], reuse=False))))  # synchronous
             client.ask([batch(offset + 9)])
             with pytest.raises(UserError, match="other batches than were sent ahead"):
                 client.answers([batch(offset + 10)], reuse=True)
@@ -111,7 +111,7 @@ def test_top_k_answers_match_the_cache_form_and_two_teacher_ranks_share_the_stud
 
     def go(client):
         b = batch(7)
-        return b, client.answer(b)
+        return b, next(client.answers([b], reuse=False))
 
     results = in_threads(2, [go, go, go], topk=k)
     assert results["teacher0"]["requests"] == 2 and results["teacher1"]["requests"] == 1  # s mod T

@@ -7,7 +7,7 @@ import pytest
 from math_verify.errors import TimeoutException
 
 import paced_ds.verify as verify_module
-from paced_ds.verify import check_batch, extract_answer, is_correct
+from paced_ds.verify import extract_answer, is_correct
 
 EXTRACT_CASES = [
     # The arithmetic task: reversed digits, then " = answer".
@@ -128,25 +128,13 @@ def test_is_correct(response, reference, expected):
     assert is_correct(response, reference) is expected
 
 
-def test_check_batch_matches_is_correct():
-    responses = [case[0] for case in CORRECT_CASES]
-    references = [case[1] for case in CORRECT_CASES]
-    assert check_batch(responses, references) == [case[2] for case in CORRECT_CASES]
-
-
-def test_check_batch_length_mismatch_is_an_error():
-    with pytest.raises(ValueError, match="2 responses but 1 references"):
-        check_batch(["1", "2"], ["1"])
-
-
 def test_worker_thread_gives_the_same_answers():
     # math-verify's signal-based timeout raises in a non-main thread; the mathverify-only
     # case (sqrt(2)/2 == 1/sqrt(2)) would then drop to the string comparison and fail.
     results = {}
 
     def work():
-        results["batch"] = check_batch([case[0] for case in CORRECT_CASES],
-                                       [case[1] for case in CORRECT_CASES])
+        results["batch"] = [is_correct(case[0], case[1]) for case in CORRECT_CASES]
 
     worker = threading.Thread(target=work, daemon=True)  # a hang must not block exit
     worker.start()
@@ -211,4 +199,4 @@ def test_checker_crash_counts_as_incorrect(monkeypatch):
 
     monkeypatch.setattr(verify_module, "_as_number", crash)
     assert is_correct("42", "42") is False
-    assert check_batch(["42", "7"], ["42", "7"]) == [False, False]
+    assert [is_correct(r, r) for r in ("42", "7")] == [False, False]

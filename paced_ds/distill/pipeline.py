@@ -189,10 +189,6 @@ class StudentClient:
         self.wait_s += time.time() - started
         return out
 
-    def answer(self, batch: dict):
-        """The teacher's answer for ``batch`` now (what was asked ahead is dropped)."""
-        return next(self.answers([batch], reuse=False))
-
     def ask(self, batches: list[dict]) -> None:
         """Send ``batches`` now, for ``answers`` to collect later, after what is in flight."""
         for batch in batches:

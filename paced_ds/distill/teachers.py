@@ -177,23 +177,35 @@ def describe(cfg: RunConfig) -> str:
     return f"{where}ZeRO-3 offload={cfg.teacher.offload}" + (", self-distillation" if cfg.teacher.self_distill else "")
 
 
-def build_engine(cfg: RunConfig):
-    """The co-located teacher's engine, when teacher.backend=engine (else None): it also
-    writes the teacher's responses, so it exists before the problems are tokenized."""
-    return engines.build_teacher(cfg, name=teacher_path(cfg)) if cfg.teacher.backend == "engine" else None
+@dataclass
+class Started:
+    """What exists before the problems are ready: the co-located engine (it writes missing
+    teacher responses), or the connection to the teacher job (it wrote them before it
+    answered), or neither (a cache)."""
+
+    engine: object = None
+    client: pipeline.StudentClient | None = None
 
 
-def open_teacher(cfg: RunConfig, tokenizer, vocab: int, engine, records: list[dict],
+def start(cfg: RunConfig, tokenizer, vocab: int) -> Started:
+    if cfg.teacher.backend == "engine":
+        return Started(engine=engines.build_teacher(cfg, name=teacher_path(cfg)))
+    if cfg.teacher.backend == "pipelined":
+        return Started(client=connect(cfg, tokenizer, vocab))
+    return Started()
+
+
+def open_teacher(cfg: RunConfig, tokenizer, vocab: int, started: Started, records: list[dict],
                  examples: list[dict] | None) -> Teacher:
-    """The run's teacher (``engine`` from ``build_engine``), checked against the run."""
+    """The run's teacher (from what ``start`` began), checked against the run's problems."""
     if cfg.teacher.backend == "cache":
         expected = cache.expected_manifest(teacher=sources.teacher_identity(teacher_path(cfg)), tokenizer=tokenizer,
                                            topk=cfg.teacher.topk, vocab=vocab, records=records, examples=examples)
         teacher = CachedTeacher(cache.TeacherCache(cfg.teacher.cache, expected), records)
     elif cfg.teacher.backend == "pipelined":
-        teacher = PipelinedTeacher(connect(cfg, tokenizer, vocab))
+        teacher = PipelinedTeacher(started.client)
     else:
-        teacher = EngineTeacher(engine, vocab)
+        teacher = EngineTeacher(started.engine, vocab)
     if cfg.teacher.self_distill:
         shown = [{**r, "prompt": privileged_prompt(r["prompt"], r["answer"], cfg.teacher.privileged_template)}
                  for r in records]

@@ -73,12 +73,12 @@ def train(cfg: RunConfig) -> dict:
     dist.init(cfg.train.timeout_s)
     seed_everything(cfg.train.seed + dist.rank())
     check_same_config(cfg)
-    engine = teachers.build_engine(cfg)  # it also writes missing responses
+    started = teachers.start(cfg, tokenizer, vocab)  # the engine, or the teacher job (responses written first)
     examples = None  # a purely on-policy run needs no teacher responses
     if cfg.loss.schedule != "on_policy":
-        records = with_teacher_responses(cfg, tokenizer, engine, records)
+        records = with_teacher_responses(cfg, tokenizer, started.engine, records)
         examples = tokenize_problems(cfg, tokenizer, records)
-    teacher = teachers.open_teacher(cfg, tokenizer, vocab, engine, records, examples)
+    teacher = teachers.open_teacher(cfg, tokenizer, vocab, started, records, examples)
     student, _ = engines.build_student(cfg)
     say(f"{len(records)} training problems, {len(eval_records)} held-out; {dist.world_size()} ranks; "
         f"student ZeRO-{cfg.train.zero_stage}, teacher {teachers.describe(cfg)}; "
