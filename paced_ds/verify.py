@@ -1,110 +1,148 @@
 """Answer extraction and checking for verifiable problems.
 
-``extract_answer`` finds the final answer a response gives; ``is_correct`` compares it
-with the reference answer. The comparison runs in three stages:
+``extract_answer`` finds the final answer a response gives; ``is_correct`` says whether
+it equals the reference answer; ``is_correct_many`` checks many pairs in parallel.
 
-1. Both sides plain numbers (integers, decimals, ``a/b``, ``\\frac{a}{b}``): exact
-   comparison with ``fractions.Fraction``. This is the arithmetic task's whole workload,
-   it costs microseconds, and it is stricter than math-verify, which rounds floats to 6
-   places (it judges 0.1234567 equal to 0.1234568).
-2. Otherwise math-verify, when it parses both sides into expressions.
-3. Otherwise (math-verify cannot parse, raises or is skipped) the normalised strings
-   must be equal.
+The response is cut where generation should have stopped (an end-of-sequence token, or
+a hallucinated next turn: ``<|im_start|>``, a line starting ``User:``, ``Human:``,
+``Question:`` ...). Its final answer is, in order: what follows the last GSM8K ``####``;
+the last group of ``\\boxed{}`` (boxes joined only by commas or "and" are one answer
+with several parts, otherwise the last box wins); the text after the last "answer is" /
+"Answer:" / '='; the whole response if it is one line of math; the last number that is
+not part of a word. A reference is read the same way (``####``, boxes), else as a whole.
+
+Then, in this process, in microseconds: equal normalised strings are equal; a
+multiple-choice reference (``B``, ``(B)``) is compared with the chosen letter; plain
+numbers exactly (``fractions.Fraction``:
+``0.5`` = ``1/2``, ``1,000`` = ``1000``; currency, units and ``%`` around them dropped,
+``18%`` also equal to ``0.18``; ``3,5`` is 3.5 only where the comma cannot separate
+thousands); lists of plain numbers as sets. math-verify rounds floats to 6 places
+(0.1234567 = 0.1234568 there); these comparisons do not.
+
+Everything else goes to math-verify (``parse`` and ``verify``), on the extracted answers
+and on the texts as math-verify extracts them; either accepting decides. Where it parses
+neither, exact numbers or normalised strings decide.
+
+Time: every call returns within ``VERIFY_TIMEOUT_S`` in any thread. math-verify's own
+timeout uses signals, which work only in a main thread, and a thread cannot be stopped,
+so math-verify runs in worker processes, killed at the deadline and replaced (a timeout
+counts as wrong). Starting a worker (1-2 s, once per process and after a timeout when
+no spare is ready) is waited for on top, up to ``WORKER_START_TIMEOUT_S``; if none
+starts, the string comparison decides and a warning says so. The in-process paths cap
+their input sizes and stay linear, and inputs known to make sympy compute enormous
+numbers (towers of powers, big factorials and binomials) never reach math-verify.
 
 A checker crash never reaches the caller: it is logged and counts as incorrect.
-
-Threads: math-verify's timeouts use ``signal.alarm``, which only works in the main
-thread; elsewhere its ``parse``/``verify`` raise ValueError. So the main thread keeps
-math-verify's timeouts and other threads pass ``None``. Because a thread cannot be
-interrupted, inputs known to hang sympy (towers of powers, factorials of powers) and
-very long answers skip math-verify in every thread, so a worker thread decides exactly
-as the main thread does.
 """
 
 from __future__ import annotations
 
+import atexit
 import logging
+import os
 import re
+import signal
+import subprocess
+import sys
 import threading
+import time
+from collections import deque
 from fractions import Fraction
-
-from math_verify import parse, verify
-from math_verify.errors import TimeoutException
+from multiprocessing.connection import Connection, wait
+from typing import NamedTuple
 
 logger = logging.getLogger(__name__)
 
-# math-verify's timeout per parse and per comparison, main thread only (signal.alarm
-# takes whole seconds).
-MATH_VERIFY_TIMEOUT_S = 2
-# Longer answers go straight to the string comparison: sympy time grows fast with size.
-MATH_VERIFY_MAX_CHARS = 500
+VERIFY_TIMEOUT_S = 1.0  # the bound on one check, math-verify included
+WORKER_START_TIMEOUT_S = 60.0  # waiting for a math-verify worker to start
+MAX_WORKERS = 8  # is_correct_many's default processes (at most one per CPU); kept idle after
+MAX_TEXT_CHARS = 20_000  # a response or reference is read from its last this many chars
+MATH_VERIFY_MAX_CHARS = 8_000  # the longest text handed to math-verify
+MAX_ANSWER_CHARS = 1_000  # a longer final answer is compared as a string only
+_KILL_MARGIN_S = 0.05  # time to kill a late worker and return within the bound
 
-# Text after an end-of-sequence token is not part of the response.
-_END_OF_SEQUENCE = re.compile(r"</s>|<eos>|<\|endoftext\|>|<\|im_end\|>|<\|eot_id\|>|<\|end\|>")
+_END_OF_SEQUENCE = re.compile(
+    r"</s>|<eos>|<\|endoftext\|>|<\|im_end\|>|<\|eot_id\|>|<\|end\|>|<end_of_turn>")
+# A next turn the model made up; "Question:" only on a later line (it may restate first).
+_NEXT_TURN = re.compile(
+    r"<\|im_start\|>|<\|start_header_id\|>|<start_of_turn>|\[INST\]"
+    r"|\n[ \t>#*]*(?:User|USER|Human|HUMAN|Question|Problem|Q)[ \t]*\d*[ \t]*\**:")
 _SPECIAL_TOKEN = re.compile(r"<\|[^<>|]{1,40}\|>|</?s>|<pad>|<unk>|<bos>")
 _MATH_DELIMITERS = (("$$", "$$"), ("$", "$"), ("\\(", "\\)"), ("\\[", "\\]"))
 _BOXED = re.compile(r"\\(?:boxed|fbox)\b")
+# What may stand between boxes that give one answer in parts: "\boxed{2} and \boxed{3}",
+# "\boxed{1} papers and \boxed{2} bins", "\(\boxed{1}\), \(\boxed{2}\)"; once math
+# delimiters and spacing are dropped. Not "\boxed{41}, no wait: \boxed{42}".
+_BOX_SPACING = re.compile(r"\$|\\[()\[\],;! ]|\\q?quad\b|\\text\{\s*(and|or)\s*\}")
+_BOX_JOINER = re.compile(r"\s*(?:[^.:;!?\n]{0,40}?(?:,|\band|\bor))?\s*")
 # '=' but not '<=', '>=', '!=', '==', '=>'; or an "answer is" / "answer:" phrase.
 _MARKER = re.compile(r"(?<![<>!=])=(?![=>])|\banswer\s+is\b\s*:?|\banswer\s*:", re.IGNORECASE)
 # The arithmetic task's working ("rev 2301") is never the answer.
 _ARITH_WORKING = re.compile(r"\brev\s+-?\d+")
-# Thousands separators: 1,234 / 1 234 / 1\,234 / 1{,}234 / thin spaces.
-_NUMBER = (r"[-+]?(?:\d{1,3}(?:(?:,|\\,|\{,\}|[ \u2009\u202f])\d{3})+(?!\d)|\d+)(?:\.\d+)?"
-           r"|[-+]?\.\d+")
+# Thousands separators: 1,234 / 1 234 / 1\,234 / 1{,}234 / thin spaces; a decimal comma.
+_NUMBER = (r"[-+]?(?:\d{1,3}(?:(?:,|\\,|\{,\}|[ \u2009\u202f])\d{3})+(?![\d,])|\d+,\d+(?![\d,])"
+           r"|\d+)(?:\.\d+)?|[-+]?\.\d+")
 # A number followed by a word: "1032 Done", "42 apples".
 _NUMBER_THEN_WORD = re.compile(rf"({_NUMBER})\s+([A-Za-z]{{2,}})")
 # A word of text; "frac" in "\\frac" is not one.
 _WORD = re.compile(r"(?<![\\A-Za-z])[A-Za-z]{2,}")
 _MATH_WORDS = {"pi", "sqrt", "infty", "and", "or"}
 _SENTENCE_END = re.compile(r"\.(?=\s|$)|,\s+(?=[A-Za-z]{2,})")
-
+# Units written against a number ("5cm"); any other letter touching a number makes it
+# part of a word or a term ("H2O", "x2y", "2x").
+_GLUED_UNITS = r"(?:cm|mm|km|kg|mg|ml|mph|ft|min|hrs?|m|g|s|h|L)"
 _DECIMAL = r"(?:\d+(?:\.\d*)?|\.\d+)"
 _PLAIN_NUMBER = re.compile(rf"([-+]?)({_DECIMAL})(?:/({_DECIMAL}))?")
 _LATEX_FRACTION = re.compile(
-    rf"([-+]?)\\[dt]?frac(?:\{{\s*([-+]?{_DECIMAL})\s*\}}\{{\s*({_DECIMAL})\s*\}}|(\d)(\d))")
+    rf"([-+]?)\\[dtc]?frac(?:\{{\s*([-+]?{_DECIMAL})\s*\}}\{{\s*({_DECIMAL})\s*\}}|(\d)(\d))")
 # A number in free text, fractions included: the last one is the answer of last resort.
 _LAST_NUMBER = re.compile(
     rf"[-+]?\\[dt]?frac\s*\{{\s*[-+]?{_DECIMAL}\s*\}}\s*\{{\s*{_DECIMAL}\s*\}}"
-    rf"|[-+]?\\[dt]?frac\d\d|(?:{_NUMBER})(?:\s*/\s*\d+)?")
-# 1,234 / 1 234 / 1\,234 / 1{,}234, with the separators already reduced to ','.
-_THOUSANDS = re.compile(r"[-+]?\d{1,3}(?:,\d{3})+(?:\.\d+)?")
-# Inputs that make sympy evaluate astronomically large numbers: 9^{9^9}, 9^9^9, (10^{100})!.
-_EXPLOSIVE = re.compile(r"\^\s*\{[^{}]*\^|\^\s*[\d.]+\s*\^|\^[^!]*!")
+    rf"|[-+]?\\[dt]?frac\d\d"
+    rf"|(?<![A-Za-z_\d.,])(?:{_NUMBER})(?:\s*/\s*\d+)?(?![A-Za-z_\d]|[.,]\d)"
+    rf"|(?<![A-Za-z_\d.,])(?:{_NUMBER})(?={_GLUED_UNITS}(?![A-Za-z]))")
+# With the separators reduced to ',': 1,234 (never 0,123: that is a decimal comma).
+_THOUSANDS = re.compile(r"[-+]?[1-9]\d{0,2}(?:,\d{3})+(?:\.\d+)?")
+_DECIMAL_COMMA = re.compile(r"[-+]?\d+,\d+")
+_CURRENCY = r"(?:\\\$|\$|€|£|¥|₹|\\euro\b|\\pounds\b|US\$|USD\b|EUR\b|Rs\.?)"
+_PERCENT = re.compile(r"\s*(?:\\%|%|\\text\{\s*%\s*\}|percent(?:age)?\b|pct\b)\s*$")
+# Trailing units: \text{ cm}, ^\circ, "dollars", "square meters", 5cm, m^2 (not 10^2).
+_UNIT = re.compile(r"\s*(?:\\(?:text|mbox|textnormal|mathrm|textrm|textbf|textit)\s*\{[^{}\d]*\}"
+                   rf"|\^\s*\{{?\s*\\circ\s*\}}?|\\circ|°|(?<=\s)[A-Za-z]{{2,}}\.?|(?<=\d){_GLUED_UNITS}"
+                   r"|(?<=[A-Za-z}])(?:\^\s*\{?[23]\}?|[²³]))\s*$")
+_CHOICE = re.compile(r"\(?([A-J])\)?\.?")
+_CHOICE_ANSWER = re.compile(r"(?i:answer)\s*(?:is|:)\s*:?\s*(?:\*\*)?\s*\(?([A-J])\b")
+_CHOICE_LINE = re.compile(r"(?:\*\*)?\(?([A-J])(?:\)|\.|:|$)")
+_TEXT_COMMAND = re.compile(r"\\(?:text|mathrm|textbf|mbox)\s*\{([^{}]*)\}")
+# Inputs that make sympy compute astronomically large numbers: 9^{9^9}, 9^9^9, 2^{10^10},
+# 2^{10000000}, 100000!, (10^{100})!, \binom{10^6}{5*10^5}, 9**9**9.
+# (A digit run is entered at its start only, or the search would be quadratic in it.)
+_EXPLOSIVE = re.compile(r"\^\s*\{[^{}]*\^|\^\s*[\d.]+\s*\^|\^\s*\{?\s*\d{7,}|(?<!\d)\d{5,}\s*[)}]*\s*!"
+                        r"|\^\S{0,30}?[)}]\s*!|binom\s*\{?\s*\d{5,}|(?<!\d)\d{5,}\s*\}?\s*\\choose"
+                        r"|\\choose\s*\{?\s*\d{5,}|(?<!\d)\d+\s*\*\*\s*\d+\s*\*\*\s*\d")
+MAX_NESTING = 40  # deeper brackets go to the string comparison: sympy recurses on them
 
+
+# ---------------------------------------------------------------------------------------
+# The public checks
 
 def extract_answer(response: str) -> str | None:
-    """The final answer a response gives, or None if it gives none.
-
-    In order: the content of the last ``\\boxed{...}`` or ``\\fbox{...}`` (balanced
-    braces); else the text after the last '=', 'answer is' or 'Answer:', up to the end of
-    its sentence; else the whole text if it is one short line of math and no words
-    ("\\frac{a}{2}", "-7"); else the last number in the text (the arithmetic task's
-    "rev 2301" working excluded). Surrounding ``$...$``, a trailing period and special
-    tokens are removed; text after an end-of-sequence token is ignored.
-    """
-    if not isinstance(response, str):
-        return None
-    text = _END_OF_SEQUENCE.split(response, maxsplit=1)[0]
-    text = _SPECIAL_TOKEN.sub("", text).replace("\u2212", "-")
-    answer = _last_boxed(text)
-    if answer is None:
-        markers = list(_MARKER.finditer(text))
-        if markers:
-            answer = _answer_span(text[markers[-1].end():])
-        elif _is_bare_expression(text):
-            answer = text
-        else:
-            numbers = _LAST_NUMBER.findall(_ARITH_WORKING.sub(" ", text))
-            answer = numbers[-1] if numbers else None
-    if answer is None:
-        return None
-    return _clean(answer) or None
+    """The final answer a response gives (see the module docstring), or None."""
+    text = _response_text(response)
+    answer = _final_answer(text)[0] if text is not None else None
+    return answer or None
 
 
 def is_correct(response: str, reference: str) -> bool:
     """Whether the response's final answer equals the reference answer."""
+    start_s = time.monotonic()
     try:
-        return _is_correct(response, reference)
+        check = _Check(response, reference)
+        if check.verdict is not None:
+            return check.verdict
+        budget_s = VERIFY_TIMEOUT_S - (time.monotonic() - start_s) - _KILL_MARGIN_S
+        return check.finish(_pool().run([(_math_verify_verdict, (check.attempts,))],
+                                        budget_s=budget_s)[0])
     except Exception:
         # A checker bug must not stop training: the sample counts as wrong.
         logger.warning("verify: checker crashed on response %.80r; counted as incorrect",
@@ -112,27 +150,153 @@ def is_correct(response: str, reference: str) -> bool:
         return False
 
 
-def _is_correct(response: str, reference: str) -> bool:
-    predicted = extract_answer(response)
-    expected = _reference_answer(reference)
-    if predicted is None or expected is None:
-        return False
-    predicted_number, expected_number = _as_number(predicted), _as_number(expected)
-    if predicted_number is not None and expected_number is not None:
-        return predicted_number == expected_number
-    verdict = _math_verify(expected, predicted)
-    if verdict is not None:
-        return verdict
-    return _normalise_text(predicted) == _normalise_text(expected)
+def is_correct_many(pairs, workers: int | None = None) -> list[bool]:
+    """``is_correct`` for each (response, reference) pair, math-verify in ``workers``
+    processes at once (default: one per CPU, at most ``MAX_WORKERS``); each check keeps
+    the same time bound."""
+    checks = []
+    for response, reference in pairs:
+        try:
+            checks.append(_Check(response, reference))
+        except Exception:
+            logger.warning("verify: checker crashed on response %.80r; counted as incorrect",
+                           response, exc_info=True)
+            checks.append(None)
+    waiting = [i for i, check in enumerate(checks) if check is not None and check.verdict is None]
+    outcomes = _pool().run([(_math_verify_verdict, (checks[i].attempts,)) for i in waiting],
+                           workers=workers or min(MAX_WORKERS, os.cpu_count() or 1)
+                           ) if waiting else []
+    verdicts = [bool(check and check.verdict) for check in checks]
+    for i, outcome in zip(waiting, outcomes):
+        verdicts[i] = checks[i].finish(outcome)
+    return verdicts
 
 
-def _reference_answer(reference: str) -> str | None:
-    """The reference as an answer: its boxed content if it has one, else all of it."""
+# ---------------------------------------------------------------------------------------
+# One check: what this process decides, and what it asks math-verify
+
+class _Check:
+    """A (response, reference) pair read in this process: ``verdict`` is set when that
+    decides it; else ``attempts`` are the (gold, prediction) texts for math-verify."""
+
+    def __init__(self, response, reference):
+        self.verdict: bool | None = None
+        self.attempts: list[tuple[str, str]] = []
+        text, gold_text = _response_text(response), _reference_text(reference)
+        if text is None or gold_text is None:
+            self.verdict = False
+            return
+        gold, gold_is_gsm8k = _reference_answer(gold_text)
+        self.gold, (self.answer, strong) = gold, _final_answer(text)
+        if not gold:
+            self.verdict = False
+            return
+        if _normalise_text(_clean(text)) == _normalise_text(_clean(gold_text)):
+            self.verdict = True  # the reference itself, however little it parses
+            return
+        choice = _CHOICE.fullmatch(_TEXT_COMMAND.sub(r"\1", gold).strip())
+        if choice:
+            self.verdict = _chosen_letter(text) == choice.group(1)
+            return
+        if strong and self.answer:
+            if _normalise_text(self.answer) == _normalise_text(gold):
+                self.verdict = True
+                return
+            gold_number, number = _as_number(gold), _as_number(self.answer)
+            if gold_number is not None and number is not None:
+                self.verdict = _numbers_equal(gold_number, number)
+                return
+            gold_list = _number_list(gold)
+            answer_list = _number_list(self.answer, in_list=bool(gold_list and len(gold_list) > 1))
+            if gold_list and answer_list and max(len(gold_list), len(answer_list)) > 1:
+                self.verdict = set(gold_list) == set(answer_list)  # order-insensitive
+                return
+            if gold_number is None or re.search(r"\d", self.answer):  # "abc" is no number
+                self.attempts.append((_as_math(gold), _as_math(self.answer)))
+        raw_text = _ARITH_WORKING.sub(" ", text)
+        if "####" not in text and re.search(r"[\d$\\]", raw_text):
+            # math-verify's own reading of the texts (not after '####', nor in "rev 2301").
+            raw_gold = (gold_text if not gold_is_gsm8k and re.search(r"\$|\\[(\[]|\\boxed", gold_text)
+                        else _as_math(gold))
+            self.attempts.append((raw_gold[-MATH_VERIFY_MAX_CHARS:], raw_text[-MATH_VERIFY_MAX_CHARS:]))
+        # Nothing to ask, or nothing math-verify could finish in time (a timeout foretold).
+        self.attempts = [pair for pair in dict.fromkeys(self.attempts)
+                         if not any(map(_too_costly, pair))]
+        if not self.attempts:
+            self.verdict = False
+
+    def finish(self, outcome: tuple[str, object]) -> bool:
+        """The verdict from math-verify's outcome: ("ok", True | False | None), or a
+        timeout / error / crash (wrong), or "unavailable" (no worker started)."""
+        status, value = outcome
+        if status == "ok" and value is not None:
+            return bool(value)
+        if status in ("timeout", "crashed") or self.answer is None:
+            return False
+        if status == "error":
+            logger.debug("verify: math-verify raised %s", value)
+        # math-verify parsed neither side (or is unavailable): exact numbers, else strings.
+        gold_number, number = _as_number(self.gold), _as_number(self.answer)
+        if gold_number is not None and number is not None:
+            return _numbers_equal(gold_number, number)
+        return _normalise_text(self.answer) == _normalise_text(self.gold)
+
+
+def _response_text(response) -> str | None:
+    """The response up to where generation should have stopped, its tail at most."""
+    if not isinstance(response, str):
+        return None
+    text = _END_OF_SEQUENCE.split(response, maxsplit=1)[0]
+    turn = _NEXT_TURN.search(text)
+    if turn:
+        text = text[:turn.start()]
+    return _SPECIAL_TOKEN.sub("", text[-MAX_TEXT_CHARS:]).replace("\u2212", "-")
+
+
+def _reference_text(reference) -> str | None:
     if not isinstance(reference, str):
         return None
-    text = reference.replace("\u2212", "-")
-    answer = _last_boxed(text)
-    return _clean(text if answer is None else answer) or None
+    return reference[-MAX_TEXT_CHARS:].replace("\u2212", "-")
+
+
+def _reference_answer(text: str) -> tuple[str | None, bool]:
+    """The reference's answer: after GSM8K's '####', or its boxes, or all of it; and
+    whether it came from '####'."""
+    if "####" in text:
+        return _clean(_gsm8k_answer(text)), True
+    boxes = _boxes(text)
+    return _clean(", ".join(boxes) if boxes else text), False
+
+
+def _gsm8k_answer(text: str) -> str:
+    line = text[text.rfind("####") + 4:].strip().split("\n", 1)[0]
+    return line.replace(",", "") if _THOUSANDS.fullmatch(line.strip()) else line
+
+
+def _final_answer(text: str) -> tuple[str | None, bool]:
+    """The response's final answer, and whether an explicit marker gave it ('####', a
+    box, "answer is", a last '=' with no number after it, or all-math text)."""
+    if "####" in text:
+        return _clean(_gsm8k_answer(text)) or None, True
+    boxes = _boxes(text)
+    markers = list(_MARKER.finditer(text))
+    if boxes:
+        # "Final answer: ..." after the boxes, naming math, is the later word on it.
+        phrase = markers[-1] if markers and markers[-1].group(0) != "=" else None
+        after = _clean(_answer_span(text[phrase.end():])) if phrase else ""
+        last_box_at = [match.start() for match in _BOXED.finditer(text)][-1]
+        if not (phrase and phrase.start() > last_box_at and re.search(r"[\d\\$]", after)):
+            return _clean(", ".join(boxes)) or None, True
+    if markers:
+        tail = text[markers[-1].end():]
+        answer = _clean(_answer_span(tail))
+        after = tail.lstrip(" \t\n:$")[len(answer):]
+        strong = markers[-1].group(0) != "=" or not re.search(r"\d", after)
+        return answer or None, strong
+    if _is_bare_expression(text):
+        return _clean(text) or None, True
+    numbers = _LAST_NUMBER.findall(_ARITH_WORKING.sub(" ", text))
+    return (_clean(numbers[-1]) or None) if numbers else None, False
 
 
 def _is_bare_expression(text: str) -> bool:
@@ -142,40 +306,52 @@ def _is_bare_expression(text: str) -> bool:
             and re.search(r"[0-9A-Za-z]", text) is not None and not _WORD.search(text))
 
 
-def _last_boxed(text: str) -> str | None:
-    """Content of the last complete, non-empty ``\\boxed{...}`` / ``\\fbox{...}``."""
-    found = None
+def _boxes(text: str) -> list[str]:
+    """Contents of the last run of complete, non-empty ``\\boxed{}`` / ``\\fbox{}`` joined
+    by commas or "and" (see ``_BOX_JOINER``): usually one."""
+    if not _BOXED.search(text):
+        return []
+    closing = _matching_braces(text)
+    group, group_end = [], 0
     for match in _BOXED.finditer(text):
+        if match.start() < group_end:  # inside the previous box, which holds it
+            continue
         start = match.end()
         while start < len(text) and text[start] == " ":
             start += 1
         if start < len(text) and text[start] == "{":
-            content = _braced(text, start)
+            end = closing.get(start)
+            content = text[start + 1:end] if end is not None else None
+            end = end + 1 if end is not None else None
         else:  # "\boxed 5"
-            token = re.match(r"[^\s$]+", text[start:])
+            token = re.match(r"[^\s$]+", text[start:start + 100])
             content = token.group(0) if start > match.end() and token else None
-        if content and content.strip():
-            found = content
-    return found
+            end = start + len(content) if content else None
+        if not (content and content.strip()):
+            continue
+        between = _BOX_SPACING.sub(r" \1 ", text[group_end:match.start()])
+        if not (group and _BOX_JOINER.fullmatch(between)):
+            group = []
+        group.append(content)
+        group_end = end
+    return group
 
 
-def _braced(text: str, open_at: int) -> str | None:
-    """Text inside the brace group opening at ``open_at``; None if it never closes."""
-    depth = 0
-    i = open_at
+def _matching_braces(text: str) -> dict[int, int]:
+    """The position of each '{' that closes, mapped to its '}' (one linear pass)."""
+    closing, open_at = {}, []
+    i = 0
     while i < len(text):
         char = text[i]
         if char == "\\":  # \{ and \} are literal braces
             i += 2
             continue
         if char == "{":
-            depth += 1
-        elif char == "}":
-            depth -= 1
-            if depth == 0:
-                return text[open_at + 1:i]
+            open_at.append(i)
+        elif char == "}" and open_at:
+            closing[open_at.pop()] = i
         i += 1
-    return None
+    return closing
 
 
 def _answer_span(tail: str) -> str:
@@ -212,14 +388,51 @@ def _clean(answer: str) -> str:
     return answer
 
 
-def _as_number(answer: str) -> Fraction | None:
-    """The exact value of a plain number (int, decimal, a/b, \\frac{a}{b}); else None."""
-    text = answer.replace("\u2212", "-")
+def _chosen_letter(text: str) -> str | None:
+    """The multiple-choice letter a response picks: boxed, after "answer is", or alone
+    on its last line ("(B)", "B)", "B. 14")."""
+    boxes = _boxes(text)
+    boxed = _CHOICE_LINE.match(_TEXT_COMMAND.sub(r"\1", boxes[-1]).strip()) if boxes else None
+    if boxed:
+        return boxed.group(1)
+    phrases = list(_CHOICE_ANSWER.finditer(text[-2000:]))
+    if phrases:
+        return phrases[-1].group(1)
+    last_line = _CHOICE_LINE.match(text.strip().rsplit("\n", 1)[-1].strip().strip("$"))
+    return last_line.group(1) if last_line else None
+
+
+# ---------------------------------------------------------------------------------------
+# Exact numbers
+
+class _Number(NamedTuple):
+    value: Fraction
+    percent: bool  # written with %, "percent"
+    tolerance: Fraction  # 0, or half a unit in the last place of a printed float
+
+
+def _as_number(answer: str) -> _Number | None:
+    """The exact value of a plain number (int, decimal, a/b, \\frac{a}{b}), with any
+    currency, unit or percent sign around it dropped."""
+    if not answer or len(answer) > 200:
+        return None
+    text = re.sub(r",\\!\s*", ",", answer.replace("\u2212", "-")).replace("\\!", "").strip()
+    percent = _PERCENT.search(text)
+    if percent:
+        text = text[:percent.start()]
+    for _ in range(3):  # "15 \text{ cm}^2", "5 square meters"
+        unit = _UNIT.search(text)
+        if not unit or unit.start() == 0 or unit.group(0).strip().lower() in _MATH_WORDS:
+            break
+        text = text[:unit.start()]
+    text = re.sub(rf"^([-+]?)\s*{_CURRENCY}\s*|\s*{_CURRENCY}$", r"\1", text.strip()).replace("$", "")
     text = re.sub(r"\\[,;! ]|\{,\}", lambda m: "," if m.group(0) in ("\\,", "{,}") else " ", text)
     text = text.replace("\u2009", ",").replace("\u202f", ",").strip()
     text = re.sub(r"(?<=\d) (?=\d{3}\b)", ",", text)  # 1 234 -> 1,234
     if _THOUSANDS.fullmatch(text):
         text = text.replace(",", "")
+    elif _DECIMAL_COMMA.fullmatch(text):
+        text = text.replace(",", ".")
     text = re.sub(r"\s*([-+/{}])\s*", r"\1", text)  # "- 5", "1 / 2"; "1 2" stays no number
     plain = _PLAIN_NUMBER.fullmatch(text)
     if plain:
@@ -232,35 +445,46 @@ def _as_number(answer: str) -> Fraction | None:
         numerator = latex.group(2) or latex.group(4)
         denominator = latex.group(3) or latex.group(5)
     value = Fraction(numerator)
+    tolerance = Fraction(0)
     if denominator is not None:
         if Fraction(denominator) == 0:
             return None
         value /= Fraction(denominator)
-    return -value if sign == "-" else value
+    elif "." in numerator and len(numerator.replace(".", "").lstrip("0")) >= 15:
+        # 0.0833333333333333 is 1/12 printed as a float, not a claim of 16 exact digits.
+        tolerance = Fraction(1, 2 * 10 ** len(numerator.split(".")[1]))
+    return _Number(-value if sign == "-" else value, bool(percent), tolerance)
 
 
-def _math_verify(expected: str, predicted: str) -> bool | None:
-    """math-verify's verdict, or None when it cannot parse a side, raises or is skipped."""
-    for answer in (expected, predicted):
-        if len(answer) > MATH_VERIFY_MAX_CHARS or _EXPLOSIVE.search(answer):
-            return None
-    in_main_thread = threading.current_thread() is threading.main_thread()
-    timeout_s = MATH_VERIFY_TIMEOUT_S if in_main_thread else None
-    try:
-        gold = parse(f"${expected}$", parsing_timeout=timeout_s)
-        target = parse(f"${predicted}$", parsing_timeout=timeout_s)
-        if not (_has_expression(gold) and _has_expression(target)):
-            return None
-        return bool(verify(gold, target, timeout_seconds=timeout_s))
-    except (Exception, TimeoutException):  # TimeoutException is a BaseException
-        logger.debug("verify: math-verify failed on %.80r vs %.80r", predicted, expected,
-                     exc_info=True)
+def _numbers_equal(first: _Number, second: _Number) -> bool:
+    """Equal values (within a printed float's last digit); a percentage also equals its
+    fraction: 18% = 18 = 0.18."""
+    tolerance = max(first.tolerance, second.tolerance)
+    candidates = [(first.value, second.value)]
+    if first.percent != second.percent:
+        candidates.append((first.value / 100, second.value) if first.percent
+                          else (first.value, second.value / 100))
+    return any(abs(a - b) <= tolerance for a, b in candidates)
+
+
+def _number_list(answer: str, in_list: bool = False) -> list[Fraction] | None:
+    """The values of a bare list of plain numbers ("2, 3", "2 and 3", "{2; 3}"), None if
+    it is not one (tuples and intervals are not). Within a list (``in_list``, or with
+    separators of its own) "2,3" is two items; alone it is the number 2.3."""
+    text = re.sub(r"^\\?\{(.*?)\\?\}$", r"\1", answer.strip())
+    if re.search(r"[()\[\]]", text):
         return None
-
-
-def _has_expression(parsed: list) -> bool:
-    """Whether math-verify parsed anything beyond its raw-string fallback."""
-    return any(not isinstance(item, str) for item in parsed)
+    parts = re.split(r"\s*;\s*|,\s+|\s+(?:and|or)\s+|\\text\{\s*(?:and|or)\s*\}|\\q?quad", text)
+    in_list = in_list or len(parts) > 1
+    items = []
+    for part in parts:
+        thousands = _THOUSANDS.fullmatch(part.strip().strip("$"))
+        split = not thousands and (in_list or _as_number(part) is None)
+        items += part.split(",") if split else [part]
+    values = [_as_number(item) for item in items if item.strip()]
+    if not values or any(value is None for value in values):
+        return None
+    return [value.value for value in values]
 
 
 def _normalise_text(answer: str) -> str:
@@ -268,3 +492,237 @@ def _normalise_text(answer: str) -> str:
     text = re.sub(r"\\(?:left|right)\b|\\[,;! ]", "", answer)
     text = re.sub(r"\\[dt]frac\b", r"\\frac", text)
     return re.sub(r"\s+", "", text)
+
+
+def _too_costly(text: str) -> bool:
+    """Whether math-verify could not finish on this text in time (see ``_EXPLOSIVE``)."""
+    depth = deepest = 0
+    for char in text:
+        if char in "{([":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif char in "})]" and depth:
+            depth -= 1
+    return deepest > MAX_NESTING or _EXPLOSIVE.search(text) is not None
+
+
+def _as_math(answer: str) -> str:
+    """An extracted answer as math-verify reads math: inside '$'."""
+    return answer if answer.startswith(("$", "\\(", "\\[")) else f"${answer[:MAX_ANSWER_CHARS]}$"
+
+
+# ---------------------------------------------------------------------------------------
+# math-verify, in worker processes
+
+def _math_verify_verdict(attempts: list[tuple[str, str]]) -> bool | None:
+    """(Runs in a worker.) Whether math-verify accepts any (gold, prediction) attempt;
+    None if it parsed both sides of none of them."""
+    from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse, verify
+
+    extraction = (LatexExtractionConfig(boxed_match_priority=0), ExprExtractionConfig())
+    parsed_any = False
+    for gold, prediction in attempts:
+        gold_parsed = parse(gold, extraction, parsing_timeout=None)
+        if not any(not isinstance(item, str) for item in gold_parsed):
+            continue
+        predicted = parse(prediction, extraction, parsing_timeout=None)
+        if not any(not isinstance(item, str) for item in predicted):
+            continue
+        parsed_any = True
+        if verify(gold_parsed, predicted, timeout_seconds=None):
+            return True
+    return False if parsed_any else None
+
+
+class _SoftDeadline(BaseException):
+    """Raised in a worker at its own deadline; math-verify catches only Exception and
+    its TimeoutException, so this one reaches the worker loop."""
+
+
+def _worker_main(task_fd: int, reply_fd: int) -> None:
+    """A worker's loop: import math-verify, say ready, then answer each task
+    (function, args, soft deadline) with ("ok", value) / ("timeout", None) / ("error", text)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's; EOF ends us
+    logging.getLogger("math_verify").setLevel(logging.ERROR)  # "timeout is disabled"
+
+    def on_deadline(signum, frame):
+        raise _SoftDeadline()
+
+    signal.signal(signal.SIGALRM, on_deadline)
+    tasks, replies = Connection(task_fd, writable=False), Connection(reply_fd, readable=False)
+    # Import math-verify and pay sympy's first-use costs (equations, sets, matrices) here,
+    # not inside some check's deadline.
+    for warm_up in [("$1/2$", "The answer is $\\boxed{0.5}$"),
+                    ("$x^2/4 + y^2/3 = 1$", "$\\boxed{x \\in [-2, 7]}$"),
+                    ("$\\{1, 2\\} \\cup (3, \\infty)$", "$\\begin{pmatrix}1 & 2\\\\ 3 & 4\\end{pmatrix}$")]:
+        _math_verify_verdict([warm_up])
+    replies.send(("ready", os.getpid()))
+    while True:
+        try:
+            function, args, soft_deadline_s = tasks.recv()
+        except (EOFError, OSError):
+            return
+        try:
+            try:
+                signal.setitimer(signal.ITIMER_REAL, max(soft_deadline_s, 0.001))
+                reply = ("ok", function(*args))
+            finally:
+                signal.setitimer(signal.ITIMER_REAL, 0)
+        except _SoftDeadline:
+            reply = ("timeout", None)
+        except Exception as error:  # reported to the parent, which falls back
+            reply = ("error", f"{type(error).__name__}: {error}")
+        replies.send(reply)
+
+
+class _Worker:
+    """One worker process (this file's ``_worker_main``), driven over two pipes."""
+
+    def __init__(self):
+        task_read, task_write = os.pipe()
+        reply_read, reply_write = os.pipe()
+        package_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+            filter(None, [package_root, os.environ.get("PYTHONPATH")])))
+        command = f"from paced_ds.verify import _worker_main; _worker_main({task_read}, {reply_write})"
+        try:
+            self.process = subprocess.Popen([sys.executable, "-c", command], env=env,
+                                            pass_fds=(task_read, reply_write),
+                                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+        finally:
+            os.close(task_read)
+            os.close(reply_write)
+        self.tasks = Connection(task_write, readable=False)
+        self.replies = Connection(reply_read, writable=False)
+        self.ready = False
+
+    def close(self) -> None:
+        self.tasks.close()
+        self.replies.close()
+        if self.process.poll() is None:
+            self.process.kill()
+        self.process.wait()
+
+
+class _WorkerPool:
+    """Idle workers, lent to the calls that need math-verify. A worker past its deadline
+    is killed and replaced; a spare is kept so the next call need not wait for one."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._idle: list[_Worker] = []
+        self.pid = os.getpid()
+        self.unavailable = False  # a worker failed to start: math-verify is not used
+
+    def run(self, tasks: list[tuple], workers: int = 1, budget_s: float | None = None
+            ) -> list[tuple[str, object]]:
+        """Each task (function, args) run in a worker within ``budget_s`` of being sent;
+        its outcome ("ok", value) / ("timeout" | "error" | "crashed" | "unavailable", ...)."""
+        outcomes: list = [("unavailable", None)] * len(tasks)
+        if self.unavailable or not tasks:
+            return outcomes
+        budget_s = VERIFY_TIMEOUT_S - _KILL_MARGIN_S if budget_s is None else budget_s
+        pending, busy = deque(range(len(tasks))), {}  # busy: worker -> (task, deadline)
+        try:
+            crew = self._take(min(workers, len(tasks)))
+        except OSError as error:
+            self._give_up(f"cannot start a math-verify worker ({error})")
+            return outcomes
+        start_deadline_s = time.monotonic() + WORKER_START_TIMEOUT_S
+        try:
+            while pending or busy:
+                now = time.monotonic()
+                for worker in crew:
+                    if worker.ready and worker not in busy and pending:
+                        task = pending.popleft()
+                        function, args = tasks[task]
+                        worker.tasks.send((function, args, budget_s * 0.85))
+                        busy[worker] = (task, now + budget_s)
+                if not busy and now > start_deadline_s:
+                    self._give_up("no math-verify worker started in "
+                                  f"{WORKER_START_TIMEOUT_S:.0f} s")
+                    break
+                deadline_s = min([d for _, d in busy.values()] or [start_deadline_s])
+                answered = wait([w.replies for w in crew], timeout=max(deadline_s - now, 0))
+                for i, worker in enumerate(crew):
+                    if worker.replies in answered:
+                        try:
+                            reply = worker.replies.recv()
+                        except (EOFError, OSError):
+                            reply = ("crashed", worker.process.poll())
+                        if not worker.ready and reply[0] != "ready":
+                            # Died while starting: math-verify cannot be imported here.
+                            self._give_up(f"a math-verify worker exited with {reply[1]} "
+                                          "while starting")
+                            crew[i] = None
+                            worker.close()
+                            break
+                        if worker in busy:
+                            outcomes[busy.pop(worker)[0]] = reply
+                        worker.ready = True
+                        if reply[0] == "crashed":
+                            crew[i] = self._replace(worker)
+                    elif worker in busy and busy[worker][1] <= time.monotonic():
+                        outcomes[busy.pop(worker)[0]] = ("timeout", None)
+                        crew[i] = self._replace(worker)
+                    if crew[i] is not worker:  # its replacement gets its own start time
+                        start_deadline_s = time.monotonic() + WORKER_START_TIMEOUT_S
+                if self.unavailable:
+                    break
+        finally:
+            crew = [worker for worker in crew if worker is not None]
+            for worker in busy:  # only on an exception: their replies would be stale
+                crew.remove(worker)
+                worker.close()
+            self._give_back(crew)
+        return outcomes
+
+    def _take(self, count: int) -> list[_Worker]:
+        with self._lock:
+            self._idle.sort(key=lambda worker: not worker.ready)
+            crew, self._idle = self._idle[:count], self._idle[count:]
+            crew += [_Worker() for _ in range(count - len(crew))]
+            if count == 1 and not self._idle:
+                # The spare: after a timeout the next single check need not wait for a
+                # start. (A batch replaces its own workers while the others go on.)
+                self._idle.append(_Worker())
+        return crew
+
+    def _give_back(self, crew: list[_Worker]) -> None:
+        with self._lock:
+            self._idle += crew
+            extra = self._idle[max(2, MAX_WORKERS):]
+            del self._idle[len(self._idle) - len(extra):]
+        for worker in extra:
+            worker.close()
+
+    def _replace(self, worker: _Worker) -> _Worker:
+        worker.close()
+        return _Worker()
+
+    def _give_up(self, reason: str) -> None:
+        logger.warning("verify: %s; answers math-verify would decide are compared as "
+                       "numbers or strings only", reason)
+        self.unavailable = True
+
+    def close(self) -> None:
+        if os.getpid() != self.pid:  # a forked child's copy: the workers are the parent's
+            return
+        with self._lock:
+            idle, self._idle = self._idle, []
+        for worker in idle:
+            worker.close()
+
+
+_POOL: _WorkerPool | None = None
+_POOL_LOCK = threading.Lock()
+
+
+def _pool() -> _WorkerPool:
+    """This process's worker pool (a forked child makes its own: the workers are not its)."""
+    global _POOL
+    with _POOL_LOCK:
+        if _POOL is None or _POOL.pid != os.getpid():
+            _POOL = _WorkerPool()
+            atexit.register(_POOL.close)
+        return _POOL

@@ -1,13 +1,27 @@
 """Answer extraction and checking (paced_ds.verify)."""
 
+import concurrent.futures
+import json
+import multiprocessing
+import signal
+import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
-from math_verify.errors import TimeoutException
 
 import paced_ds.verify as verify_module
-from paced_ds.verify import extract_answer, is_correct
+from paced_ds.verify import extract_answer, is_correct, is_correct_many
+
+CASES_PATH = Path(__file__).parent / "data" / "verify" / "math_verify_cases.json"
+
+
+@pytest.fixture(scope="module")
+def workers_started():
+    """The math-verify workers running, so timings measure checks, not start-ups."""
+    assert is_correct("\\boxed{\\frac{\\sqrt{2}}{2}}", "\\frac{1}{\\sqrt{2}}") is True
+
 
 EXTRACT_CASES = [
     # The arithmetic task: reversed digits, then " = answer".
@@ -128,9 +142,280 @@ def test_is_correct(response, reference, expected):
     assert is_correct(response, reference) is expected
 
 
+
+# ---------------------------------------------------------------------------------------
+# What the issue asks for (#12 items 4 and 6), one group each
+
+NEW_EXTRACT_CASES = [
+    # GSM8K's '####' answer line wins over everything before it.
+    ("48 + 24 = 72 clips in all.\n#### 71", "71"),
+    ("#### 1,000", "1000"),
+    # Boxes joined by "and" / commas give one answer in parts; otherwise the last box wins.
+    ("\\boxed{2} and \\boxed{3}", "2, 3"),
+    ("\\(\\boxed{1}\\), \\(\\boxed{-2}\\)", "1, -2"),
+    ("\\boxed{41}, no wait: \\boxed{42}", "42"),
+    # A "final answer" phrase after the boxes is the later word.
+    ("$= \\boxed{255}$ so in all $10,455. The final answer is $10,455$.", "10,455"),
+    # Text after a hallucinated next turn is ignored.
+    ("x = 5\nUser: and 6?\nAssistant: x = 6", "5"),
+    ("x = 5<|im_start|>user\nx = 6", "5"),
+    ("x = 5\nHuman: x = 6", "5"),
+    ("x = 5\n\nQuestion: what is 3+3? x = 6", "5"),
+    ("Question: what is 2+3?\nx = 5", "5"),  # restating the question first is fine
+    # A digit inside a word is never the answer.
+    ("The formula is H2O", None),
+    ("we get x2y", None),
+    ("so we need 2x", None),
+    ("it measures 5cm", "5"),
+]
+
+
+@pytest.mark.parametrize("response, expected", NEW_EXTRACT_CASES)
+def test_extract_answer_from_real_outputs(response, expected):
+    assert extract_answer(response) == expected
+
+
+NEW_CORRECT_CASES = [
+    # Plain numbers compare exactly, whatever their form.
+    ("0.5", "1/2", True),
+    ("\\boxed{1,000}", "1000", True),
+    ("72.0", "72", True),
+    ("The answer is $\\frac{3}{4}$", "0.75", True),
+    ("0.33", "1/3", False),
+    # ... except a printed float, equal to within its last digit (math-verify's label).
+    ("$0.0833333333333333$", "\\frac{1}{12}", True),
+    ("$0.0833333333333", "\\frac{1}{12}", False),
+    # GSM8K: '####' in the response and in a reference given as a worked solution.
+    ("She sold 48 + 24 = 72 clips.\n#### 72",
+     "Natalia sold 48/2 = <<48/2=24>>24 clips in May.\nNatalia sold 48+24 = <<48+24=72>>72 clips.\n#### 72", True),
+    ("She sold 48 + 24 = 72 clips ... #### 71", "#### 72", False),
+    ("She sold 48 + 24 = 72 clips ... #### 71", "72", False),
+    ("\\boxed{72}", "So in all 72 clips.\n#### 72", True),
+    ("#### 1,234", "1234", True),
+    # Several answers: a set, in any order; a tuple keeps its order.
+    ("\\boxed{2} and \\boxed{3}", "2, 3", True),
+    ("\\boxed{3}, \\boxed{2}", "2, 3", True),
+    ("The roots are $\\boxed{3, 2}$.", "2 and 3", True),
+    ("\\boxed{2,3}", "2, 3", True),
+    ("\\boxed{2} and \\boxed{3}", "2, 3, 5", False),
+    ("\\boxed{2} and \\boxed{3}", "3", False),
+    ("\\boxed{(3, 2)}", "(2, 3)", False),
+    ("\\boxed{(2, 3)}", "(2, 3)", True),
+    # Units, currency and percent around a number.
+    ("She earns $18 a day.", "18", True),
+    ("The answer is \\$18.", "18", True),
+    ("That is 18 dollars.", "18", True),
+    ("\\boxed{18\\%}", "18", True),
+    ("\\boxed{18\\%}", "0.18", True),
+    ("\\boxed{18 \\text{ cm}^2}", "18", True),
+    ("\\boxed{90^\\circ}", "90", True),
+    ("\\boxed{19\\%}", "18", False),
+    ("\\boxed{2x}", "2", False),
+    ("\\boxed{10^2}", "10", False),
+    # Decimal commas only where the comma cannot separate thousands.
+    ("The answer is 3,5", "3.5", True),
+    ("\\boxed{0,111}", "0.111", True),
+    ("The answer is 3,500", "3500", True),
+    ("The answer is 3,500", "3.5", False),
+    ("The answer is 3, 5", "3.5", False),
+    # Multiple-choice letters.
+    ("(B)", "B", True),
+    ("B)", "B", True),
+    ("After all that, the answer is B", "B", True),
+    ("The answer is (B).", "(B)", True),
+    ("Answer: **B**", "B", True),
+    ("\\boxed{\\text{(C)}}", "C", True),
+    ("The answer is B", "C", False),
+    ("The answer is a number like 7", "A", False),
+    ("(B)", "D", False),
+    # Text after a hallucinated next turn is ignored.
+    ("x = 5\nUser: and 6?\nAssistant: x = 6", "5", True),
+    ("x = 5\nUser: and 6?\nAssistant: x = 6", "6", False),
+    ("x = 5<|im_start|>user\nx = 6", "6", False),
+    ("x = 5\nHuman: x = 6", "6", False),
+    ("x = 5\nQuestion: what is 3+3? x = 6", "6", False),
+    # A digit inside a word is never the answer.
+    ("The formula is H2O", "2", False),
+    ("we get x2y", "2", False),
+    ("AZYUK2A", "2", False),
+    # A response that is the reference, whatever math-verify makes of it.
+    ("$$\\text{The midpoints form a regular hexagon}$$", "$$\\text{The midpoints form a regular hexagon}$$", True),
+    # math-verify decides the rest.
+    ("The answer is $\\boxed{x^2+1}$", "1+x^2", True),
+    ("$\\boxed{\\{1, 2\\}}$", "\\{2, 1\\}", True),
+    ("$-2 \\le x \\le 7$", "$x \\in [-2,7]$", False),  # verify's default: no set-relation
+    ("$x \\in [-2,7]$", "$-2 \\le x \\le 7$", True),
+    ("The answer: $odd$", "$\\text{odd}$", True),
+]
+
+
+@pytest.mark.parametrize("response, reference, expected", NEW_CORRECT_CASES)
+def test_is_correct_on_real_outputs(response, reference, expected):
+    assert is_correct(response, reference) is expected
+
+
+def test_integer_answers_stay_in_process(monkeypatch):
+    # The reference task's outputs (data/arith.py format_response) against integer
+    # answers: no worker, well under a millisecond, today's verdicts.
+    from paced_ds.data.arith import format_response
+
+    cases = [(format_response(answer), str(answer), True) for answer in (0, 7, -45, 1032, 90817)]
+    cases += [(format_response(1032), "2301", False), (format_response(-45), "45", False),
+              ("rev 2301", "1032", False), ("rev 2301 = 103", "1032", False),
+              ("rev 2301 = 1032</s>rev 9 = 9", "9", False), ("= 1032<|endoftext|>", "1032", True),
+              ("rev 2301 = 10320", "1032", False), ("", "1032", False)]
+    calls = []
+    monkeypatch.setattr(verify_module, "_pool", lambda: calls.append(1))
+    start_s = time.perf_counter()
+    for _ in range(100):
+        assert [is_correct(r, a) for r, a, _ in cases] == [e for _, _, e in cases]
+    per_check_s = (time.perf_counter() - start_s) / (100 * len(cases))
+    assert not calls
+    assert per_check_s < 1e-3
+
+
+# ---------------------------------------------------------------------------------------
+# Bounded time, in any thread
+
+PATHOLOGICAL = [  # (response, reference, verdict)
+    ("\\boxed{9^9^9^9}", "9", False),
+    ("9^9^9^9", "9^{9^{9^{9}}}", False),
+    ("The answer is $9^{9^{9}}$", "9^{9^{8}}", False),
+    ("\\boxed{2^{10000000000}}", "2", False),
+    ("\\boxed{1000000!}", "1", False),
+    ("The answer is $1000000!$", "1000000!", True),  # equal strings
+    ("\\boxed{(10^{100})!}", "1", False),
+    ("\\boxed{\\binom{1000000}{500000}}", "1", False),
+    ("\\binom{1000000}{500000}", "\\binom{1000000}{500001}", False),
+    ("\\boxed{9**9**9}", "1", False),
+    ("x" * 100_000 + " = 5", "5", True),
+    ("word " * 20_000 + "5", "5", True),
+    ("1" * 100_000, "1", False),
+    ("The answer is " + "1" * 5_000, "1", False),
+    ("\\boxed{" * 5_000, "1", False),
+    ("\\boxed{" * 5_000 + "1" + "}" * 5_000, "1", False),  # too deep for math-verify
+    ("$\\boxed{1}$" * 10_000, "1", True),
+    ("\\frac{" * 3_000 + "1", "1", False),
+    ("$" + "(" * 50_000 + "$", "1", False),
+    ("$" + "x^{" * 300 + "2" + "}" * 300 + "$", "2", False),
+    ("=" * 100_000, "1", False),
+    ("5", "\\boxed{" * 5_000, False),
+]
+
+
+def _slowest_check_s(cases) -> float:
+    slowest_s = 0.0
+    for response, reference, expected in cases:
+        start_s = time.perf_counter()
+        assert is_correct(response, reference) is expected, response[:40]
+        slowest_s = max(slowest_s, time.perf_counter() - start_s)
+    return slowest_s
+
+
+def test_pathological_inputs_are_quick_in_the_main_thread(workers_started):
+    assert _slowest_check_s(PATHOLOGICAL) < verify_module.VERIFY_TIMEOUT_S
+
+
+def test_pathological_inputs_are_quick_in_a_worker_thread(workers_started):
+    result = {}
+    worker = threading.Thread(target=lambda: result.update(s=_slowest_check_s(PATHOLOGICAL)),
+                              daemon=True)
+    worker.start()
+    worker.join(timeout=60)
+    assert not worker.is_alive()
+    assert result["s"] < verify_module.VERIFY_TIMEOUT_S
+
+
+def test_a_late_worker_is_stopped_at_the_deadline(workers_started):
+    # time.sleep is interruptible: the worker's own deadline stops it, the worker stays.
+    start_s = time.perf_counter()
+    assert verify_module._pool().run([(time.sleep, (30,))]) == [("timeout", None)]
+    assert time.perf_counter() - start_s < verify_module.VERIFY_TIMEOUT_S
+    assert is_correct("\\boxed{\\frac{\\sqrt{2}}{2}}", "\\frac{1}{\\sqrt{2}}") is True
+
+
+def test_a_worker_deaf_to_its_deadline_is_killed_and_replaced(workers_started):
+    # With SIGALRM blocked nothing inside the worker can stop the sleep (as with a long
+    # C call in sympy): the pool kills it at the deadline and starts another.
+    pool = verify_module._pool()
+    deaf = (signal.pthread_sigmask, (signal.SIG_BLOCK, [signal.SIGALRM]))
+    start_s = time.perf_counter()
+    outcomes = pool.run([deaf, (time.sleep, (30,))], workers=1)
+    assert time.perf_counter() - start_s < 2 * verify_module.VERIFY_TIMEOUT_S
+    assert outcomes[0][0] == "ok" and outcomes[1] == ("timeout", None)
+    assert is_correct("\\boxed{\\frac{\\sqrt{2}}{2}}", "\\frac{1}{\\sqrt{2}}") is True
+    assert all(worker.process.poll() is None for worker in pool._idle)
+
+
+@pytest.mark.parametrize("outcome", [("timeout", None), ("crashed", -9)])
+def test_a_timeout_counts_as_wrong(monkeypatch, outcome):
+    monkeypatch.setattr(verify_module, "_pool", lambda: _FakePool(outcome))
+    assert is_correct("\\boxed{\\frac{\\sqrt{2}}{2}}", "\\frac{1}{\\sqrt{2}}") is False
+    assert is_correct("I think 12 or maybe 13", "13") is False
+
+
+# ---------------------------------------------------------------------------------------
+# Many checks at once: worker processes, and callers in processes of their own
+
+def test_is_correct_many_matches_is_correct(workers_started):
+    cases = CORRECT_CASES + NEW_CORRECT_CASES
+    assert is_correct_many([(case[0], case[1]) for case in cases], workers=2) == \
+        [case[2] for case in cases]
+    assert is_correct_many([]) == []
+
+
+def test_is_correct_many_keeps_the_time_bound(workers_started):
+    cases = PATHOLOGICAL + [("\\boxed{\\frac{\\sqrt{2}}{2}}", "\\frac{1}{\\sqrt{2}}", True)] * 4
+    start_s = time.perf_counter()
+    verdicts = is_correct_many([(response, reference) for response, reference, _ in cases], workers=2)
+    assert verdicts == [expected for _, _, expected in cases]
+    assert time.perf_counter() - start_s < verify_module.VERIFY_TIMEOUT_S * len(cases) / 2
+
+
+def _check_pairs(pairs):
+    return [is_correct(response, reference) for response, reference in pairs]
+
+
+def test_callers_in_a_process_pool(workers_started):
+    # A forked child must not use its parent's workers (nor stop them): it starts its own.
+    cases = [case for case in CORRECT_CASES + NEW_CORRECT_CASES if case[0] is not None]
+    context = multiprocessing.get_context("fork")
+    with concurrent.futures.ProcessPoolExecutor(1, mp_context=context) as executor:
+        verdicts = executor.submit(_check_pairs, [(case[0], case[1]) for case in cases]).result()
+    assert verdicts == [case[2] for case in cases]
+    assert is_correct("\\boxed{\\frac{\\sqrt{2}}{2}}", "\\frac{1}{\\sqrt{2}}") is True  # the parent's
+
+
+# ---------------------------------------------------------------------------------------
+# math-verify's own test cases: the acceptance target
+
+def test_at_least_as_good_as_math_verify_on_its_own_cases(monkeypatch):
+    # Agreement with the labels >= math-verify's defaults minus 1%, and no more false
+    # accepts. Verdicts are measured, not speed: 5 s a check keeps a busy CI machine
+    # from turning a slow sympy comparison into a timeout.
+    monkeypatch.setattr(verify_module, "VERIFY_TIMEOUT_S", 5.0)
+    cases = [case for case in json.loads(CASES_PATH.read_text())["cases"] if case["default_options"]]
+    assert len(cases) == 252
+    ours = is_correct_many([(case["prediction"], case["gold"]) for case in cases])
+    theirs = [case["math_verify_defaults"] for case in cases]
+    expected = [case["expected"] for case in cases]
+
+    def agree(verdicts):
+        return sum(v == e for v, e in zip(verdicts, expected))
+
+    def false_accepts(verdicts):
+        return sum(v and not e for v, e in zip(verdicts, expected))
+
+    assert agree(ours) >= agree(theirs) - 0.01 * len(cases)
+    assert false_accepts(ours) <= false_accepts(theirs)
+
+
+# ---------------------------------------------------------------------------------------
+# Failures inside the checker
+
 def test_worker_thread_gives_the_same_answers():
-    # math-verify's signal-based timeout raises in a non-main thread; the mathverify-only
-    # case (sqrt(2)/2 == 1/sqrt(2)) would then drop to the string comparison and fail.
+    # math-verify's signal-based timeout raises in a non-main thread; here it runs in a
+    # worker process, so a thread decides exactly as the main thread does.
     results = {}
 
     def work():
@@ -144,59 +429,63 @@ def test_worker_thread_gives_the_same_answers():
 
 
 def test_power_tower_skips_math_verify():
-    # sympy evaluates 9^(9^9) for minutes, and in a worker thread nothing can interrupt
-    # it; in the main thread math-verify's 2 s alarm would fire, so time tells them apart.
+    # sympy evaluates 9^(9^9) for minutes; such inputs never reach math-verify.
     start_s = time.perf_counter()
     assert is_correct("\\boxed{9^{9^{9}}}", "9^{9^{8}}") is False
     assert is_correct("\\boxed{9^{9^{9}}}", "9^{9^{9}}") is True  # equal strings
-    assert time.perf_counter() - start_s < 1.5
+    assert time.perf_counter() - start_s < verify_module.VERIFY_TIMEOUT_S
 
 
-def _raise_runtime_error(*args, **kwargs):
-    raise RuntimeError("math-verify broke")
+class _FakePool:
+    """Stands in for the worker pool: every task gets ``outcome``."""
+
+    def __init__(self, outcome):
+        self.outcome, self.tasks = outcome, []
+
+    def run(self, tasks, workers=1, budget_s=None):
+        self.tasks += tasks
+        return [self.outcome] * len(tasks)
 
 
-def _raise_timeout(*args, **kwargs):
-    raise TimeoutException("Operation timed out!")
-
-
-def _parse_nothing(*args, **kwargs):
-    return []
-
-
-@pytest.mark.parametrize("broken_parse", [_raise_runtime_error, _raise_timeout, _parse_nothing])
-@pytest.mark.parametrize("response, reference, expected", [
-    ("\\boxed{\\sqrt{2}}", "\\sqrt{2}", True),
-    ("\\boxed{\\dfrac{\\sqrt{2}}{2}}", "\\frac{\\sqrt{2}}{2}", True),
-    ("\\boxed{\\left( 1, 2 \\right)}", "(1,2)", True),
-    ("\\boxed{\\sqrt{3}}", "\\sqrt{2}", False),
-    ("\\boxed{\\dfrac{1}{2}}", "0.5", True),  # numbers never need math-verify
+@pytest.mark.parametrize("outcome", [("error", "RuntimeError: math-verify broke"),
+                                     ("ok", None), ("unavailable", None)])
+@pytest.mark.parametrize("response, reference, expected, asks_math_verify", [
+    ("\\boxed{\\sqrt{3}}", "\\sqrt{2}", False, True),
+    ("I think 12 or maybe 13", "13", True, True),  # the last number, no marker: ask
+    ("\\boxed{\\sqrt{2}}", "\\sqrt{2}", True, False),  # equal strings never need it
+    ("\\boxed{\\dfrac{\\sqrt{2}}{2}}", "\\frac{\\sqrt{2}}{2}", True, False),
+    ("\\boxed{\\left( 1, 2 \\right)}", "(1,2)", True, False),
+    ("\\boxed{\\dfrac{1}{2}}", "0.5", True, False),  # nor do numbers
 ])
-def test_fallback_decides_when_math_verify_fails(monkeypatch, broken_parse, response,
-                                                 reference, expected):
-    calls = []
-
-    def spy(*args, **kwargs):
-        calls.append(args)
-        return broken_parse(*args, **kwargs)
-
-    monkeypatch.setattr(verify_module, "parse", spy)
+def test_fallback_decides_when_math_verify_fails(monkeypatch, outcome, response, reference,
+                                                 expected, asks_math_verify):
+    # math-verify raised, parsed nothing, or no worker could start: numbers, else strings.
+    pool = _FakePool(outcome)
+    monkeypatch.setattr(verify_module, "_pool", lambda: pool)
     assert is_correct(response, reference) is expected
-    is_number = reference == "0.5"
-    assert bool(calls) is not is_number
+    assert bool(pool.tasks) is asks_math_verify
+
+
+def test_without_workers_the_fallback_decides_and_says_so(monkeypatch, caplog):
+    monkeypatch.setattr(verify_module, "_POOL", None)  # a fresh pool, restored after
+    monkeypatch.setattr(sys, "executable", "/bin/false")  # its workers die at once
+    assert is_correct("\\boxed{\\sqrt{3}}", "\\sqrt{2}") is False
+    assert "math-verify worker exited" in caplog.text
+    assert is_correct("I think 12 or maybe 13", "13") is True  # the numbers decide
+    assert verify_module._pool().unavailable
 
 
 def test_fallback_decides_what_math_verify_cannot_parse():
     # math-verify parses neither side of an unbalanced \frac: equal strings decide.
-    assert verify_module._math_verify("\\frac{1}{", "\\frac{1}{") is None
+    assert verify_module._math_verify_verdict([("$\\frac{1}{$", "$\\frac{1}{$")]) is None
     assert is_correct("x = \\frac{1}{", "\\frac{1}{") is True
     assert is_correct("x = \\frac{2}{", "\\frac{1}{") is False
 
 
 def test_checker_crash_counts_as_incorrect(monkeypatch):
-    def crash(answer):
+    def crash(text):
         raise ZeroDivisionError("bug")
 
-    monkeypatch.setattr(verify_module, "_as_number", crash)
+    monkeypatch.setattr(verify_module, "_final_answer", crash)
     assert is_correct("42", "42") is False
-    assert [is_correct(r, r) for r in ("42", "7")] == [False, False]
+    assert is_correct_many([("42", "42"), ("7", "7")]) == [False, False]
