@@ -24,7 +24,6 @@ import ast
 import importlib.metadata
 import json
 import logging
-import math
 import os
 import subprocess
 import sys
@@ -64,9 +63,12 @@ def vendor(checkout: Path) -> dict:
                         and getattr(decorator.func, "attr", "") == "parametrize"):
                     continue
                 names = [name.strip() for name in ast.literal_eval(decorator.args[0]).split(",")]
-                # Literals and f-strings over math (test_float_precision); nothing else runs.
-                rows = eval(compile(ast.Expression(decorator.args[1]), str(path), "eval"),
-                            {"__builtins__": {}, "math": math})
+                try:  # literals only: nothing of the upstream file is executed
+                    rows = ast.literal_eval(decorator.args[1])
+                except ValueError:  # e.g. f-strings over math (test_float_precision): left out
+                    print(f"{path.name}:{decorator.lineno}: {function.name}: cases are not literals; left out",
+                          file=sys.stderr)
+                    continue
                 for index, row in enumerate(rows):
                     values = dict(zip(names, row))
                     options = dict(UPSTREAM_DEFAULTS)
