@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from paced_ds.errors import UserError
@@ -65,4 +66,10 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    # The process group is down and every output is written and closed: leave now. Left to the
+    # interpreter's teardown, gloo's or DeepSpeed's threads sometimes abort a finished rank
+    # ("terminate called without an active exception", exit -6), failing a run that succeeded.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
