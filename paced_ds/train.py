@@ -70,6 +70,10 @@ if __name__ == "__main__":
     # The process group is down and every output is written and closed: leave now. Left to the
     # interpreter's teardown, gloo's or DeepSpeed's threads sometimes abort a finished rank
     # ("terminate called without an active exception", exit -6), failing a run that succeeded.
+    # os._exit skips atexit: the clean-up paced-ds itself needs runs here.
+    from paced_ds.runtime.exit import run_hooks
+
+    run_hooks()
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)

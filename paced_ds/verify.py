@@ -37,7 +37,6 @@ A checker crash never reaches the caller: it is logged and counts as incorrect.
 
 from __future__ import annotations
 
-import atexit
 import logging
 import os
 import re
@@ -50,6 +49,8 @@ from collections import deque
 from fractions import Fraction
 from multiprocessing.connection import Connection, wait
 from typing import NamedTuple
+
+from paced_ds.runtime.exit import on_exit
 
 logger = logging.getLogger(__name__)
 
@@ -724,5 +725,5 @@ def _pool() -> _WorkerPool:
     with _POOL_LOCK:
         if _POOL is None or _POOL.pid != os.getpid():
             _POOL = _WorkerPool()
-            atexit.register(_POOL.close)
+            on_exit(_POOL.close)
         return _POOL

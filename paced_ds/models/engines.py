@@ -9,7 +9,6 @@ accelerator, in CPU memory or on NVMe (``teacher.offload``).
 
 from __future__ import annotations
 
-import atexit
 import copy
 import math
 import shutil
@@ -19,6 +18,7 @@ import torch
 
 from paced_ds.config import RunConfig, load_ds_config
 from paced_ds.errors import UserError
+from paced_ds.runtime.exit import on_exit
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 SHIPPED_MODELS = ("tiny-teacher", "tiny-student")
@@ -284,5 +284,5 @@ def build_teacher(cfg: RunConfig, name: str | None = None, role: str = "teacher"
         # The swap files are useless once this process ends (DeepSpeed empties the folder
         # at the next start anyway); do not leave a teacher's worth of them on the disk.
         if folder is not None:
-            atexit.register(shutil.rmtree, folder, ignore_errors=True)
+            on_exit(shutil.rmtree, folder, ignore_errors=True)
     return engine
