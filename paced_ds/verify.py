@@ -25,12 +25,13 @@ neither, exact numbers or normalised strings decide.
 
 Time: every call returns within ``VERIFY_TIMEOUT_S`` in any thread. math-verify's own
 timeout uses signals, which work only in a main thread, and a thread cannot be stopped,
-so math-verify runs in worker processes, killed at the deadline and replaced (a timeout
-counts as wrong). Starting a worker (1-2 s, once per process and after a timeout when
-no spare is ready) is waited for on top, up to ``WORKER_START_TIMEOUT_S``; if none
-starts, the string comparison decides and a warning says so. The in-process paths cap
-their input sizes and stay linear, and inputs known to make sympy compute enormous
-numbers (towers of powers, big factorials and binomials) never reach math-verify.
+so math-verify runs in worker processes (``paced_ds.runtime.deadline_pool``), killed
+at the deadline and replaced (a timeout counts as wrong). Starting a worker (1-2 s, once
+per process and after a timeout when no spare is ready) is waited for on top, up to
+``WORKER_START_TIMEOUT_S``; if none starts, the string comparison decides and a warning
+says so. The in-process paths cap their input sizes and stay linear, and inputs known
+to make sympy compute enormous numbers (towers of powers, big factorials and binomials)
+never reach math-verify.
 
 A checker crash never reaches the caller: it is logged and counts as incorrect.
 """
@@ -40,17 +41,11 @@ from __future__ import annotations
 import logging
 import os
 import re
-import signal
-import subprocess
-import sys
-import threading
 import time
-from collections import deque
 from fractions import Fraction
-from multiprocessing.connection import Connection, wait
 from typing import NamedTuple
 
-from paced_ds.runtime.exit import on_exit
+from paced_ds.runtime.deadline_pool import DeadlinePool
 
 logger = logging.getLogger(__name__)
 
@@ -142,8 +137,7 @@ def is_correct(response: str, reference: str) -> bool:
         if check.verdict is not None:
             return check.verdict
         budget_s = VERIFY_TIMEOUT_S - (time.monotonic() - start_s) - _KILL_MARGIN_S
-        return check.finish(_pool().run([(_math_verify_verdict, (check.attempts,))],
-                                        budget_s=budget_s)[0])
+        return check.finish(_POOL.run([(_math_verify_verdict, (check.attempts,))], budget_s=budget_s)[0])
     except Exception:
         # A checker bug must not stop training: the sample counts as wrong.
         logger.warning("verify: checker crashed on response %.80r; counted as incorrect",
@@ -155,7 +149,7 @@ def is_correct_many(pairs, workers: int | None = None) -> list[bool]:
     """``is_correct`` for each (response, reference) pair, math-verify in ``workers``
     processes at once (default: one per CPU, at most ``MAX_WORKERS``); each check keeps
     the same time bound."""
-    checks = []
+    pairs, checks = list(pairs), []
     for response, reference in pairs:
         try:
             checks.append(_Check(response, reference))
@@ -164,12 +158,21 @@ def is_correct_many(pairs, workers: int | None = None) -> list[bool]:
                            response, exc_info=True)
             checks.append(None)
     waiting = [i for i, check in enumerate(checks) if check is not None and check.verdict is None]
-    outcomes = _pool().run([(_math_verify_verdict, (checks[i].attempts,)) for i in waiting],
-                           workers=workers or min(MAX_WORKERS, os.cpu_count() or 1)
-                           ) if waiting else []
+    try:
+        outcomes = _POOL.run([(_math_verify_verdict, (checks[i].attempts,)) for i in waiting],
+                             budget_s=VERIFY_TIMEOUT_S - _KILL_MARGIN_S,
+                             workers=workers or min(MAX_WORKERS, os.cpu_count() or 1)) if waiting else []
+    except Exception:
+        logger.warning("verify: checker crashed on %d answers for math-verify; counted as incorrect",
+                       len(waiting), exc_info=True)
+        outcomes = [("crashed", None)] * len(waiting)
     verdicts = [bool(check and check.verdict) for check in checks]
     for i, outcome in zip(waiting, outcomes):
-        verdicts[i] = checks[i].finish(outcome)
+        try:
+            verdicts[i] = checks[i].finish(outcome)
+        except Exception:
+            logger.warning("verify: checker crashed on response %.80r; counted as incorrect",
+                           pairs[i][0], exc_info=True)
     return verdicts
 
 
@@ -535,195 +538,22 @@ def _math_verify_verdict(attempts: list[tuple[str, str]]) -> bool | None:
     return False if parsed_any else None
 
 
-class _SoftDeadline(BaseException):
-    """Raised in a worker at its own deadline; math-verify catches only Exception and
-    its TimeoutException, so this one reaches the worker loop."""
-
-
-def _worker_main(task_fd: int, reply_fd: int) -> None:
-    """A worker's loop: import math-verify, say ready, then answer each task
-    (function, args, soft deadline) with ("ok", value) / ("timeout", None) / ("error", text)."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's; EOF ends us
+def _warm_up_worker() -> None:
+    """(Runs in each new worker.) Import math-verify and pay sympy's first-use costs
+    (equations, sets, matrices) here, not inside some check's deadline."""
     logging.getLogger("math_verify").setLevel(logging.ERROR)  # "timeout is disabled"
-
-    def on_deadline(signum, frame):
-        raise _SoftDeadline()
-
-    signal.signal(signal.SIGALRM, on_deadline)
-    tasks, replies = Connection(task_fd, writable=False), Connection(reply_fd, readable=False)
-    # Import math-verify and pay sympy's first-use costs (equations, sets, matrices) here,
-    # not inside some check's deadline.
     for warm_up in [("$1/2$", "The answer is $\\boxed{0.5}$"),
                     ("$x^2/4 + y^2/3 = 1$", "$\\boxed{x \\in [-2, 7]}$"),
                     ("$\\{1, 2\\} \\cup (3, \\infty)$", "$\\begin{pmatrix}1 & 2\\\\ 3 & 4\\end{pmatrix}$")]:
         _math_verify_verdict([warm_up])
-    replies.send(("ready", os.getpid()))
-    while True:
-        try:
-            function, args, soft_deadline_s = tasks.recv()
-        except (EOFError, OSError):
-            return
-        try:
-            try:
-                signal.setitimer(signal.ITIMER_REAL, max(soft_deadline_s, 0.001))
-                reply = ("ok", function(*args))
-            finally:
-                signal.setitimer(signal.ITIMER_REAL, 0)
-        except _SoftDeadline:
-            reply = ("timeout", None)
-        except Exception as error:  # reported to the parent, which falls back
-            reply = ("error", f"{type(error).__name__}: {error}")
-        replies.send(reply)
 
 
-class _Worker:
-    """One worker process (this file's ``_worker_main``), driven over two pipes."""
-
-    def __init__(self):
-        task_read, task_write = os.pipe()
-        reply_read, reply_write = os.pipe()
-        package_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join(
-            filter(None, [package_root, os.environ.get("PYTHONPATH")])))
-        command = f"from paced_ds.verify import _worker_main; _worker_main({task_read}, {reply_write})"
-        try:
-            self.process = subprocess.Popen([sys.executable, "-c", command], env=env,
-                                            pass_fds=(task_read, reply_write),
-                                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
-        finally:
-            os.close(task_read)
-            os.close(reply_write)
-        self.tasks = Connection(task_write, readable=False)
-        self.replies = Connection(reply_read, writable=False)
-        self.ready = False
-
-    def close(self) -> None:
-        self.tasks.close()
-        self.replies.close()
-        if self.process.poll() is None:
-            self.process.kill()
-        self.process.wait()
+def _say_math_verify_unavailable(reason: str) -> None:
+    logger.warning("verify: %s; answers math-verify would decide are compared as "
+                   "numbers or strings only", reason)
 
 
-class _WorkerPool:
-    """Idle workers, lent to the calls that need math-verify. A worker past its deadline
-    is killed and replaced; a spare is kept so the next call need not wait for one."""
-
-    def __init__(self):
-        self._lock = threading.Lock()
-        self._idle: list[_Worker] = []
-        self.pid = os.getpid()
-        self.unavailable = False  # a worker failed to start: math-verify is not used
-
-    def run(self, tasks: list[tuple], workers: int = 1, budget_s: float | None = None
-            ) -> list[tuple[str, object]]:
-        """Each task (function, args) run in a worker within ``budget_s`` of being sent;
-        its outcome ("ok", value) / ("timeout" | "error" | "crashed" | "unavailable", ...)."""
-        outcomes: list = [("unavailable", None)] * len(tasks)
-        if self.unavailable or not tasks:
-            return outcomes
-        budget_s = VERIFY_TIMEOUT_S - _KILL_MARGIN_S if budget_s is None else budget_s
-        pending, busy = deque(range(len(tasks))), {}  # busy: worker -> (task, deadline)
-        try:
-            crew = self._take(min(workers, len(tasks)))
-        except OSError as error:
-            self._give_up(f"cannot start a math-verify worker ({error})")
-            return outcomes
-        start_deadline_s = time.monotonic() + WORKER_START_TIMEOUT_S
-        try:
-            while pending or busy:
-                now = time.monotonic()
-                for worker in crew:
-                    if worker.ready and worker not in busy and pending:
-                        task = pending.popleft()
-                        function, args = tasks[task]
-                        worker.tasks.send((function, args, budget_s * 0.85))
-                        busy[worker] = (task, now + budget_s)
-                if not busy and now > start_deadline_s:
-                    self._give_up("no math-verify worker started in "
-                                  f"{WORKER_START_TIMEOUT_S:.0f} s")
-                    break
-                deadline_s = min([d for _, d in busy.values()] or [start_deadline_s])
-                answered = wait([w.replies for w in crew], timeout=max(deadline_s - now, 0))
-                for i, worker in enumerate(crew):
-                    if worker.replies in answered:
-                        try:
-                            reply = worker.replies.recv()
-                        except (EOFError, OSError):
-                            reply = ("crashed", worker.process.poll())
-                        if not worker.ready and reply[0] != "ready":
-                            # Died while starting: math-verify cannot be imported here.
-                            self._give_up(f"a math-verify worker exited with {reply[1]} "
-                                          "while starting")
-                            crew[i] = None
-                            worker.close()
-                            break
-                        if worker in busy:
-                            outcomes[busy.pop(worker)[0]] = reply
-                        worker.ready = True
-                        if reply[0] == "crashed":
-                            crew[i] = self._replace(worker)
-                    elif worker in busy and busy[worker][1] <= time.monotonic():
-                        outcomes[busy.pop(worker)[0]] = ("timeout", None)
-                        crew[i] = self._replace(worker)
-                    if crew[i] is not worker:  # its replacement gets its own start time
-                        start_deadline_s = time.monotonic() + WORKER_START_TIMEOUT_S
-                if self.unavailable:
-                    break
-        finally:
-            crew = [worker for worker in crew if worker is not None]
-            for worker in busy:  # only on an exception: their replies would be stale
-                crew.remove(worker)
-                worker.close()
-            self._give_back(crew)
-        return outcomes
-
-    def _take(self, count: int) -> list[_Worker]:
-        with self._lock:
-            self._idle.sort(key=lambda worker: not worker.ready)
-            crew, self._idle = self._idle[:count], self._idle[count:]
-            crew += [_Worker() for _ in range(count - len(crew))]
-            if count == 1 and not self._idle:
-                # The spare: after a timeout the next single check need not wait for a
-                # start. (A batch replaces its own workers while the others go on.)
-                self._idle.append(_Worker())
-        return crew
-
-    def _give_back(self, crew: list[_Worker]) -> None:
-        with self._lock:
-            self._idle += crew
-            extra = self._idle[max(2, MAX_WORKERS):]
-            del self._idle[len(self._idle) - len(extra):]
-        for worker in extra:
-            worker.close()
-
-    def _replace(self, worker: _Worker) -> _Worker:
-        worker.close()
-        return _Worker()
-
-    def _give_up(self, reason: str) -> None:
-        logger.warning("verify: %s; answers math-verify would decide are compared as "
-                       "numbers or strings only", reason)
-        self.unavailable = True
-
-    def close(self) -> None:
-        if os.getpid() != self.pid:  # a forked child's copy: the workers are the parent's
-            return
-        with self._lock:
-            idle, self._idle = self._idle, []
-        for worker in idle:
-            worker.close()
-
-
-_POOL: _WorkerPool | None = None
-_POOL_LOCK = threading.Lock()
-
-
-def _pool() -> _WorkerPool:
-    """This process's worker pool (a forked child makes its own: the workers are not its)."""
-    global _POOL
-    with _POOL_LOCK:
-        if _POOL is None or _POOL.pid != os.getpid():
-            _POOL = _WorkerPool()
-            on_exit(_POOL.close)
-        return _POOL
+# This process's math-verify workers, none started before a check needs one (made at
+# import: later changes to WORKER_START_TIMEOUT_S and MAX_WORKERS do not reach it).
+_POOL = DeadlinePool("math-verify", start_timeout_s=WORKER_START_TIMEOUT_S, max_idle=MAX_WORKERS,
+                     warm_up=_warm_up_worker, on_unavailable=_say_math_verify_unavailable)

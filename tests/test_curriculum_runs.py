@@ -7,6 +7,7 @@ of imports; a scenario a few seconds), then each test reads its scenario's run d
 from __future__ import annotations
 
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -168,3 +169,4 @@ def test_estimate_command_writes_competence(tmp_path):
     rows = read_jsonl(tmp_path / "run" / "competence.jsonl")
     assert len(rows) == 5 * len(arith.LEVELS) and all(r["trials"] == 4 for r in rows)
     assert "mean pass rate" in result.stdout
+    assert re.search(r"rollouts in \d+\.\d s \(generation \d+\.\d s, answer checks \d+\.\d s\)", result.stdout)

@@ -3,7 +3,6 @@
 import concurrent.futures
 import json
 import multiprocessing
-import signal
 import sys
 import threading
 import time
@@ -12,6 +11,7 @@ from pathlib import Path
 import pytest
 
 import paced_ds.verify as verify_module
+from paced_ds.runtime.deadline_pool import DeadlinePool
 from paced_ds.verify import extract_answer, is_correct, is_correct_many
 
 CASES_PATH = Path(__file__).parent / "data" / "verify" / "math_verify_cases.json"
@@ -264,13 +264,13 @@ def test_integer_answers_stay_in_process(monkeypatch):
               ("rev 2301", "1032", False), ("rev 2301 = 103", "1032", False),
               ("rev 2301 = 1032</s>rev 9 = 9", "9", False), ("= 1032<|endoftext|>", "1032", True),
               ("rev 2301 = 10320", "1032", False), ("", "1032", False)]
-    calls = []
-    monkeypatch.setattr(verify_module, "_pool", lambda: calls.append(1))
+    pool = _FakePool(("ok", True))
+    monkeypatch.setattr(verify_module, "_POOL", pool)
     start_s = time.perf_counter()
     for _ in range(100):
         assert [is_correct(r, a) for r, a, _ in cases] == [e for _, _, e in cases]
     per_check_s = (time.perf_counter() - start_s) / (100 * len(cases))
-    assert not calls
+    assert not pool.tasks
     assert per_check_s < 1e-3
 
 
@@ -326,30 +326,34 @@ def test_pathological_inputs_are_quick_in_a_worker_thread(workers_started):
     assert result["s"] < verify_module.VERIFY_TIMEOUT_S
 
 
-def test_a_late_worker_is_stopped_at_the_deadline(workers_started):
-    # time.sleep is interruptible: the worker's own deadline stops it, the worker stays.
+def test_checks_give_math_verify_what_is_left_of_the_bound(monkeypatch):
+    # The pool (paced_ds.runtime.deadline_pool) waits as long as it is told: the bound is
+    # VERIFY_TIMEOUT_S, read at each call, less the time to kill a late worker.
+    pool = _FakePool(("ok", True))
+    monkeypatch.setattr(verify_module, "_POOL", pool)
+    monkeypatch.setattr(verify_module, "VERIFY_TIMEOUT_S", 3.0)
+    pair = ("\\boxed{\\frac{\\sqrt{2}}{2}}", "\\frac{1}{\\sqrt{2}}")
+    assert is_correct(*pair) is True
+    assert is_correct_many([pair, pair], workers=2) == [True, True]
+    assert [len(tasks) for tasks, _, _ in pool.calls] == [1, 2]
+    assert [workers for _, _, workers in pool.calls] == [1, 2]
+    for _, budget_s, _ in pool.calls:
+        assert 3.0 - 0.1 < budget_s <= 3.0 - verify_module._KILL_MARGIN_S
+
+
+def test_a_late_check_is_stopped_at_the_bound(workers_started):
+    # A math-verify worker past its budget is stopped (time.sleep: by its own deadline,
+    # the worker stays); the next check is answered as before.
     start_s = time.perf_counter()
-    assert verify_module._pool().run([(time.sleep, (30,))]) == [("timeout", None)]
+    budget_s = verify_module.VERIFY_TIMEOUT_S - verify_module._KILL_MARGIN_S
+    assert verify_module._POOL.run([(time.sleep, (30,))], budget_s=budget_s) == [("timeout", None)]
     assert time.perf_counter() - start_s < verify_module.VERIFY_TIMEOUT_S
     assert is_correct("\\boxed{\\frac{\\sqrt{2}}{2}}", "\\frac{1}{\\sqrt{2}}") is True
 
 
-def test_a_worker_deaf_to_its_deadline_is_killed_and_replaced(workers_started):
-    # With SIGALRM blocked nothing inside the worker can stop the sleep (as with a long
-    # C call in sympy): the pool kills it at the deadline and starts another.
-    pool = verify_module._pool()
-    deaf = (signal.pthread_sigmask, (signal.SIG_BLOCK, [signal.SIGALRM]))
-    start_s = time.perf_counter()
-    outcomes = pool.run([deaf, (time.sleep, (30,))], workers=1)
-    assert time.perf_counter() - start_s < 2 * verify_module.VERIFY_TIMEOUT_S
-    assert outcomes[0][0] == "ok" and outcomes[1] == ("timeout", None)
-    assert is_correct("\\boxed{\\frac{\\sqrt{2}}{2}}", "\\frac{1}{\\sqrt{2}}") is True
-    assert all(worker.process.poll() is None for worker in pool._idle)
-
-
 @pytest.mark.parametrize("outcome", [("timeout", None), ("crashed", -9)])
 def test_a_timeout_counts_as_wrong(monkeypatch, outcome):
-    monkeypatch.setattr(verify_module, "_pool", lambda: _FakePool(outcome))
+    monkeypatch.setattr(verify_module, "_POOL", _FakePool(outcome))
     assert is_correct("\\boxed{\\frac{\\sqrt{2}}{2}}", "\\frac{1}{\\sqrt{2}}") is False
     assert is_correct("I think 12 or maybe 13", "13") is False
 
@@ -437,13 +441,14 @@ def test_power_tower_skips_math_verify():
 
 
 class _FakePool:
-    """Stands in for the worker pool: every task gets ``outcome``."""
+    """Stands in for the worker pool: every task gets ``outcome``; the calls are kept."""
 
     def __init__(self, outcome):
-        self.outcome, self.tasks = outcome, []
+        self.outcome, self.tasks, self.calls = outcome, [], []
 
-    def run(self, tasks, workers=1, budget_s=None):
+    def run(self, tasks, budget_s, workers=1):
         self.tasks += tasks
+        self.calls.append((tasks, budget_s, workers))
         return [self.outcome] * len(tasks)
 
 
@@ -461,18 +466,22 @@ def test_fallback_decides_when_math_verify_fails(monkeypatch, outcome, response,
                                                  expected, asks_math_verify):
     # math-verify raised, parsed nothing, or no worker could start: numbers, else strings.
     pool = _FakePool(outcome)
-    monkeypatch.setattr(verify_module, "_pool", lambda: pool)
+    monkeypatch.setattr(verify_module, "_POOL", pool)
     assert is_correct(response, reference) is expected
     assert bool(pool.tasks) is asks_math_verify
 
 
 def test_without_workers_the_fallback_decides_and_says_so(monkeypatch, caplog):
-    monkeypatch.setattr(verify_module, "_POOL", None)  # a fresh pool, restored after
+    fresh = DeadlinePool("math-verify", start_timeout_s=verify_module.WORKER_START_TIMEOUT_S,
+                         max_idle=2, warm_up=verify_module._warm_up_worker,
+                         on_unavailable=verify_module._say_math_verify_unavailable)
+    monkeypatch.setattr(verify_module, "_POOL", fresh)  # the real one is restored after
     monkeypatch.setattr(sys, "executable", "/bin/false")  # its workers die at once
     assert is_correct("\\boxed{\\sqrt{3}}", "\\sqrt{2}") is False
     assert "math-verify worker exited" in caplog.text
+    assert "compared as numbers or strings only" in caplog.text
     assert is_correct("I think 12 or maybe 13", "13") is True  # the numbers decide
-    assert verify_module._pool().unavailable
+    assert fresh.unavailable
 
 
 def test_fallback_decides_what_math_verify_cannot_parse():
@@ -489,3 +498,14 @@ def test_checker_crash_counts_as_incorrect(monkeypatch):
     monkeypatch.setattr(verify_module, "_final_answer", crash)
     assert is_correct("42", "42") is False
     assert is_correct_many([("42", "42"), ("7", "7")]) == [False, False]
+
+
+def test_a_pool_failure_counts_as_incorrect(monkeypatch):
+    class BrokenPool:
+        def run(self, tasks, budget_s, workers=1):
+            raise BrokenPipeError("worker gone")
+
+    monkeypatch.setattr(verify_module, "_POOL", BrokenPool())
+    pair = ("\\boxed{\\frac{\\sqrt{2}}{2}}", "\\frac{1}{\\sqrt{2}}")  # asks math-verify
+    assert is_correct(*pair) is False
+    assert is_correct_many(iter([pair, ("42", "42")])) == [False, True]

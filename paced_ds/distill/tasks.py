@@ -94,7 +94,8 @@ def estimate_competence(cfg: RunConfig) -> dict:
         curriculum.write(cfg.train.output_dir, weights)
     dist.barrier()
     summary = curriculum.summary(weights)
-    say(f"{result['rollouts']} rollouts in {result['seconds']:.1f} s; mean pass rate {result['pass_rate_mean']:.1%}; "
+    say(f"{result['rollouts']} rollouts in {estimate.describe_time(result)}; "
+        f"mean pass rate {result['pass_rate_mean']:.1%}; "
         + " ".join(f"{k.split('_')[-1]} {v:.2f}" for k, v in summary.items() if "pass_rate_" in k)
         + f"; written to {path}")
     return {"path": str(path), **result, **summary}

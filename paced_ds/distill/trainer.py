@@ -331,7 +331,7 @@ def update_curriculum(run: Run) -> None:
                                    seed=cfg.train.seed + 7 * curriculum.estimates + 1, progress=progress)
         progress.close()
         say(f"competence estimated at step {run.step}: {result['rollouts']} rollouts, mean pass rate "
-            f"{result['pass_rate_mean']:.1%}, {result['seconds']:.1f} s")
+            f"{result['pass_rate_mean']:.1%}, {estimate.describe_time(result)}")
         run.counters["forward_tokens"] += result["forward_tokens"]
     refresh_weights(run)
 
