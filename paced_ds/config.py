@@ -46,7 +46,8 @@ class ModelConfig:
 @dataclass
 class DataConfig:
     train: str = _f("arith:train", "training problems: .jsonl/.json/.parquet file, datasets dir or name, "
-                                   "or 'arith:train' (the generated reference task)")
+                                   "'arith:train' (the generated reference task) or 'words:train' "
+                                   "(generated GSM8K-style word problems)")
     eval: str = _f("arith:eval", "held-out problems (same forms as data.train); empty = no evaluation. "
                                  "'arith:val' is the reference task's validation split, for choosing settings")
     retain: str = _f("", "retention problems (same forms as data.train): those the student solves before training "
@@ -54,15 +55,20 @@ class DataConfig:
                          "'arith:retain' for the reference task; empty = none")
     split: str = _f("train", "split to read when data.train is a datasets name")
     eval_split: str = _f("test", "split to read when data.eval is a datasets name")
+    layout: str = _f("", "a public dataset's field layout: gsm8k (question/answer) or math (problem/solution/level); "
+                         "data.fields entries override it", ("", "gsm8k", "math"))
     fields: dict = _f({}, "field mapping: canonical name (id, prompt, answer, response, difficulty) -> source field")
     prompt_template: str = _f("{prompt}", "how a prompt is written when the tokenizer has no chat template")
     use_chat_template: bool = _f(True, "format prompts with the tokenizer's chat template when it has one")
     system_prompt: str = _f("", "system message for chat templates (empty = none)")
     max_length: int = _f(256, "longest prompt + response in tokens; longer responses are truncated")
-    arith_train_per_level: int = _f(600, "problems per difficulty level for 'arith:train'")
-    arith_eval_per_level: int = _f(200, "problems per difficulty level for 'arith:eval' and 'arith:val'")
-    arith_retain_per_level: int = _f(200, "problems per difficulty level for 'arith:retain'")
-    arith_seed: int = _f(0, "seed of the generated reference task")
+    arith_train_per_level: int = _f(600, "problems per difficulty level of a generated data.train "
+                                         "('arith:train', 'words:train')")
+    arith_eval_per_level: int = _f(200, "problems per difficulty level of a generated data.eval "
+                                        "('arith:eval', 'arith:val', 'words:eval', ...)")
+    arith_retain_per_level: int = _f(200, "problems per difficulty level of a generated data.retain "
+                                          "('arith:retain', 'words:retain')")
+    arith_seed: int = _f(0, "seed of the generated tasks (arith:, words:)")
     responses_dir: str = _f("~/.cache/paced_ds/responses",
                             "where teacher responses are stored for sources that are not local files")
     keep_incorrect: bool = _f(False, "keep problems whose teacher response fails verification")

@@ -129,6 +129,14 @@ def extract_answer(response: str) -> str | None:
     return answer or None
 
 
+def reference_answer(reference: str) -> str:
+    """The answer a reference gives: the number after GSM8K's '####', its boxed answers, or
+    all of it (a whole worked solution as gold reduces to its final answer)."""
+    text = _reference_text(reference)
+    answer = _reference_answer(text)[0] if text is not None else None
+    return answer or reference
+
+
 def is_correct(response: str, reference: str) -> bool:
     """Whether the response's final answer equals the reference answer."""
     start_s = time.monotonic()

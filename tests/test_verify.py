@@ -509,3 +509,15 @@ def test_a_pool_failure_counts_as_incorrect(monkeypatch):
     pair = ("\\boxed{\\frac{\\sqrt{2}}{2}}", "\\frac{1}{\\sqrt{2}}")  # asks math-verify
     assert is_correct(*pair) is False
     assert is_correct_many(iter([pair, ("42", "42")])) == [False, True]
+
+
+@pytest.mark.parametrize("reference, answer", [
+    ("1032", "1032"),
+    ("-7", "-7"),
+    ("She has 3*12=<<3*12=36>>36 pens.\nThen 36-5=<<36-5=31>>31 are left.\n#### 31", "31"),
+    ("It sells 1250*2=<<1250*2=2500>>2500 eggs.\n#### 2,500", "2500"),
+    ("So $x = \\boxed{\\frac{5}{6}}$.", "\\frac{5}{6}"),
+    ("The roots are $\\boxed{2}$ and $\\boxed{3}$.", "2, 3"),
+])
+def test_reference_answer_reduces_a_whole_solution_to_its_final_answer(reference, answer):
+    assert verify_module.reference_answer(reference) == answer

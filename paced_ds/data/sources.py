@@ -1,9 +1,10 @@
 """The run's problems: read from the configured sources, with teacher responses attached.
 
-``data.train``/``data.eval`` name a file, a ``datasets`` directory or name, or
-``arith:train``/``arith:eval``, the generated reference task. Generated problems carry
-no reference response on purpose: the teacher writes them, as it would for a real
-problem set, and they are stored for later runs (see ``paced_ds.data.responses``).
+``data.train``/``data.eval`` name a file, a ``datasets`` directory or name, or a
+generated task: ``arith:<split>`` (the reference task) or ``words:<split>`` (GSM8K-style
+word problems, ``paced_ds.data.word_problems``). Generated problems carry no reference
+response on purpose: the teacher writes them, as it would for a real problem set, and
+they are stored for later runs (see ``paced_ds.data.responses``).
 """
 
 from __future__ import annotations
@@ -12,25 +13,44 @@ import hashlib
 import json
 from pathlib import Path
 
-from paced_ds.data import arith
+from paced_ds.data import arith, word_problems
 from paced_ds.data.records import load_problems
 from paced_ds.data.responses import (attach_responses, load_responses, problems_sha256, responses_path,
                                      save_responses, teacher_key)
 from paced_ds.errors import UserError
 
 ARITH_PREFIX = "arith:"
+# prefix -> the generator of that task (both take split, per_level, seed)
+GENERATED = {ARITH_PREFIX: arith.dataset, "words:": word_problems.dataset}
+# data.layout -> the field mapping of a public dataset's layout (data.fields entries win)
+LAYOUTS: dict[str, dict[str, str]] = {
+    # openai/gsm8k: question, and an answer that is the worked solution ending in '#### N'
+    "gsm8k": {"prompt": "question", "answer": "answer", "response": "answer"},
+    # hendrycks MATH (and its mirrors): problem, a solution with the answer boxed, 'Level 3'
+    "math": {"prompt": "problem", "answer": "solution", "response": "solution", "difficulty": "level"},
+}
+
+
+def generated_prefix(source: str) -> str | None:
+    return next((prefix for prefix in GENERATED if source.startswith(prefix)), None)
+
+
+def field_mapping(data_cfg) -> dict[str, str]:
+    """``data.layout``'s mapping (the config allows only ``LAYOUTS``' names) with ``data.fields`` on top."""
+    return {**LAYOUTS.get(data_cfg.layout, {}), **dict(data_cfg.fields)}
 
 
 def load(source: str, data_cfg, *, split: str, per_level: int) -> list[dict]:
     """Problem records of ``source`` (validated; DESIGN.md record contract)."""
-    if source.startswith(ARITH_PREFIX):
-        which = source[len(ARITH_PREFIX):]
+    prefix = generated_prefix(source)
+    if prefix:
+        which = source[len(prefix):]
         if which not in arith.SPLITS:
             raise UserError(f"unknown generated source {source!r}: use "
-                            + ", ".join(f"arith:{split}" for split in arith.SPLITS))
-        records = arith.dataset(which, per_level, seed=data_cfg.arith_seed)
+                            + ", ".join(f"{prefix}{split}" for split in arith.SPLITS))
+        records = GENERATED[prefix](which, per_level, seed=data_cfg.arith_seed)
         return [{k: v for k, v in r.items() if k != "response"} for r in records]
-    return load_problems(source, fields=dict(data_cfg.fields), split=split)
+    return load_problems(source, fields=field_mapping(data_cfg), split=split)
 
 
 def load_train(data_cfg) -> list[dict]:
@@ -66,8 +86,9 @@ def limit_per_level(records: list[dict], limit: int) -> list[dict]:
 def stored_responses_path(data_cfg, teacher: str) -> Path:
     source = data_cfg.train
     cache_dir = str(Path(data_cfg.responses_dir).expanduser())
-    if source.startswith(ARITH_PREFIX):  # not a file: keyed by the generator's settings
-        source = f"arith-train-{data_cfg.arith_train_per_level}-seed{data_cfg.arith_seed}"
+    prefix = generated_prefix(source)
+    if prefix:  # not a file: keyed by the generator's settings
+        source = f"{prefix[:-1]}-train-{data_cfg.arith_train_per_level}-seed{data_cfg.arith_seed}"
     return responses_path(source, teacher, cache_dir, split=data_cfg.split)
 
 

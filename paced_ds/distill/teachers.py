@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
-from paced_ds import __version__
+from paced_ds import __version__, verify
 from paced_ds.config import RunConfig
 from paced_ds.data import sources
 from paced_ds.data.collate import collate_train
@@ -207,7 +207,8 @@ def open_teacher(cfg: RunConfig, tokenizer, vocab: int, started: Started, record
     else:
         teacher = EngineTeacher(started.engine, vocab)
     if cfg.teacher.self_distill:
-        shown = [{**r, "prompt": privileged_prompt(r["prompt"], r["answer"], cfg.teacher.privileged_template)}
+        shown = [{**r, "prompt": privileged_prompt(r["prompt"], verify.reference_answer(r["answer"]),
+                                                         cfg.teacher.privileged_template)}
                  for r in records]
         teacher = Privileged(teacher, generation.prompt_ids(tokenizer, shown, cfg.data), tokenizer.pad_token_id)
     return teacher
