@@ -14,7 +14,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["paced_ds", "paced_ds.*"]),
-    package_data={"paced_ds": ["assets/*/*", "assets/*.json"]},
+    package_data={"paced_ds": ["assets/*/*", "assets/*.json", "assets/architectures/*/*"]},
     include_package_data=True,
     install_requires=[
         "torch>=2.4",

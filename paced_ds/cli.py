@@ -10,8 +10,9 @@
     paced-ds export   --run RUN_DIR [--tag step_N] [--out DIR]
     paced-ds demo     [--output-dir DIR]
     paced-ds config   [--config RECIPE] [key=value ...] [--reference]
-    paced-ds plan     --teacher SIZE|DIR --student SIZE|DIR --nodes N --gpus-per-node G --gpu-mem 80GB
+    paced-ds plan     --teacher SIZE|DIR|HUB_ID --student SIZE|DIR|HUB_ID --nodes N --gpus-per-node G --gpu-mem 80GB
                       [--cpu-mem 1TB] [--seq-len L] [--micro-batch B] [--vocab V] [--teacher-gpus T]
+    paced-ds plan     --config RECIPE [--nodes N] [--gpus-per-node G] [--gpu-mem 80GB] [key=value ...]
 
 ``train``, ``generate`` and ``eval`` check the config, models and data here, then start
 the deepspeed launcher on this node (``DS_ACCELERATOR=cpu`` when no GPU is present), as
@@ -308,40 +309,133 @@ def cmd_config(args) -> int:
     return 0
 
 
+PLACEMENT_SETTINGS = {"resident": "teacher.offload=none", "cpu": "teacher.offload=cpu", "nvme": "teacher.offload=nvme"}
+
+
+def placement_setting(row) -> str:
+    """The config keys that choose ``row``'s placement."""
+    if row.placement == "dedicated":
+        return f"teacher.backend=pipelined teacher.ranks={row.teacher_gpus}"
+    return PLACEMENT_SETTINGS[row.placement]
+
+
 def cmd_plan(args) -> int:
+    from paced_ds.distill.step import per_request
     from paced_ds.runtime import memory
 
+    cfg = load_config(args.config, args.overrides) if args.config else None
+    if args.overrides and cfg is None:
+        raise UserError(f"plan: key=value overrides ({args.overrides[0]}, ...) need --config RECIPE")
+    if cfg is None and (args.teacher is None or args.student is None):
+        raise UserError("plan: give --teacher and --student (a size like 70B, a model directory or a hub id), "
+                        "or --config RECIPE")
+    seq_len = args.seq_len or (cfg.data.max_length if cfg else 4096)
+    micro_batch = args.micro_batch or (cfg.train.micro_batch_size if cfg else 1)
     for flag, value in (("--nodes", args.nodes), ("--gpus-per-node", args.gpus_per_node),
-                        ("--seq-len", args.seq_len), ("--micro-batch", args.micro_batch)):
+                        ("--seq-len", seq_len), ("--micro-batch", micro_batch)):
         if value < 1:
             raise UserError(f"{flag} must be >= 1, got {value}")
     if args.vocab is not None and args.vocab < 1:
         raise UserError(f"--vocab must be >= 1, got {args.vocab}")
     if args.teacher_gpus is not None and args.teacher_gpus < 1:
         raise UserError(f"--teacher-gpus must be >= 1, got {args.teacher_gpus}")
-    teacher = memory.model_shape(args.teacher, args.vocab, "--teacher")
-    student = memory.model_shape(args.student, args.vocab, "--student")
+    teacher_spec, student_spec = args.teacher, args.student
+    if cfg is not None:
+        teacher_spec = teacher_spec or recipe_model(cfg.model.student if cfg.teacher.self_distill
+                                                    else cfg.model.teacher, "model.teacher")
+        student_spec = student_spec or recipe_model(cfg.model.student, "model.student")
+    teacher = memory.model_shape(teacher_spec, args.vocab, "--teacher")
+    student = memory.model_shape(student_spec, args.vocab, "--student")
     gpu_mem = memory.parse_bytes(args.gpu_mem, "--gpu-mem")
     cpu_mem = memory.parse_bytes(args.cpu_mem, "--cpu-mem")
-    rows = memory.plan(student, teacher, args.nodes, args.gpus_per_node, gpu_mem, cpu_mem,
-                       args.seq_len, args.micro_batch, args.teacher_gpus)
+    teacher_gpus = args.teacher_gpus
+    if teacher_gpus is None and cfg is not None and cfg.teacher.backend == "pipelined":
+        teacher_gpus = cfg.teacher.ranks
+    teacher_batch = per_request(cfg) if cfg else None
+    checkpointing = cfg.model.gradient_checkpointing if cfg else True
+    rows = memory.plan(student, teacher, args.nodes, args.gpus_per_node, gpu_mem, cpu_mem, seq_len, micro_batch,
+                       teacher_gpus, teacher_batch, checkpointing)
     world = args.nodes * args.gpus_per_node
     print(f"teacher {teacher.params / 1e9:.1f}B params (hidden {teacher.hidden}, {teacher.layers} layers), "
           f"student {student.params / 1e9:.1f}B (hidden {student.hidden}, {student.layers} layers); "
           f"{args.nodes} x {args.gpus_per_node} GPUs of {gpu_mem / memory.GIB:.1f} GiB (fits: total <= "
           f"{memory.GPU_FIT_FRACTION:.0%}), {cpu_mem / memory.GIB:.0f} GiB CPU per node; "
-          f"micro-batch {args.micro_batch} x {args.seq_len} tokens, {args.dtype}; GiB per GPU / per node\n")
+          f"micro-batch {micro_batch} x {seq_len} tokens, {args.dtype}; GiB per GPU / per node\n")
     print(memory.render_markdown(rows))
     best = memory.recommend(rows)
     if best is None:
         print(f"\nnothing fits on {world} GPUs: add nodes, or shorten --seq-len / --micro-batch")
     else:
         optimizer = "offload_optimizer=cpu" if best.optimizer == "cpu" else "optimizer on the GPU"
-        teacher_setting = {"resident": "teacher.offload=none", "cpu": "teacher.offload=cpu",
-                           "nvme": "teacher.offload=nvme",
-                           "dedicated": f"teacher.backend=pipelined teacher.ranks={best.teacher_gpus}"}[best.placement]
-        print(f"\nrecommended: {best.placement} teacher ({teacher_setting}), student {optimizer}")
-    return 0
+        print(f"\nrecommended: {best.placement} teacher ({placement_setting(best)}), student {optimizer}")
+    if cfg is None:
+        return 0
+    return print_recipe_fit(cfg, args, rows, student, teacher, gpu_mem * memory.GPU_FIT_FRACTION)
+
+
+def recipe_model(name: str, key: str) -> str:
+    """A recipe's model as the planner reads it: a shipped tiny model's directory, a local
+    directory, or a hub id (whose architecture may ship with paced-ds)."""
+    from paced_ds.models.engines import resolve_model
+
+    return resolve_model(name, key)
+
+
+def print_recipe_fit(cfg, args, rows, student, teacher, gpu_budget: float) -> int:
+    """The recipe's own placement, its generation phases, and whether it all fits: exit 0 if so, else 1."""
+    from paced_ds.distill.step import per_request
+    from paced_ds.runtime import memory
+
+    gib = memory.GIB
+    sequences = per_request(cfg)
+    print(f"\nrecipe {args.config}: seq len {cfg.data.max_length} (data.max_length), micro-batch "
+          f"{cfg.train.micro_batch_size} (train.micro_batch_size), teacher forwards of {sequences} "
+          f"sequence{'s' if sequences > 1 else ''} (teacher.forward_micro_batches, train.grad_accum), "
+          f"gradient checkpointing {'on' if cfg.model.gradient_checkpointing else 'off'}")
+    if cfg.teacher.backend == "cache":
+        print("recipe placement: teacher.backend=cache holds no teacher on the GPUs; read the student columns")
+        return 0
+    placement = "dedicated" if cfg.teacher.backend == "pipelined" else \
+        {"none": "resident", "cpu": "cpu", "nvme": "nvme"}[cfg.teacher.offload]
+    optimizer = "cpu" if cfg.train.offload_optimizer == "cpu" else "gpu"
+    row = next(r for r in rows if (r.placement, r.optimizer) == (placement, optimizer))
+    where = f"{placement_setting(row)}, train.offload_optimizer={cfg.train.offload_optimizer}"
+    if placement == "dedicated" and cfg.teacher.offload != "none":
+        where += f" (the teacher's ranks are planned resident, not teacher.offload={cfg.teacher.offload})"
+    print(f"recipe placement: {where}: {row.total_gpu_bytes / gib:.1f} GiB per GPU, "
+          f"{row.cpu_per_node_bytes / gib:.1f} GiB CPU per node: {'fits' if row.fits else 'does not fit'}")
+    # Generation runs between training steps (its activations are gone): model states + one batch.
+    student_states = row.student_gpu_bytes + (0 if placement == "dedicated" else row.teacher_gpu_bytes)
+    teacher_states = row.teacher_gpu_bytes + (0 if placement == "dedicated" else row.student_gpu_bytes)
+    phases = []
+    rollouts = cfg.loss.schedule != "off_policy" or (cfg.curriculum.mode != "uniform"
+                                                     and not cfg.curriculum.competence)
+    if rollouts:
+        tokens = max(cfg.data.max_length, cfg.rollout.max_new_tokens)
+        copy = "a gathered copy (rollout.gather)" if cfg.rollout.gather else "the sharded student"
+        phases.append((f"student rollouts: rollout.batch_size {cfg.rollout.batch_size} x {tokens} tokens on {copy}",
+                       student_states + memory.generation_bytes(student, cfg.rollout.batch_size, tokens,
+                                                                cfg.rollout.gather)))
+    if cfg.data.eval:
+        tokens = max(cfg.data.max_length, cfg.eval.max_new_tokens)
+        phases.append((f"held-out eval: eval.batch_size {cfg.eval.batch_size} x {tokens} tokens on the sharded "
+                       "student", student_states + memory.generation_bytes(student, cfg.eval.batch_size, tokens,
+                                                                           False)))
+    if not cfg.teacher.self_distill:
+        tokens = max(cfg.data.max_length, cfg.data.generate_max_new_tokens)
+        phases.append((f"teacher responses (when not stored): eval.batch_size {cfg.eval.batch_size} x {tokens} "
+                       "tokens on the sharded teacher",
+                       teacher_states + memory.generation_bytes(teacher, cfg.eval.batch_size, tokens, False)))
+    fits = row.fits
+    for label, total in phases:
+        phase_fits = total <= gpu_budget
+        fits = fits and phase_fits
+        print(f"  {label}: {total / gib:.1f} GiB per GPU: {'fits' if phase_fits else 'does not fit'}")
+    if not student.kv_bytes_per_token or not teacher.kv_bytes_per_token:
+        print("  (a model given as a size has no known key/value cache: its generation phases count no cache)")
+    nodes = f"{args.nodes} node{'s' if args.nodes > 1 else ''} of {args.gpus_per_node} GPUs"
+    print(f"\nverdict: the recipe {'fits' if fits else 'does not fit'} on {nodes} of {args.gpu_mem}")
+    return 0 if fits else 1
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -404,19 +498,24 @@ def build_parser() -> argparse.ArgumentParser:
                     "resident > cpu > dedicated > nvme: a resident sharded teacher is fastest (nothing "
                     "streamed per step), cpu offload streams its bf16 params over PCIe every forward, "
                     "dedicated ranks take GPUs away from the student, nvme streams from disk.")
-    p.add_argument("--teacher", required=True, help="parameter count like 70B, or a Hugging Face model directory")
-    p.add_argument("--student", required=True, help="parameter count like 7B, or a Hugging Face model directory")
+    p.add_argument("--config", help="YAML recipe: its models, data.max_length, micro-batch, teacher placement and "
+                                    "generation batches; exit status 1 when the recipe does not fit")
+    p.add_argument("--teacher", help="parameter count like 70B, a Hugging Face model directory, or a hub id whose "
+                                     "architecture ships with paced-ds (default with --config: the recipe's)")
+    p.add_argument("--student", help="the same for the student (default with --config: the recipe's)")
     p.add_argument("--nodes", type=int, default=1, help="nodes (default 1)")
     p.add_argument("--gpus-per-node", type=int, default=8, help="GPUs per node (default 8)")
     p.add_argument("--gpu-mem", default="80GB", help="memory per GPU, e.g. 80GB (10^9 B) or 80GiB (default 80GB)")
     p.add_argument("--cpu-mem", default="1TB", help="CPU memory per node (default 1TB)")
-    p.add_argument("--seq-len", type=int, default=4096, help="tokens per sequence (default 4096)")
-    p.add_argument("--micro-batch", type=int, default=1, help="sequences per GPU per micro-step (default 1)")
+    p.add_argument("--seq-len", type=int, help="tokens per sequence (default: data.max_length, or 4096)")
+    p.add_argument("--micro-batch", type=int,
+                   help="sequences per GPU per micro-step (default: train.micro_batch_size, or 1)")
     p.add_argument("--vocab", type=int, help="vocabulary of a model given as a size (default 152064, Qwen)")
     p.add_argument("--teacher-gpus", type=int,
                    help="GPUs of a dedicated teacher (default: the fewest that hold its bf16 params in 80%% of a GPU)")
     p.add_argument("--dtype", default="bf16", choices=("bf16", "fp16"),
                    help="16-bit mixed precision (the only kind modelled; default bf16)")
+    p.add_argument("overrides", nargs="*", help="dotted key=value overrides of the --config recipe")
     p.set_defaults(func=cmd_plan)
     return parser
 

@@ -12,6 +12,10 @@ params on the GPU), so the two agree: with the optimizer on the GPU each rank ho
 plus 4 bytes x the largest layer (its gathered bf16 param and grad); with
 ``offload_optimizer=cpu`` the GPU keeps 2 bytes/param / W + that buffer and each node's
 CPU holds 16 bytes/param / nodes x DeepSpeed's buffer factor 1.5.
+
+A model is a size (``70B``), a Hugging Face directory, or the hub id of an architecture
+shipped in ``paced_ds/assets/architectures`` (its public config.json, no weights), all
+built on the meta device.
 """
 
 from __future__ import annotations
@@ -58,6 +62,9 @@ KNOWN_SHAPES = [
     (72e9, 8192, 80),    # Qwen2.5-72B
 ]
 
+# The public config.json of the models the recipes name, as <org>--<name>/config.json.
+ARCHITECTURES = Path(__file__).resolve().parent.parent / "assets" / "architectures"
+
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMBT])\s*$", re.IGNORECASE)
 _BYTES = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT])(i?)B\s*$", re.IGNORECASE)
 _PARAM_UNITS = {"K": 1e3, "M": 1e6, "B": 1e9, "T": 1e12}
@@ -71,6 +78,7 @@ class Shape:
     layers: int
     vocab: int
     largest_layer_params: int  # the biggest single module's own params (DeepSpeed's "largest layer")
+    kv_bytes_per_token: int = 0  # bf16 key/value cache of one token, all layers (0: unknown, a bare SIZE)
 
 
 @dataclass(frozen=True)
@@ -104,11 +112,30 @@ def parse_bytes(text: str, flag: str = "memory") -> int:
     return int(float(match.group(1)) * base ** _BYTE_POWERS[match.group(2).upper()])
 
 
+def architecture_dir(hub_id: str) -> Path | None:
+    """The shipped config.json directory of a hub id like ``Qwen/Qwen3-8B`` (None if not shipped)."""
+    path = ARCHITECTURES / str(hub_id).replace("/", "--")
+    return path if "/" in str(hub_id) and (path / "config.json").is_file() else None
+
+
+def shipped_architectures() -> list[str]:
+    """The hub ids whose architecture ships with paced-ds."""
+    return sorted(path.name.replace("--", "/", 1) for path in ARCHITECTURES.glob("*--*") if path.is_dir())
+
+
 def model_shape(spec: str, vocab: int | None = None, flag: str = "--model") -> Shape:
-    """A SIZE (shape from ``KNOWN_SHAPES``, nearest by size) or a Hugging Face model directory."""
-    path = Path(spec)
+    """A SIZE (shape from ``KNOWN_SHAPES``, nearest by size), a Hugging Face model directory, or
+    the hub id of a shipped architecture."""
+    path = Path(spec).expanduser()
     if path.is_dir():
         return _shape_from_config(path, flag)
+    shipped = architecture_dir(spec)
+    if shipped is not None:
+        return _shape_from_config(shipped, flag)
+    if "/" in str(spec):
+        raise UserError(f"{flag} {spec}: no such model directory, and no architecture shipped for that hub id "
+                        f"(shipped: {', '.join(shipped_architectures())}); download its config.json and give "
+                        "the directory")
     if not _SIZE.match(str(spec)):
         raise UserError(f"{flag} {spec}: not a size like 70B or a model directory")
     params = parse_size(spec, flag)
@@ -136,7 +163,12 @@ def _shape_from_config(path: Path, flag: str) -> Shape:
     # model.parameters() yields a tied weight once, as DeepSpeed's model_to_params counts it.
     params = sum(p.numel() for p in model.parameters())
     largest = max(sum(p.numel() for p in module.parameters(recurse=False)) for module in model.modules())
-    return Shape(params, text_config.hidden_size, text_config.num_hidden_layers, text_config.vocab_size, largest)
+    heads = text_config.num_attention_heads
+    head_dim = getattr(text_config, "head_dim", None) or text_config.hidden_size // heads
+    kv_heads = getattr(text_config, "num_key_value_heads", None) or heads
+    kv_per_token = 2 * text_config.num_hidden_layers * kv_heads * head_dim * BF16_BYTES  # keys and values
+    return Shape(params, text_config.hidden_size, text_config.num_hidden_layers, text_config.vocab_size, largest,
+                 kv_per_token)
 
 
 def student_states(params: int, largest_layer_params: int, gpus_per_node: int, nodes: int,
@@ -180,19 +212,37 @@ def logits_bytes(micro_batch: int, seq_len: int, vocab: int) -> int:
     return micro_batch * seq_len * vocab * BF16_BYTES
 
 
-def activations(student: Shape, teacher: Shape, seq_len: int, micro_batch: int) -> int:
-    """Peak activation and logit bytes on a student rank for one micro-batch."""
+def activations(student: Shape, teacher: Shape, seq_len: int, micro_batch: int,
+                teacher_batch: int | None = None, checkpointing: bool = True) -> int:
+    """Peak activation and logit bytes on a student rank for one micro-batch; the teacher's
+    logits are those of ``teacher_batch`` sequences (one teacher forward; default a micro-batch)."""
     tokens = micro_batch * seq_len
-    # Gradient checkpointing keeps each layer's bf16 input; backward recomputes one layer at a time.
-    checkpoints = BF16_BYTES * tokens * student.hidden * student.layers
-    student_layer = LAYER_ACTIVATION_FACTOR * tokens * student.hidden
+    if checkpointing:
+        # Each layer's bf16 input is kept; backward recomputes one layer at a time.
+        checkpoints = BF16_BYTES * tokens * student.hidden * student.layers
+        student_layer = LAYER_ACTIVATION_FACTOR * tokens * student.hidden
+    else:  # every layer's activations are kept for backward
+        checkpoints, student_layer = 0, LAYER_ACTIVATION_FACTOR * tokens * student.hidden * student.layers
     # The teacher's forward (no grad) finishes before the student's, so only the larger of
     # the two working sets is alive at once; the teacher's logits stay for the loss.
-    teacher_layer = LAYER_ACTIVATION_FACTOR * tokens * teacher.hidden
+    teacher_batch = teacher_batch or micro_batch
+    teacher_layer = LAYER_ACTIVATION_FACTOR * teacher_batch * seq_len * teacher.hidden
     student_logits_and_grad = 2 * logits_bytes(micro_batch, seq_len, student.vocab)
-    teacher_logits = logits_bytes(micro_batch, seq_len, teacher.vocab)
+    teacher_logits = logits_bytes(teacher_batch, seq_len, teacher.vocab)
     loss_chunk = LOSS_CHUNK_LOGITS * 4 * LOSS_CHUNK_BUFFERS
     return max(checkpoints + student_layer, teacher_layer) + student_logits_and_grad + teacher_logits + loss_chunk
+
+
+def generation_bytes(model: Shape, sequences: int, tokens: int, gathered: bool) -> int:
+    """GPU bytes of one generation batch (HF generate) beyond the model states: the key/value
+    cache of ``sequences`` x ``tokens``, and with ``gathered`` the full bf16 copy of the model
+    (rollout.gather), which exists twice while it is being made (gathered ZeRO-3 params and
+    their clone); without it, two gathered layers of the sharded model."""
+    kv_cache = model.kv_bytes_per_token * sequences * tokens
+    if gathered:
+        copy = BF16_BYTES * model.params
+        return max(2 * copy, copy + kv_cache)
+    return TEACHER_LIVE_LAYERS * BF16_BYTES * model.largest_layer_params + kv_cache
 
 
 def teacher_rank_activations(teacher: Shape, seq_len: int, micro_batch: int) -> int:
@@ -209,12 +259,13 @@ PLACEMENT_ORDER = ("resident", "cpu", "dedicated", "nvme")
 
 
 def plan(student: Shape, teacher: Shape, nodes: int, gpus_per_node: int, gpu_mem_bytes: int,
-         cpu_mem_bytes: int, seq_len: int, micro_batch: int, teacher_gpus: int | None = None) -> list[Row]:
+         cpu_mem_bytes: int, seq_len: int, micro_batch: int, teacher_gpus: int | None = None,
+         teacher_batch: int | None = None, checkpointing: bool = True) -> list[Row]:
     """One row per (teacher placement, student optimizer placement), in order of preference."""
     world = nodes * gpus_per_node
     teacher_gpus = teacher_gpus or min_teacher_gpus(teacher, gpu_mem_bytes)
     placements = teacher_placements(teacher, gpus_per_node, nodes, teacher_gpus)
-    student_acts = activations(student, teacher, seq_len, micro_batch)
+    student_acts = activations(student, teacher, seq_len, micro_batch, teacher_batch, checkpointing)
     gpu_budget = gpu_mem_bytes * GPU_FIT_FRACTION
     rows = []
     for placement in PLACEMENT_ORDER:
@@ -233,7 +284,8 @@ def plan(student: Shape, teacher: Shape, nodes: int, gpus_per_node: int, gpu_mem
                                                 student_ranks, 1, offload_optimizer)
                 _, student_cpu = student_states(student.params, student.largest_layer_params,
                                                 gpus_per_node, nodes, offload_optimizer)
-                teacher_rank_total = where["gpu"] + teacher_rank_activations(teacher, seq_len, micro_batch)
+                teacher_rank_total = where["gpu"] + teacher_rank_activations(
+                    teacher, seq_len, teacher_batch or micro_batch)
                 total = max(student_gpu + student_acts, teacher_rank_total)
                 note = f"teacher ranks: {teacher_rank_total / GIB:.1f} GiB each; student on {student_ranks} GPUs"
             else:
