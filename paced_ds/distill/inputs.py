@@ -75,5 +75,13 @@ def generate_responses(cfg: RunConfig, tokenizer, teacher_engine, records: list[
 
 def tokenize_problems(cfg: RunConfig, tokenizer, records: list[dict]) -> list[dict]:
     texts = generation.prompt_texts(tokenizer, records, cfg.data)
-    return [encode(tokenizer, text, record["response"], cfg.data.max_length, problem_id=record["id"])
-            for text, record in zip(texts, records)]
+    examples = [encode(tokenizer, text, record["response"], cfg.data.max_length, problem_id=record["id"])
+                for text, record in zip(texts, records)]
+    # encode cuts a sequence at max_length, end-of-turn token included: say so, or a run on long
+    # chains of thought would train on their beginnings alone without a word.
+    cut = sum(len(e["input_ids"]) == cfg.data.max_length and e["input_ids"][-1] != tokenizer.eos_token_id
+              for e in examples)
+    if cut:
+        say(f"data.max_length ({cfg.data.max_length} tokens) cuts the responses of {cut} of {len(examples)} "
+            "problems: their ends and end-of-turn tokens are never trained on; raise data.max_length to keep them")
+    return examples
