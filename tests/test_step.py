@@ -154,3 +154,29 @@ def test_a_non_finite_loss_skips_the_update_and_names_the_rank(setup, monkeypatc
     outcome, delta, _ = run_step(setup, 2, 2)
     assert outcome.status == "nonfinite" and outcome.nonfinite_ranks == [0] and not outcome.applied_anyway
     assert all(not d.any() for d in delta.values())
+
+
+def test_plain_copy_is_the_student_and_generates_as_its_shards(setup):
+    """The gathered copy (filled one parameter at a time) holds the student's exact weights and
+    buffers, keeps the embedding tied, and greedy evaluation from it (unsynced) gives what
+    the ZeRO-3 shards give (synced)."""
+    from transformers import AutoModelForCausalLM
+
+    from paced_ds.models import generation
+
+    cfg = setup.cfg
+    student, _ = engines.build_student(cfg)
+    reference = AutoModelForCausalLM.from_pretrained(ASSETS / "tiny-student", dtype=torch.float32)
+    copy = plain_copy(student)
+    assert copy.state_dict().keys() == reference.state_dict().keys()
+    for name, tensor in reference.state_dict().items():
+        assert torch.equal(copy.state_dict()[name], tensor), name
+    for name, buffer in reference.named_buffers():
+        assert torch.equal(dict(copy.named_buffers())[name], buffer), name
+    assert copy.lm_head.weight.data_ptr() == copy.model.embed_tokens.weight.data_ptr()
+
+    records = arith.dataset("eval", 6)
+    from_copy = generation.evaluate(copy, setup.tokenizer, records, cfg.data, cfg.eval, synced=False)
+    from_shards = generation.evaluate(student.module, setup.tokenizer, records, cfg.data, cfg.eval, synced=True)
+    assert from_copy == from_shards and from_copy["count"] == len(records)
+    assert generation.generating_model(student, gather=False) == (student.module, True)

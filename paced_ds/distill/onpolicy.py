@@ -21,10 +21,8 @@ def rollouts(student_engine, tokenizer, prompts: list[list[int]], cfg) -> list[l
     rollout = cfg.rollout
     sampling = dict(max_new_tokens=rollout.max_new_tokens, do_sample=True, temperature=rollout.temperature,
                     top_p=rollout.top_p, batch_size=rollout.batch_size)
-    if rollout.gather:
-        model = generation.plain_copy(student_engine)
-        return generation.generate(model, tokenizer, prompts, synced=False, **sampling)
-    return generation.generate(student_engine.module, tokenizer, prompts, synced=True, **sampling)
+    model, synced = generation.generating_model(student_engine, rollout.gather)
+    return generation.generate(model, tokenizer, prompts, synced=synced, **sampling)
 
 
 def example(prompt: list[int], response: list[int], eos_id: int, max_length: int) -> dict:

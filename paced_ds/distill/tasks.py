@@ -73,7 +73,8 @@ def evaluate(cfg: RunConfig) -> dict:
         raise UserError("config key data.eval: nothing to evaluate (it is empty)")
     dist.init(cfg.train.timeout_s)
     model = frozen_student(cfg)
-    result = generation.evaluate(model.module, tokenizer, eval_records, cfg.data, cfg.eval)
+    module, synced = generation.generating_model(model, cfg.rollout.gather, keep_random_stream=True)
+    result = generation.evaluate(module, tokenizer, eval_records, cfg.data, cfg.eval, synced=synced)
     levels = generation.accuracy_table(result["by_difficulty"])
     say(f"{cfg.model.student}: accuracy {result['accuracy']:.1%} on {result['count']} problems | "
         + " ".join(f"{k} {v:.0%}" for k, v in levels.items()))

@@ -381,8 +381,10 @@ def run_eval(run: Run, label: str) -> dict | None:
     if not run.eval_records:
         return None
     cfg, step, started = run.cfg, run.step, time.time()
-    result = generation.evaluate(run.student.module, run.tokenizer, run.eval_records, cfg.data, cfg.eval)
-    result.update(run.retention.measure(run.student.module, run.tokenizer, cfg.data, cfg.eval))
+    module, synced = generation.generating_model(run.student, cfg.rollout.gather, keep_random_stream=True)
+    result = generation.evaluate(module, run.tokenizer, run.eval_records, cfg.data, cfg.eval, synced=synced)
+    result.update(run.retention.measure(module, run.tokenizer, cfg.data, cfg.eval, synced=synced))
+    del module
     run.tracker.log_eval(step, result)
     levels = generation.accuracy_table(result["by_difficulty"])
     forgot = ""

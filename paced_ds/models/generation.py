@@ -20,20 +20,43 @@ from paced_ds.runtime import dist
 
 
 def plain_copy(engine):
-    """A full, non-partitioned copy of the engine's model on this rank, for generation."""
+    """A full, non-partitioned copy of the engine's model on this rank, for generation.
+
+    Collective under ZeRO-3. The copy is filled one gathered parameter at a time, so the
+    peak is the copy plus one parameter, not the copy plus a gathered model.
+    """
     import deepspeed
     from transformers import AutoModelForCausalLM
 
     module = engine.module
     if not engine.zero_optimization_partition_weights():
         return module
-    with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
-        state = {name: tensor.detach().clone() for name, tensor in module.state_dict().items()}
-    copy = AutoModelForCausalLM.from_config(module.config, dtype=next(iter(state.values())).dtype)
-    copy.load_state_dict(state, strict=False)
+    # Built with its usual initialisation, then overwritten: the initialisation draws from the
+    # CPU random stream, and the rollouts seeded before a copy is made (estimates, on-policy
+    # steps) sample from what follows; a meta-device build would change every such stream.
+    copy = AutoModelForCausalLM.from_config(module.config, dtype=next(module.parameters()).dtype)
+    params, buffers = dict(copy.named_parameters()), dict(copy.named_buffers())
+    for name, param in module.named_parameters():
+        with deepspeed.zero.GatheredParameters([param], modifier_rank=None):
+            params[name].data.copy_(param.data)
+    for name, buffer in module.named_buffers():  # never partitioned (rotary frequencies, ...)
+        buffers[name].copy_(buffer)
     copy.tie_weights()
     copy.config.use_cache = True
     return copy.to(dist.device()).eval()
+
+
+def generating_model(engine, gather: bool, keep_random_stream: bool = False):
+    """What to generate from, and whether it generates synced: a plain copy when ``gather``
+    (``rollout.gather``: no collective per layer and token), else the ZeRO-3 shards.
+    ``keep_random_stream``: making the copy leaves the CPU random stream where it was (for
+    greedy evaluation between steps, which must not move the rollouts that follow)."""
+    if not gather:
+        return engine.module, True
+    if keep_random_stream:
+        with torch.random.fork_rng(devices=[]):
+            return plain_copy(engine), False
+    return plain_copy(engine), False
 
 
 def prompt_texts(tokenizer, records: list[dict], data_cfg) -> list[str]:
@@ -81,17 +104,21 @@ def generate(module, tokenizer, prompts: list[list[int]], *, max_new_tokens: int
     return results
 
 
-def sharded_generate(module, tokenizer, prompts: list[list[int]], *, batch_size: int, **kwargs):
+def sharded_generate(module, tokenizer, prompts: list[list[int]], *, batch_size: int, synced: bool = True,
+                     **kwargs):
     """Generate for this rank's strided shard; returns ``{global index: ids}`` for that shard.
 
-    Every rank runs the same number of batches of the same size so that ZeRO-3's
-    collective parameter gathers line up, whatever the shard sizes.
+    ``synced`` (``module`` is ZeRO-3-partitioned): every rank runs the same number of
+    batches of the same size so that the collective parameter gathers line up, whatever the
+    shard sizes. A plain copy (:func:`plain_copy`) generates its shard alone: ``synced=False``.
     """
     world, rank = dist.world_size(), dist.rank()
     indices = list(range(rank, len(prompts), world))
+    mine = [prompts[i] for i in indices]
+    if not synced:
+        return dict(zip(indices, generate(module, tokenizer, mine, batch_size=batch_size, synced=False, **kwargs)))
     per_rank = math.ceil(len(prompts) / world) if prompts else 0
     batches = math.ceil(per_rank / batch_size) if per_rank else 0
-    mine = [prompts[i] for i in indices]
     filler = prompts[0] if prompts else [tokenizer.bos_token_id or 0]
     padded = mine + [filler] * (batches * batch_size - len(mine)) if batches else []
     # Equal-size batches: short ranks pad with a repeated prompt, discarded below.
@@ -100,12 +127,13 @@ def sharded_generate(module, tokenizer, prompts: list[list[int]], *, batch_size:
     return {index: ids for index, ids in zip(indices, outputs)}
 
 
-def evaluate(module, tokenizer, records: list[dict], data_cfg, eval_cfg, progress=None) -> dict:
-    """Greedy held-out accuracy, overall and per difficulty level, identical on every rank."""
+def evaluate(module, tokenizer, records: list[dict], data_cfg, eval_cfg, progress=None, synced: bool = True) -> dict:
+    """Greedy held-out accuracy, overall and per difficulty level, identical on every rank.
+    Collective; ``synced=False`` when ``module`` is a plain copy (see :func:`sharded_generate`)."""
     if not records:
         return {"accuracy": float("nan"), "by_difficulty": {}, "count": 0}
     prompts = prompt_ids(tokenizer, records, data_cfg)
-    outputs = sharded_generate(module, tokenizer, prompts, batch_size=eval_cfg.batch_size,
+    outputs = sharded_generate(module, tokenizer, prompts, batch_size=eval_cfg.batch_size, synced=synced,
                                max_new_tokens=eval_cfg.max_new_tokens, progress=progress)
     levels = sorted({str(r.get("difficulty", "all")) for r in records})
     counts = torch.zeros(len(levels), 2, dtype=torch.float64)  # correct, total per level
