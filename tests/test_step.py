@@ -180,3 +180,17 @@ def test_plain_copy_is_the_student_and_generates_as_its_shards(setup):
     from_shards = generation.evaluate(student.module, setup.tokenizer, records, cfg.data, cfg.eval, synced=True)
     assert from_copy == from_shards and from_copy["count"] == len(records)
     assert generation.generating_model(student, gather=False) == (student.module, True)
+
+
+def test_frozen_embeddings_stay_and_the_rest_learns(setup):
+    """model.freeze_embeddings: the step leaves the (tied) embedding exactly as it was and moves
+    the other weights."""
+    setup.cfg.model.freeze_embeddings = True
+    try:
+        outcome, delta, before = run_step(setup, micro_batch=2, accumulation=2)
+    finally:
+        setup.cfg.model.freeze_embeddings = False
+    assert outcome.loss > 0
+    assert not delta["model.embed_tokens.weight"].any()
+    moved = [name for name, change in delta.items() if change.abs().max() > 0]
+    assert "model.layers.0.self_attn.q_proj.weight" in moved and "model.norm.weight" in moved

@@ -189,6 +189,10 @@ def build_student(cfg: RunConfig):
     if cfg.model.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
+    if cfg.model.freeze_embeddings:
+        for embedding in (model.get_input_embeddings(), model.get_output_embeddings()):
+            if embedding is not None:
+                embedding.requires_grad_(False)
     engine, _, _, _ = deepspeed.initialize(
         model=model, model_parameters=[p for p in model.parameters() if p.requires_grad],
         config=copy.deepcopy(ds_config),
