@@ -410,17 +410,17 @@ def print_recipe_fit(cfg, args, rows, student, teacher, gpu_budget: float) -> in
     phases = []
     rollouts = cfg.loss.schedule != "off_policy" or (cfg.curriculum.mode != "uniform"
                                                      and not cfg.curriculum.competence)
+    copy = "a gathered copy (rollout.gather)" if cfg.rollout.gather else "the sharded student"
     if rollouts:
         tokens = max(cfg.data.max_length, cfg.rollout.max_new_tokens)
-        copy = "a gathered copy (rollout.gather)" if cfg.rollout.gather else "the sharded student"
         phases.append((f"student rollouts: rollout.batch_size {cfg.rollout.batch_size} x {tokens} tokens on {copy}",
                        student_states + memory.generation_bytes(student, cfg.rollout.batch_size, tokens,
                                                                 cfg.rollout.gather)))
     if cfg.data.eval:
         tokens = max(cfg.data.max_length, cfg.eval.max_new_tokens)
-        phases.append((f"held-out eval: eval.batch_size {cfg.eval.batch_size} x {tokens} tokens on the sharded "
-                       "student", student_states + memory.generation_bytes(student, cfg.eval.batch_size, tokens,
-                                                                           False)))
+        phases.append((f"held-out eval: eval.batch_size {cfg.eval.batch_size} x {tokens} tokens on {copy}",
+                       student_states + memory.generation_bytes(student, cfg.eval.batch_size, tokens,
+                                                                cfg.rollout.gather)))
     if not cfg.teacher.self_distill:
         tokens = max(cfg.data.max_length, cfg.data.generate_max_new_tokens)
         phases.append((f"teacher responses (when not stored): eval.batch_size {cfg.eval.batch_size} x {tokens} "

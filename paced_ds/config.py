@@ -58,6 +58,7 @@ class DataConfig:
                          "'arith:retain' for the reference task; empty = none")
     split: str = _f("train", "split to read when data.train is a datasets name")
     eval_split: str = _f("test", "split to read when data.eval is a datasets name")
+    subset: str = _f("", "the configuration of a datasets name (e.g. 'main' for openai/gsm8k; empty = none)")
     layout: str = _f("", "a public dataset's field layout: gsm8k (question/answer) or math (problem/solution/level); "
                          "data.fields entries override it", ("", "gsm8k", "math"))
     fields: dict = _f({}, "field mapping: canonical name (id, prompt, answer, response, difficulty) -> source field")

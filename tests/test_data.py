@@ -145,6 +145,8 @@ def test_datasets_name_goes_to_load_dataset_without_remote_code(monkeypatch):
                             split="test")
     assert records == [{"id": "arith-0", "prompt": "1+1=", "answer": "2"}]
     assert calls == [(("someone/arith",), {"split": "test"})]
+    load_problems("someone/arith", fields={"prompt": "question", "answer": "final"}, split="train", subset="main")
+    assert calls[-1] == (("someone/arith", "main"), {"split": "train"})
 
     def failing_load_dataset(*args, **kwargs):
         raise ConnectionError("offline\nmore detail")

@@ -28,14 +28,14 @@ _DATASET_NAME = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
 
 
 def load_problems(source: str, *, fields: dict[str, str] | None = None, split: str = "train",
-                  limit: int | None = None) -> list[dict]:
+                  limit: int | None = None, subset: str = "") -> list[dict]:
     """Load and validate the problems in ``source``.
 
     ``source`` is a ``.jsonl`` file (one object per line; blank lines skipped), a ``.json``
     file (a list of objects), a ``.parquet`` file, a directory written by
     ``datasets.Dataset.save_to_disk`` (a saved ``DatasetDict`` gives its ``split``), or
-    otherwise a ``datasets`` name, loaded with ``datasets.load_dataset(source, split=split)``
-    (no remote code).
+    otherwise a ``datasets`` name, loaded with ``datasets.load_dataset(source, subset, split=split)``
+    (no remote code; ``subset`` is the dataset's configuration, e.g. ``"main"`` for openai/gsm8k).
 
     ``fields`` maps a canonical name (``CANONICAL_FIELDS``) to the source's field name;
     unmapped names are read under their own name. ``prompt`` and ``answer`` are required.
@@ -52,7 +52,7 @@ def load_problems(source: str, *, fields: dict[str, str] | None = None, split: s
     fields = _check_fields(fields or {})
     if limit is not None and limit < 1:
         raise UserError(f"data limit must be >= 1, got {limit}")
-    rows, stem = _open_source(source, split)
+    rows, stem = _open_source(source, split, subset)
     records: list[dict] = []
     first_seen: dict[str, str] = {}
     for index, (where, row) in enumerate(rows):
@@ -79,7 +79,7 @@ def _check_fields(fields: dict[str, str]) -> dict[str, str]:
     return dict(fields)
 
 
-def _open_source(source: str, split: str) -> tuple[Iterator[tuple[str, object]], str]:
+def _open_source(source: str, split: str, subset: str = "") -> tuple[Iterator[tuple[str, object]], str]:
     """The source's rows as ``(location, row)`` pairs, and the stem for generated ids."""
     path = Path(source).expanduser()
     if path.is_dir():
@@ -96,7 +96,7 @@ def _open_source(source: str, split: str) -> tuple[Iterator[tuple[str, object]],
                         f"{', '.join(DATA_FILE_SUFFIXES)}, a save_to_disk directory or a datasets name")
     if path.suffix.lower() in DATA_FILE_SUFFIXES or not _DATASET_NAME.fullmatch(source):
         raise UserError(f"data file not found: {source}")
-    return _hub_rows(source, split), source.rsplit("/", 1)[-1]
+    return _hub_rows(source, split, subset), source.rsplit("/", 1)[-1]
 
 
 def _jsonl_rows(path: Path, source: str):
@@ -148,11 +148,11 @@ def _saved_dataset_rows(path: Path, source: str, split: str):
         yield f"{source}: row {index}", row
 
 
-def _hub_rows(source: str, split: str):
+def _hub_rows(source: str, split: str, subset: str = ""):
     import datasets
 
     try:
-        dataset = datasets.load_dataset(source, split=split)
+        dataset = datasets.load_dataset(source, *([subset] if subset else []), split=split)
     except Exception as e:  # offline, unknown name, bad split: all things the user fixes
         raise UserError(f"{source}: not a local file, and datasets could not load it "
                         f"(split {split!r}): {type(e).__name__}: {_first_line(e)}") from e

@@ -50,7 +50,7 @@ def load(source: str, data_cfg, *, split: str, per_level: int) -> list[dict]:
                             + ", ".join(f"{prefix}{split}" for split in arith.SPLITS))
         records = GENERATED[prefix](which, per_level, seed=data_cfg.arith_seed)
         return [{k: v for k, v in r.items() if k != "response"} for r in records]
-    return load_problems(source, fields=field_mapping(data_cfg), split=split)
+    return load_problems(source, fields=field_mapping(data_cfg), split=split, subset=data_cfg.subset)
 
 
 def load_train(data_cfg) -> list[dict]:
