@@ -142,9 +142,10 @@ class RolloutConfig:
     top_p: float = _f(1.0, "nucleus sampling of student rollouts")
     max_new_tokens: int = _f(64, "longest rollout")
     batch_size: int = _f(256, "rollout prompts per generation batch per rank")
-    gather: bool = _f(True, "generate (rollouts, estimates, held-out and retention evaluation) from a full "
-                            "copy of the student gathered once per generation phase (fast, needs the memory); "
-                            "false = generate from the ZeRO-3 shards, all ranks stepping together")
+    gather: bool = _f(True, "generate (rollouts, estimates, evaluation, teacher responses) from a full copy of "
+                            "the model gathered once per generation phase, when it fits in 80% of every rank's "
+                            "free memory (fast); false, or a copy that does not fit = generate from the ZeRO-3 "
+                            "shards, all ranks stepping together")
 
 
 @dataclass

@@ -35,6 +35,7 @@ class Tokenizer:
 def rollouts(monkeypatch):
     monkeypatch.setattr(generation, "prompt_ids", lambda tokenizer, records, data: [[i] for i in range(len(records))])
     monkeypatch.setattr(generation, "plain_copy", lambda engine: engine)
+    monkeypatch.setattr(generation, "copy_fits", lambda engine: True)
     monkeypatch.setattr(generation, "generate", lambda model, tokenizer, prompts, **kwargs:
                         [[prompt[0], i] for i, prompt in enumerate(prompts)])
     records = [{"id": f"p{i}", "answer": str(i)} for i in range(PROBLEMS)]

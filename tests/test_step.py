@@ -182,6 +182,20 @@ def test_plain_copy_is_the_student_and_generates_as_its_shards(setup):
     assert generation.generating_model(student, gather=False) == (student.module, True)
 
 
+def test_a_copy_that_does_not_fit_falls_back_to_the_shards(setup, monkeypatch, capsys):
+    from paced_ds.models import generation
+
+    student, _ = engines.build_student(setup.cfg)
+    need = sum(p.ds_numel * p.element_size() for p in student.module.parameters())
+    assert generation.free_bytes() > need  # this machine's own reading
+    monkeypatch.setattr(generation, "free_bytes", lambda: int(need / generation.COPY_FIT_SHARE) + 1)
+    assert generation.copy_fits(student)
+    assert generation.generating_model(student, gather=True)[1] is False
+    monkeypatch.setattr(generation, "free_bytes", lambda: int(need / generation.COPY_FIT_SHARE) - 1)
+    assert generation.generating_model(student, gather=True) == (student.module, True)
+    assert "does not fit" in capsys.readouterr().out
+
+
 def test_frozen_embeddings_stay_and_the_rest_learns(setup):
     """model.freeze_embeddings: the step leaves the (tied) embedding exactly as it was and moves
     the other weights."""

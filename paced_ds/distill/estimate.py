@@ -42,7 +42,7 @@ def estimate(engine, tokenizer, records: list[dict], table: CompetenceTable, cfg
     torch.manual_seed(seed * 1_000_003 + dist.rank())
     sampling = dict(max_new_tokens=rollout.max_new_tokens, do_sample=True, temperature=rollout.temperature,
                     top_p=rollout.top_p)
-    if rollout.gather:
+    if rollout.gather and generation.copy_fits(engine):
         model = generation.plain_copy(engine)
         indices = list(range(dist.rank(), len(expanded), dist.world_size()))
         outputs = generation.generate(model, tokenizer, [expanded[i] for i in indices],

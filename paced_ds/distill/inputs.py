@@ -66,8 +66,10 @@ def with_teacher_responses(cfg: RunConfig, tokenizer, teacher_engine, train_reco
 
 def generate_responses(cfg: RunConfig, tokenizer, teacher_engine, records: list[dict]) -> list[dict]:
     progress = progress_bar(len(records), "teacher responses", cfg.logging.progress) if dist.is_main() else None
-    rows = generation.teacher_responses(teacher_engine.module, tokenizer, records, cfg.data,
-                                        batch_size=cfg.eval.batch_size, progress=progress)
+    module, synced = generation.generating_model(teacher_engine, cfg.rollout.gather, keep_random_stream=True)
+    rows = generation.teacher_responses(module, tokenizer, records, cfg.data, batch_size=cfg.eval.batch_size,
+                                        progress=progress, synced=synced)
+    del module
     if progress is not None:
         progress.close()
     return rows

@@ -11,12 +11,15 @@ sequences finished keeps stepping until every rank is done.
 from __future__ import annotations
 
 import math
+import os
+
 import torch
 
 from paced_ds import verify
 from paced_ds.data.collate import collate_prompts, encode
 from paced_ds.data.prompts import format_prompt
 from paced_ds.runtime import dist
+from paced_ds.runtime.log import say
 
 
 def plain_copy(engine):
@@ -46,12 +49,41 @@ def plain_copy(engine):
     return copy.to(dist.device()).eval()
 
 
+COPY_FIT_SHARE = 0.8  # a gathered copy may take this share of the memory free for it
+_SAID_SHORT: set[int] = set()  # the model sizes already reported as not fitting
+
+
+def free_bytes() -> int:
+    """Memory this rank may still use: free memory on its GPU, or on the CPU its share of the
+    node's available memory (MemAvailable over the local ranks)."""
+    device = dist.device()
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    with open("/proc/meminfo") as f:
+        available_kib = next(int(line.split()[1]) for line in f if line.startswith("MemAvailable:"))
+    return available_kib * 1024 // max(1, int(os.environ.get("LOCAL_SIZE", "1")))
+
+
+def copy_fits(engine) -> bool:
+    """Whether every rank can hold a full copy of the engine's model (within ``COPY_FIT_SHARE``
+    of its free memory). Collective, and the same answer on every rank."""
+    need = sum(getattr(p, "ds_numel", p.numel()) * p.element_size() for p in engine.module.parameters())
+    short = float(need > COPY_FIT_SHARE * free_bytes())
+    fits = dist.all_reduce_sum(torch.tensor([short], dtype=torch.float64)).item() == 0
+    if not fits and need not in _SAID_SHORT:
+        _SAID_SHORT.add(need)
+        say(f"rollout.gather: a full copy of the model ({need / 2**30:.1f} GiB) does not fit in "
+            f"{COPY_FIT_SHARE:.0%} of every rank's free memory; generating from the ZeRO-3 shards")
+    return fits
+
+
 def generating_model(engine, gather: bool, keep_random_stream: bool = False):
     """What to generate from, and whether it generates synced: a plain copy when ``gather``
-    (``rollout.gather``: no collective per layer and token), else the ZeRO-3 shards.
-    ``keep_random_stream``: making the copy leaves the CPU random stream where it was (for
-    greedy evaluation between steps, which must not move the rollouts that follow)."""
-    if not gather:
+    (``rollout.gather``: no collective per layer and token) and the copy fits on every rank
+    (:func:`copy_fits`), else the ZeRO-3 shards. Collective. ``keep_random_stream``: making
+    the copy leaves the CPU random stream where it was (for greedy generation between steps,
+    which must not move the rollouts that follow)."""
+    if not gather or not copy_fits(engine):
         return engine.module, True
     if keep_random_stream:
         with torch.random.fork_rng(devices=[]):
@@ -158,10 +190,11 @@ def evaluate(module, tokenizer, records: list[dict], data_cfg, eval_cfg, progres
 
 
 def teacher_responses(module, tokenizer, records: list[dict], data_cfg, *, batch_size: int,
-                      progress=None) -> list[dict]:
-    """Greedy teacher responses for ``records``, verified; the full list on every rank."""
+                      progress=None, synced: bool = True) -> list[dict]:
+    """Greedy teacher responses for ``records``, verified; the full list on every rank.
+    ``synced`` as for :func:`evaluate`."""
     prompts = prompt_ids(tokenizer, records, data_cfg)
-    outputs = sharded_generate(module, tokenizer, prompts, batch_size=batch_size,
+    outputs = sharded_generate(module, tokenizer, prompts, batch_size=batch_size, synced=synced,
                                max_new_tokens=data_cfg.generate_max_new_tokens, progress=progress)
     mine = []
     for index, ids in outputs.items():
