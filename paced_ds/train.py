@@ -42,8 +42,22 @@ def run(task: str, cfg) -> dict:
     return entry(cfg)
 
 
+def quiet_libraries() -> None:
+    """Where the output is not a terminal, the libraries' own progress bars (loading weights,
+    writing shards, reading datasets) are carriage-return redraws that a log file keeps as
+    clutter: turn them off. Their bars stay on a terminal."""
+    if sys.stderr.isatty():
+        return
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()
+
+
 def main(argv=None) -> int:
     ensure_accelerator_env()
+    quiet_libraries()
     args = parse_args(argv)
     from paced_ds.config import load_config
     from paced_ds.runtime import dist

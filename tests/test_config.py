@@ -238,7 +238,6 @@ def test_missing_recipe_file(tmp_path):
 
 @pytest.mark.parametrize("overrides, names", [
     (["teacher.offload=nvme"], "teacher.nvme_path"),
-    (["train.steps=5", "train.warmup_steps=6"], "train.warmup_steps"),
     (["train.steps=0", "train.warmup_steps=0"], "train.steps"),
     (["train.micro_batch_size=0"], "train.micro_batch_size"),
     (["train.grad_accum=-1"], "train.grad_accum"),
@@ -266,6 +265,7 @@ def test_validate_rejects_impossible_combinations(overrides, names):
 @pytest.mark.parametrize("overrides", [
     ["teacher.offload=nvme", "teacher.nvme_path=/local_nvme"],
     ["train.steps=6", "train.warmup_steps=6"],
+    ["train.steps=2", "train.warmup_steps=10"],  # clipped by the schedule, with a warning
     ["train.offload_optimizer=cpu", "train.zero_stage=2"],
     ["train.warmup_steps=0", "train.save_every=0", "loss.skew_alpha=0", "loss.akl_mu=1"],
     ["data.prompt_template=Q: {prompt}\nA:"],
@@ -277,8 +277,18 @@ def test_validate_accepts_the_boundaries(overrides):
 def test_validate_checks_a_config_built_in_code():
     cfg = RunConfig()
     validate(cfg)
-    cfg.train.warmup_steps = cfg.train.steps + 1
+    cfg.train.warmup_steps = -1
     assert "train.warmup_steps" in user_error(validate, cfg)
+
+
+def test_a_warmup_longer_than_the_run_is_clipped_with_one_warning(capsys):
+    from paced_ds.models.engines import lr_lambda
+
+    factor = lr_lambda(load_config(overrides=["train.steps=2", "train.warmup_steps=10", "train.min_lr_ratio=0"]))
+    out = capsys.readouterr().out
+    assert out == ("paced-ds: warning: train.warmup_steps (10) exceeds train.steps (2); warming up over all 2 "
+                   "steps instead\n")
+    assert [factor(step) for step in range(2)] == pytest.approx([1 / 3, 2 / 3])  # the two steps warm up
 
 
 # ---------------------------------------------------------------------------------------

@@ -89,6 +89,16 @@ def test_two_rank_zero3_run_with_cpu_offloaded_teacher(tmp_path):
         shipped = AutoModelForCausalLM.from_pretrained(REPO / "paced_ds" / "assets" / "tiny-student")
         assert not torch.allclose(exported(ids).logits, shipped(ids).logits)  # it did train
 
+    # A bf16 export (train.export_dtype / --dtype): half the bytes, loads as bf16, the same model.
+    half = paced_ds("export", "--run", run_dir, "--out", tmp_path / "bf16", "--dtype", "bf16")
+    assert half.returncode == 0, explain(half)
+    in_bf16 = AutoModelForCausalLM.from_pretrained(tmp_path / "bf16")
+    assert next(in_bf16.parameters()).dtype == torch.bfloat16
+    sizes = [(d / "model.safetensors").stat().st_size for d in (tmp_path / "offline", tmp_path / "bf16")]
+    assert sizes[1] == pytest.approx(sizes[0] / 2, rel=0.02)
+    with torch.no_grad():
+        torch.testing.assert_close(in_bf16(ids).logits.float(), merged(ids).logits, rtol=0.05, atol=0.1)
+
     # train.resume=auto continues from checkpoints/latest and appends to the logs.
     resumed = paced_ds("train", "--config", RECIPE, "--nproc", 2, "data.train=" + str(data),
                        *small_overrides(tmp_path, **{"teacher.offload": "cpu", "train.steps": 8,

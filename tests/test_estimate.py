@@ -22,24 +22,25 @@ PROBLEMS, K = 6, 4
 CHECK_S = 0.3  # the answer checks' stand-in time
 
 
-class Tokenizer:
-    """Decodes a rollout [problem, index] to a response: right for the first problem % 5 of
-    each problem's K rollouts."""
+def response(problem: int, sample: int) -> str:
+    """Rollout ``sample`` of ``problem``: right for the first problem % 5 of its K."""
+    return f"rev 1 = {problem if sample < problem % 5 else problem + 1}"
 
-    def decode(self, ids, skip_special_tokens=True):
-        problem, index = ids
-        return f"rev 1 = {problem if index % K < problem % 5 else problem + 1}"
+
+class Rollouts:
+    """Stands in for a generator (``generation.HFGenerator``, ``server.ServerGenerator``)."""
+
+    def complete(self, prompts, *, n, **sampling):
+        assert not sampling["greedy"] and sampling["top_k"] == 0
+        texts = {p * n + k: response(p, k) for p in range(len(prompts)) for k in range(n)}
+        return generation.Completions(texts, tokens=len(texts) * 3, generated=len(texts), padded=len(texts) * 4)
 
 
 @pytest.fixture
 def rollouts(monkeypatch):
     monkeypatch.setattr(generation, "prompt_ids", lambda tokenizer, records, data: [[i] for i in range(len(records))])
-    monkeypatch.setattr(generation, "plain_copy", lambda engine: engine)
-    monkeypatch.setattr(generation, "copy_fits", lambda engine: True)
-    monkeypatch.setattr(generation, "generate", lambda model, tokenizer, prompts, **kwargs:
-                        [[prompt[0], i] for i, prompt in enumerate(prompts)])
     records = [{"id": f"p{i}", "answer": str(i)} for i in range(PROBLEMS)]
-    cfg = load_config(RECIPE, [f"curriculum.rollouts={K}", "rollout.gather=true"])
+    cfg = load_config(RECIPE, [f"curriculum.rollouts={K}"])
     return records, cfg
 
 
@@ -62,7 +63,7 @@ def test_the_answers_are_checked_at_once_in_parallel_and_timed(rollouts, monkeyp
     monkeypatch.setenv("LOCAL_SIZE", "2")  # two ranks on this node share its CPUs
     monkeypatch.setattr(os, "cpu_count", lambda: 6)
     table = CompetenceTable([r["id"] for r in records])
-    result = estimate.estimate(None, Tokenizer(), records, table, cfg, seed=0)
+    result = estimate.estimate(Rollouts(), None, records, table, cfg, seed=0)
 
     assert len(calls) == 1 and len(calls[0][0]) == PROBLEMS * K  # every answer in one call
     assert calls[0][1] == result["verify_workers"] == 3
@@ -70,6 +71,7 @@ def test_the_answers_are_checked_at_once_in_parallel_and_timed(rollouts, monkeyp
     assert table.correct.tolist() == [min(p % 5, K) for p in range(PROBLEMS)]
     assert result["verify_s"] >= CHECK_S > result["generate_s"]
     assert result["generate_s"] + result["verify_s"] <= result["seconds"]
+    assert result["forward_tokens"] == PROBLEMS * K * 3 and result["padding_share"] == pytest.approx(0.25)
     assert re.fullmatch(r"\d+\.\d s \(generation \d+\.\d s, answer checks 0\.[3-9] s\)",
                         estimate.describe_time(result))
 
@@ -84,14 +86,14 @@ def test_the_checker_workers_are_capped_and_at_least_one(rollouts, monkeypatch):
     for cpus, ranks_here in ((64, "1"), (2, "8")):
         monkeypatch.setattr(os, "cpu_count", lambda: cpus)
         monkeypatch.setenv("LOCAL_SIZE", ranks_here)
-        estimate.estimate(None, Tokenizer(), records, table, cfg, seed=0)
+        estimate.estimate(Rollouts(), None, records, table, cfg, seed=0)
     assert seen == [verify.MAX_WORKERS, 1]
 
 
 def test_the_counts_are_those_of_checking_one_at_a_time(rollouts):
     records, cfg = rollouts
     table = CompetenceTable([r["id"] for r in records])
-    estimate.estimate(None, Tokenizer(), records, table, cfg, seed=0)
-    one_at_a_time = torch.tensor([sum(verify.is_correct(Tokenizer().decode([p, p * K + k]), str(p)) for k in range(K))
+    estimate.estimate(Rollouts(), None, records, table, cfg, seed=0)
+    one_at_a_time = torch.tensor([sum(verify.is_correct(response(p, k), str(p)) for k in range(K))
                                   for p in range(PROBLEMS)], dtype=table.correct.dtype)
     assert torch.equal(table.correct, one_at_a_time)

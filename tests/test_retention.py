@@ -11,6 +11,7 @@ import torch
 from paced_ds.config import DataConfig, EvalConfig
 from paced_ds.data import arith
 from paced_ds.distill.retention import Retention
+from paced_ds.models.generation import HFGenerator
 from paced_ds.runtime.tracking import Tracker
 from paced_ds.verify import is_correct
 
@@ -55,7 +56,7 @@ def test_the_set_is_what_the_student_solves_first_and_forgetting_is_measured_on_
     model, tokenizer = student
     records = arith.dataset("retain", 10, seed=0)
     retention = Retention(records, tmp_path)
-    first = retention.measure(model, tokenizer, DATA, EVAL)
+    first = retention.measure(HFGenerator(model, tokenizer, synced=False), tokenizer, DATA, EVAL)
     expected = solved_ids(model, tokenizer, records)
     assert 0 < len(expected) < len(records)  # the shipped student solves some, not all
     assert first == {"retention_set": len(expected), "retained": 1.0, "forgotten": 0.0}
@@ -63,10 +64,10 @@ def test_the_set_is_what_the_student_solves_first_and_forgetting_is_measured_on_
     assert saved == {"offered": len(records), "ids": [r["id"] for r in records if r["id"] in expected]}
 
     # The same student forgets nothing; a damaged one forgets what it no longer solves.
-    assert retention.measure(model, tokenizer, DATA, EVAL)["forgotten"] == 0.0
+    assert retention.measure(HFGenerator(model, tokenizer, synced=False), tokenizer, DATA, EVAL)["forgotten"] == 0.0
     worse = damaged(model, 0.5)
     kept = solved_ids(worse, tokenizer, [r for r in records if r["id"] in expected])
-    later = retention.measure(worse, tokenizer, DATA, EVAL)
+    later = retention.measure(HFGenerator(worse, tokenizer, synced=False), tokenizer, DATA, EVAL)
     assert later["retention_set"] == len(expected)
     assert later["forgotten"] == pytest.approx(1 - len(kept) / len(expected))
     assert later["forgotten"] > 0  # the damage was large enough to show
@@ -75,18 +76,18 @@ def test_the_set_is_what_the_student_solves_first_and_forgetting_is_measured_on_
     # A resumed run measures against the saved set, not against what it solves now.
     resumed = Retention(records, tmp_path)
     resumed.resume()
-    assert resumed.measure(worse, tokenizer, DATA, EVAL) == later
+    assert resumed.measure(HFGenerator(worse, tokenizer, synced=False), tokenizer, DATA, EVAL) == later
     # A resumed run that saved no set measures none.
     (tmp_path / "retention.json").unlink()
     unsaved = Retention(records, tmp_path)
     unsaved.resume()
-    assert unsaved.measure(worse, tokenizer, DATA, EVAL) == {} and not (tmp_path / "retention.json").exists()
+    assert unsaved.measure(HFGenerator(worse, tokenizer, synced=False), tokenizer, DATA, EVAL) == {} and not (tmp_path / "retention.json").exists()
 
 
 def test_no_retention_problems_no_fields(student, tmp_path):
     model, tokenizer = student
     retention = Retention([], tmp_path)
-    assert not retention.active and retention.measure(model, tokenizer, DATA, EVAL) == {}
+    assert not retention.active and retention.measure(HFGenerator(model, tokenizer, synced=False), tokenizer, DATA, EVAL) == {}
     assert not (tmp_path / "retention.json").exists()
 
 

@@ -176,8 +176,10 @@ def test_plain_copy_is_the_student_and_generates_as_its_shards(setup):
     assert copy.lm_head.weight.data_ptr() == copy.model.embed_tokens.weight.data_ptr()
 
     records = arith.dataset("eval", 6)
-    from_copy = generation.evaluate(copy, setup.tokenizer, records, cfg.data, cfg.eval, synced=False)
-    from_shards = generation.evaluate(student.module, setup.tokenizer, records, cfg.data, cfg.eval, synced=True)
+    from_copy = generation.evaluate(generation.HFGenerator(copy, setup.tokenizer, synced=False), setup.tokenizer,
+                                    records, cfg.data, cfg.eval)
+    from_shards = generation.evaluate(generation.HFGenerator(student.module, setup.tokenizer, synced=True),
+                                      setup.tokenizer, records, cfg.data, cfg.eval)
     assert from_copy == from_shards and from_copy["count"] == len(records)
     assert generation.generating_model(student, gather=False) == (student.module, True)
 

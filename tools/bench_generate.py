@@ -1,19 +1,24 @@
-"""Rollout tokens/s of the student's generation paths, on the same model and prompts.
+"""Rollout tokens/s of the student's generation engines, on the same model, prompts and ranks.
 
-    python tools/bench_generate.py [--model DIR] [--prompts 32] [--max-new-tokens 48]
-                                   [--batch 16] [--nproc 2]
+    python tools/bench_generate.py [--model DIR] [--prompts 32] [--samples 8] [--max-new-tokens 48]
+                                   [--batch 128] [--nproc 2] [--engines hf-sharded,hf-gathered,vllm]
 
 Launches itself on ``--nproc`` ranks (the deepspeed launcher, as ``paced-ds train`` does),
 builds the student as a ZeRO-3 engine from the reference recipe with ``model.student=DIR``
-(default: the shipped tiny student), and samples the same prompts (the reference task's
-eval problems, rendered as a run renders them) two ways, each rank its shard:
+(default: the shipped tiny student), and samples ``--samples`` completions of each prompt
+(the reference task's eval problems, rendered as a run renders them, chat template included)
+at temperature 1, as a competence estimate does, each rank its share:
 
 - ``hf-sharded``: Hugging Face ``generate`` on the ZeRO-3 shards, ranks stepping together
   (``rollout.gather=false``);
-- ``hf-gathered``: on a full copy gathered once (``rollout.gather=true``), copy time included.
+- ``hf-gathered``: on a full copy gathered once (``rollout.gather=true``), copy time included;
+- ``vllm``: a vLLM server started on this node (``rollout.engine=vllm``; ``paced-ds
+  setup-vllm`` installs it), every rank sending its share; start-up is not in the time but is
+  printed below the table, with the time to load fresh student weights into it.
 
-Prints one markdown row per path: generated tokens (all ranks), seconds, tokens/s and the
-speed-up over ``hf-sharded``. vLLM joins the table with issue 13.
+Prints one markdown row per engine: generated tokens (all ranks), seconds, tokens/s, the
+speed-up over ``hf-sharded``, and the share of the positions Hugging Face computed that were
+padding (left padding of shorter prompts, and rows that finished before their batch).
 """
 
 from __future__ import annotations
@@ -27,15 +32,20 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+ENGINES = ("hf-sharded", "hf-gathered", "vllm")
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default="tiny-student", help="student model directory (default: the tiny one)")
     parser.add_argument("--prompts", type=int, default=32, help="prompts in all (default 32)")
+    parser.add_argument("--samples", type=int, default=8, help="completions per prompt (default 8)")
     parser.add_argument("--max-new-tokens", type=int, default=48, help="longest rollout (default 48)")
-    parser.add_argument("--batch", type=int, default=16, help="prompts per generation batch per rank (default 16)")
+    parser.add_argument("--batch", type=int, default=128, help="sequences per generation batch per rank (default 128)")
     parser.add_argument("--nproc", type=int, default=2, help="ranks (default 2)")
+    parser.add_argument("--engines", default=",".join(ENGINES), help=f"which of {', '.join(ENGINES)} (default all)")
+    parser.add_argument("--output-dir", default="runs/bench_generate", help="where the vLLM server logs and the "
+                                                                            "exported weights go")
     return parser.parse_known_args(argv)[0]
 
 
@@ -56,37 +66,74 @@ def measure(args) -> None:
 
     from paced_ds.config import load_config
     from paced_ds.data import arith
-    from paced_ds.models import engines, generation
+    from paced_ds.errors import UserError
+    from paced_ds.models import engines, generation, generators
     from paced_ds.runtime import dist
 
+    chosen = [name.strip() for name in args.engines.split(",") if name.strip()]
+    unknown = sorted(set(chosen) - set(ENGINES))
+    if unknown:
+        raise SystemExit(f"bench_generate: unknown engine {unknown[0]} (choose from {', '.join(ENGINES)})")
     cfg = load_config(REPO / "ds_configs" / "recipes" / "tiny_arith.yaml",
-                      [f"model.student={args.model}", "data.max_length=512"])
+                      [f"model.student={args.model}", "data.max_length=512", f"rollout.max_new_tokens={args.max_new_tokens}",
+                       f"train.output_dir={args.output_dir}"])
     dist.init(cfg.train.timeout_s)
     tokenizer = engines.load_tokenizer(cfg)
     student, _ = engines.build_student(cfg)
     records = arith.dataset("eval", args.prompts)[:args.prompts]
     prompts = generation.prompt_ids(tokenizer, records, cfg.data)
-    sampling = dict(max_new_tokens=args.max_new_tokens, do_sample=True, temperature=1.0, top_p=1.0)
-    rows = []
-    for name, gather in (("hf-sharded", False), ("hf-gathered", True)):
+    sampling = dict(n=args.samples, max_new_tokens=args.max_new_tokens, batch_size=args.batch, greedy=False,
+                    temperature=1.0, top_p=1.0, top_k=0)
+    rows, notes = [], []
+    for name in chosen:
         torch.manual_seed(dist.rank())
         dist.barrier()
-        started = time.time()
-        model, synced = generation.generating_model(student, gather)
-        outputs = generation.sharded_generate(model, tokenizer, prompts, batch_size=args.batch, synced=synced,
-                                              **sampling)
-        del model
-        dist.barrier()
-        seconds = time.time() - started
-        tokens = dist.all_reduce_sum(torch.tensor([float(sum(map(len, outputs.values())))], dtype=torch.float64))
-        rows.append((name, int(tokens.item()), seconds))
+        if name == "vllm":
+            started = time.time()
+            try:
+                source = generators.StudentGeneration(
+                    load_config(REPO / "ds_configs" / "recipes" / "tiny_arith.yaml",
+                                [f"model.student={args.model}", "data.max_length=512", "rollout.engine=vllm",
+                                 f"rollout.max_new_tokens={args.max_new_tokens}", f"train.output_dir={args.output_dir}"]),
+                    tokenizer, engines.resolve_model(args.model, "--model"), fresh_run=True)
+            except UserError as err:
+                notes.append(f"vllm: not measured: {err}")
+                continue
+            notes.append(f"vLLM server start-up: {time.time() - started:.0f} s")
+            with source.generator(student, 0) as generator:
+                dist.barrier()
+                started = time.time()
+                completions = generator.complete(prompts, **sampling)
+                dist.barrier()
+                seconds = time.time() - started
+            synced = time.time()
+            source.sync(student, step=1)  # as before a re-estimate: export, then load in place
+            notes.append(f"fresh student weights into the server (export + load): {time.time() - synced:.1f} s")
+            if source.client.process is not None:
+                source.client.process.stop()
+        else:
+            started = time.time()
+            model, synced_gen = generation.generating_model(student, name == "hf-gathered")
+            completions = generation.HFGenerator(model, tokenizer, synced_gen).complete(prompts, **sampling)
+            del model
+            dist.barrier()
+            seconds = time.time() - started
+        counts = dist.all_reduce_sum(torch.tensor([float(completions.generated), float(completions.tokens),
+                                                   float(completions.padded)], dtype=torch.float64))
+        generated, tokens, padded = (value.item() for value in counts)
+        rows.append((name, int(generated), seconds, 1.0 - tokens / padded if padded else None))
     if dist.is_main():
-        base = rows[0][1] / rows[0][2]
-        print(f"\n{args.model}: {len(prompts)} prompts, up to {args.max_new_tokens} new tokens, batch {args.batch} "
-              f"per rank, {dist.world_size()} ranks\n")
-        print("| path | tokens | seconds | tokens/s | vs hf-sharded |\n|---|---:|---:|---:|---:|")
-        for name, tokens, seconds in rows:
-            print(f"| {name} | {tokens} | {seconds:.1f} | {tokens / seconds:.1f} | {tokens / seconds / base:.1f}x |")
+        base = next((r[1] / r[2] for r in rows if r[0] == "hf-sharded"), None)
+        print(f"\n{args.model}: {len(prompts)} prompts x {args.samples} samples, up to {args.max_new_tokens} new "
+              f"tokens, batch {args.batch} per rank, {dist.world_size()} ranks\n")
+        print("| engine | generated tokens | seconds | tokens/s | vs hf-sharded | padding |\n"
+              "|---|---:|---:|---:|---:|---:|")
+        for name, tokens, seconds, padding in rows:
+            speedup = f"{tokens / seconds / base:.1f}x" if base else "-"
+            waste = f"{padding:.0%}" if padding is not None else "-"
+            print(f"| {name} | {tokens} | {seconds:.1f} | {tokens / seconds:.1f} | {speedup} | {waste} |")
+        for note in notes:
+            print(f"\n{note}")
     dist.shutdown()
 
 

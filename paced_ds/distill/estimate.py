@@ -1,14 +1,10 @@
 """Competence from student rollouts: K sampled answers per problem, verified, counted.
 
-Each rank rolls out its strided share of the ``problems x K`` prompts and records its
-(correct, trials) counts; one all-reduce merges them so that every rank holds the same
-competence table, from which every rank computes the same weights and sampler plan.
-
-``rollout.gather=true`` rolls out from a full, plain copy of the student on each rank
-(its ZeRO-3 partitions gathered once per generation phase): no collective per token, and
-ranks may finish at different times. ``false`` generates from the shards, every forward
-all-gathering each layer, with all ranks stepping together; use it when a full copy of
-the student does not fit on one device.
+The samples come from a generator (``models/generators.py``: Hugging Face on a gathered copy
+or on the ZeRO-3 shards, or a vLLM server); each rank gets its share of the ``problems x K``
+completions and records its (correct, trials) counts; one all-reduce merges them so that
+every rank holds the same competence table, from which every rank computes the same weights
+and sampler plan, whichever engine generated.
 
 Each rank checks its own rollouts' answers with ``verify.is_correct_many``: math-verify in
 worker processes, this node's CPUs shared among its ranks. The result reports, beside the
@@ -28,35 +24,24 @@ from paced_ds.models import generation
 from paced_ds.runtime import dist
 
 
-def estimate(engine, tokenizer, records: list[dict], table: CompetenceTable, cfg, *, seed: int,
+def estimate(generator, tokenizer, records: list[dict], table: CompetenceTable, cfg, *, seed: int,
              progress=None) -> dict:
     """Replace ``table``'s counts with fresh ones from ``curriculum.rollouts`` samples per problem.
 
     Collective: every rank calls it with the same records. Returns timing (``seconds`` in
-    all, of which this rank's ``generate_s`` and ``verify_s``) and counts.
+    all, of which this rank's ``generate_s`` and ``verify_s``), counts, and the share of the
+    positions Hugging Face generation computed that were padding (``padding_share``).
     """
     cur, rollout = cfg.curriculum, cfg.rollout
     started = time.time()
     prompts = generation.prompt_ids(tokenizer, records, cfg.data)
-    expanded = [ids for ids in prompts for _ in range(cur.rollouts)]  # problem i -> K copies
     torch.manual_seed(seed * 1_000_003 + dist.rank())
-    sampling = dict(max_new_tokens=rollout.max_new_tokens, do_sample=True, temperature=rollout.temperature,
-                    top_p=rollout.top_p)
-    if rollout.gather and generation.copy_fits(engine):
-        model = generation.plain_copy(engine)
-        indices = list(range(dist.rank(), len(expanded), dist.world_size()))
-        outputs = generation.generate(model, tokenizer, [expanded[i] for i in indices],
-                                      batch_size=rollout.batch_size, synced=False, progress=progress, **sampling)
-        outputs = dict(zip(indices, outputs))
-        del model
-    else:
-        outputs = generation.sharded_generate(engine.module, tokenizer, expanded, batch_size=rollout.batch_size,
-                                              progress=progress, **sampling)
+    completions = generator.complete(prompts, n=cur.rollouts, max_new_tokens=rollout.max_new_tokens,
+                                     batch_size=rollout.batch_size, greedy=False, temperature=rollout.temperature,
+                                     top_p=rollout.top_p, top_k=rollout.top_k, progress=progress)
     generate_s = time.time() - started
-    local_tokens = sum(len(expanded[index]) + len(ids) for index, ids in outputs.items())
-    problem_indices = [index // cur.rollouts for index in outputs]
-    pairs = [(tokenizer.decode(ids, skip_special_tokens=True), records[problem]["answer"])
-             for ids, problem in zip(outputs.values(), problem_indices)]
+    problem_indices = [index // cur.rollouts for index in completions.texts]
+    pairs = [(text, records[problem]["answer"]) for text, problem in zip(completions.texts.values(), problem_indices)]
     # One checker process per CPU of this rank's share of the node (the ranks check at once).
     ranks_here = int(os.environ.get("LOCAL_SIZE") or os.environ.get("LOCAL_WORLD_SIZE") or 1)
     workers = max(1, min(verify.MAX_WORKERS, (os.cpu_count() or 1) // ranks_here))
@@ -66,9 +51,12 @@ def estimate(engine, tokenizer, records: list[dict], table: CompetenceTable, cfg
     table.reset_()
     table.record(problem_indices, correct, [1] * len(correct))
     table.all_reduce_()
-    forward_tokens = int(dist.all_reduce_sum(torch.tensor([float(local_tokens)], dtype=torch.float64)).item())
-    return {"rollouts": len(expanded), "seconds": time.time() - started, "generate_s": generate_s,
+    counts = dist.all_reduce_sum(torch.tensor([float(completions.tokens), float(completions.padded)],
+                                              dtype=torch.float64))
+    forward_tokens, padded = int(counts[0].item()), counts[1].item()
+    return {"rollouts": len(prompts) * cur.rollouts, "seconds": time.time() - started, "generate_s": generate_s,
             "verify_s": verify_s, "verify_workers": workers, "forward_tokens": forward_tokens,
+            "padding_share": 1.0 - forward_tokens / padded if padded else 0.0,
             "pass_rate_mean": float(table.correct.sum() / table.trials.sum().clamp(min=1))}
 
 

@@ -9,9 +9,9 @@ from pathlib import Path
 from paced_ds.config import RunConfig
 from paced_ds.data import sources
 from paced_ds.data.collate import encode
-from paced_ds.distill.teachers import teacher_path
+from paced_ds.distill.teachers import Started, teacher_path
 from paced_ds.errors import UserError
-from paced_ds.models import engines, generation
+from paced_ds.models import engines, generation, generators
 from paced_ds.runtime import checkpoint, dist, faults
 from paced_ds.runtime.log import progress_bar, say
 from paced_ds.runtime.rundir import RunDir
@@ -38,17 +38,19 @@ def preflight(cfg: RunConfig):
     return tokenizer, vocab, train_records, eval_records
 
 
-def with_teacher_responses(cfg: RunConfig, tokenizer, teacher_engine, train_records: list[dict]) -> list[dict]:
-    """Train problems with a response each: their own, stored ones, or generated now by the teacher."""
+def with_teacher_responses(cfg: RunConfig, tokenizer, started: Started, train_records: list[dict]) -> list[dict]:
+    """Train problems with a response each: their own, stored ones, or generated now by the
+    teacher (``started``: its engine or its server; or a vLLM server started for the purpose)."""
     teacher_name = sources.teacher_identity(teacher_path(cfg))
     attached = sources.with_stored_responses(train_records, cfg.data, teacher_name)
-    if attached is None and teacher_engine is None:
+    can_generate = started.engine is not None or started.server is not None or cfg.rollout.engine == "vllm"
+    if attached is None and not can_generate:
         raise UserError(f"teacher.backend={cfg.teacher.backend}: the teacher's responses are not stored for these "
                         f"problems in data.responses_dir ({cfg.data.responses_dir}); run `paced-ds generate` first")
     if attached is None:
         needed = sources.missing_responses(train_records)
         say(f"generating teacher responses for {len(needed)} problems (stored for later runs)")
-        rows = generate_responses(cfg, tokenizer, teacher_engine, needed)
+        rows = generate_responses(cfg, tokenizer, started, needed)
         if dist.is_main():
             path = sources.store_responses(train_records, rows, cfg.data, teacher_name)
             correct = sum(row["correct"] for row in rows)
@@ -64,12 +66,12 @@ def with_teacher_responses(cfg: RunConfig, tokenizer, teacher_engine, train_reco
     return records
 
 
-def generate_responses(cfg: RunConfig, tokenizer, teacher_engine, records: list[dict]) -> list[dict]:
+def generate_responses(cfg: RunConfig, tokenizer, started: Started, records: list[dict]) -> list[dict]:
     progress = progress_bar(len(records), "teacher responses", cfg.logging.progress) if dist.is_main() else None
-    module, synced = generation.generating_model(teacher_engine, cfg.rollout.gather, keep_random_stream=True)
-    rows = generation.teacher_responses(module, tokenizer, records, cfg.data, batch_size=cfg.eval.batch_size,
-                                        progress=progress, synced=synced)
-    del module
+    with generators.teacher_generator(cfg, tokenizer, model=teacher_path(cfg), engine=started.engine,
+                                      client=started.server) as generator:
+        rows = generation.teacher_responses(generator, tokenizer, records, cfg.data, batch_size=cfg.eval.batch_size,
+                                            progress=progress)
     if progress is not None:
         progress.close()
     return rows

@@ -20,7 +20,7 @@ def rollouts(student_engine, tokenizer, prompts: list[list[int]], cfg) -> list[l
     """
     rollout = cfg.rollout
     sampling = dict(max_new_tokens=rollout.max_new_tokens, do_sample=True, temperature=rollout.temperature,
-                    top_p=rollout.top_p, batch_size=rollout.batch_size)
+                    top_p=rollout.top_p, top_k=rollout.top_k, batch_size=rollout.batch_size)
     model, synced = generation.generating_model(student_engine, rollout.gather)
     return generation.generate(model, tokenizer, prompts, synced=synced, **sampling)
 

@@ -40,15 +40,15 @@ class Retention:
         ids = set(json.loads(self.path.read_text())["ids"])
         self.kept = [r for r in self.records if r["id"] in ids]
 
-    def measure(self, module, tokenizer, data_cfg, eval_cfg, synced: bool = True) -> dict:
+    def measure(self, generator, tokenizer, data_cfg, eval_cfg) -> dict:
         """``retention_set``, ``retained`` and ``forgotten`` (shares of the set) for an eval row.
-        Collective: every rank calls it. The first call fixes the set. ``synced`` as for
+        Collective: every rank calls it. The first call fixes the set. ``generator`` as for
         ``generation.evaluate``."""
         if not self.active:
             return {}
         solving = dataclasses.replace(eval_cfg, record_problems=True)
         if self.kept is None:
-            solved = set(generation.evaluate(module, tokenizer, self.records, data_cfg, solving, synced=synced)["solved"])
+            solved = set(generation.evaluate(generator, tokenizer, self.records, data_cfg, solving)["solved"])
             self.kept = [r for r in self.records if r["id"] in solved]
             if dist.is_main():
                 write_text_atomic(self.path, json.dumps({"offered": len(self.records),
@@ -56,6 +56,6 @@ class Retention:
             return {"retention_set": len(self.kept), "retained": 1.0, "forgotten": 0.0}
         if not self.kept:
             return {"retention_set": 0, "retained": float("nan"), "forgotten": float("nan")}
-        solved = generation.evaluate(module, tokenizer, self.kept, data_cfg, solving, synced=synced)["solved"]
+        solved = generation.evaluate(generator, tokenizer, self.kept, data_cfg, solving)["solved"]
         retained = len(solved) / len(self.kept)
         return {"retention_set": len(self.kept), "retained": retained, "forgotten": 1.0 - retained}

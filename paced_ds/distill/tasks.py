@@ -19,9 +19,9 @@ from paced_ds.distill import cache, estimate, pipeline, probe
 from paced_ds.distill.answers import compress
 from paced_ds.distill.inputs import generate_responses, preflight, tokenize_problems, with_teacher_responses
 from paced_ds.distill.step import divergence_params
-from paced_ds.distill.teachers import EngineTeacher, teacher_contract, teacher_path
+from paced_ds.distill.teachers import EngineTeacher, Started, start, teacher_contract, teacher_path
 from paced_ds.errors import UserError
-from paced_ds.models import engines, generation
+from paced_ds.models import engines, generation, generators
 from paced_ds.runtime import dist
 from paced_ds.runtime.log import say
 from paced_ds.runtime.rundir import RunDir
@@ -34,13 +34,21 @@ def open_teacher(cfg: RunConfig, *, responses: bool = True):
     dist.init(cfg.train.timeout_s)
     teacher = engines.build_teacher(cfg, name=teacher_path(cfg))
     if responses:
-        train_records = with_teacher_responses(cfg, tokenizer, teacher, train_records)
+        train_records = with_teacher_responses(cfg, tokenizer, Started(engine=teacher), train_records)
     return tokenizer, vocab, teacher, train_records
 
 
 def frozen_student(cfg: RunConfig):
     """model.student as a ZeRO-3 inference engine (no optimizer), loaded like the teacher."""
     return engines.build_teacher(cfg, name=engines.resolve_model(cfg.model.student, "model.student"), role="student")
+
+
+def student_generation(cfg: RunConfig, tokenizer):
+    """model.student's generator source and, for Hugging Face generation, its engine (a vLLM
+    server loads model.student itself)."""
+    source = generators.StudentGeneration(cfg, tokenizer, engines.resolve_model(cfg.model.student, "model.student"),
+                                          fresh_run=True)
+    return source, frozen_student(cfg) if source.client is None else None
 
 
 def generate(cfg: RunConfig) -> dict:
@@ -56,8 +64,13 @@ def generate(cfg: RunConfig) -> dict:
         say(f"teacher responses already stored in {path}; delete it to regenerate")
         return {"generated": 0, "path": str(path)}
     dist.init(cfg.train.timeout_s)
-    teacher = engines.build_teacher(cfg)
-    rows = generate_responses(cfg, tokenizer, teacher, needed)
+    if cfg.teacher.backend == "server":  # the teacher's server writes them
+        started = start(cfg, tokenizer, engines.shared_vocab_size(cfg, tokenizer, teacher=teacher_path(cfg)))
+    elif cfg.rollout.engine == "vllm":  # a vLLM server started for them
+        started = Started()
+    else:
+        started = Started(engine=engines.build_teacher(cfg))
+    rows = generate_responses(cfg, tokenizer, started, needed)
     correct = sum(row["correct"] for row in rows)
     if dist.is_main():
         sources.store_responses(train_records, rows, cfg.data, teacher_name)
@@ -72,9 +85,9 @@ def evaluate(cfg: RunConfig) -> dict:
     if not eval_records:
         raise UserError("config key data.eval: nothing to evaluate (it is empty)")
     dist.init(cfg.train.timeout_s)
-    model = frozen_student(cfg)
-    module, synced = generation.generating_model(model, cfg.rollout.gather, keep_random_stream=True)
-    result = generation.evaluate(module, tokenizer, eval_records, cfg.data, cfg.eval, synced=synced)
+    source, model = student_generation(cfg, tokenizer)
+    with source.generator(model, 0, keep_random_stream=True) as generator:
+        result = generation.evaluate(generator, tokenizer, eval_records, cfg.data, cfg.eval)
     levels = generation.accuracy_table(result["by_difficulty"])
     say(f"{cfg.model.student}: accuracy {result['accuracy']:.1%} on {result['count']} problems | "
         + " ".join(f"{k} {v:.0%}" for k, v in levels.items()))
@@ -85,9 +98,10 @@ def estimate_competence(cfg: RunConfig) -> dict:
     """K rollouts per training problem from model.student; competence.jsonl in train.output_dir."""
     tokenizer, _, train_records, _ = preflight(cfg)
     dist.init(cfg.train.timeout_s)
-    model = frozen_student(cfg)
+    source, model = student_generation(cfg, tokenizer)
     curriculum = Curriculum(cfg, train_records)
-    result = estimate.estimate(model, tokenizer, train_records, curriculum.table, cfg, seed=cfg.train.seed + 1)
+    with source.generator(model, 0) as generator:
+        result = estimate.estimate(generator, tokenizer, train_records, curriculum.table, cfg, seed=cfg.train.seed + 1)
     weights = curriculum.weights()
     path = RunDir(cfg.train.output_dir).competence
     if dist.is_main():
@@ -111,7 +125,10 @@ def measure_snr(cfg: RunConfig) -> dict:
     if cfg.curriculum.competence:
         curriculum.load_given(cfg.curriculum.competence)
     else:
-        estimate.estimate(student, tokenizer, train_records, curriculum.table, cfg, seed=cfg.train.seed + 1)
+        source = generators.StudentGeneration(cfg, tokenizer, engines.resolve_model(cfg.model.student, "model.student"),
+                                              fresh_run=True)
+        with source.generator(student, 0) as generator:
+            estimate.estimate(generator, tokenizer, train_records, curriculum.table, cfg, seed=cfg.train.seed + 1)
     result = probe.probe(student, EngineTeacher(teacher, vocab), tokenizer, examples, curriculum.table.pass_rates(),
                          bucket_edges(cfg.snr.buckets), cfg, vocab=vocab, seed=cfg.train.seed,
                          loss_params=divergence_params(cfg, cfg.loss.kind))

@@ -15,6 +15,8 @@ never branches on which teacher it holds:
 - ``PipelinedTeacher``: a teacher job on its own ranks (``pipeline.py``), asked a step
   ahead; dense, or top-k with ``teacher.topk``.
 - ``CachedTeacher``: top-k log-probabilities stored by ``paced-ds cache-teacher``.
+- ``ServerTeacher``: top-k log-probabilities over the response tokens from a vLLM server's
+  prompt log-probs (``teacher.backend=server``; a large teacher on GPUs of its own).
 - ``Privileged``: self-distillation, wrapped around another teacher: the same responses
   behind the teacher's own prompt, with the reference answer shown.
 """
@@ -31,9 +33,9 @@ from paced_ds.data import sources
 from paced_ds.data.collate import collate_train
 from paced_ds.data.prompts import privileged_prompt
 from paced_ds.distill import cache, pipeline
-from paced_ds.distill.answers import DenseAnswer
+from paced_ds.distill.answers import DenseAnswer, TopKAnswer
 from paced_ds.errors import UserError
-from paced_ds.models import engines, generation
+from paced_ds.models import engines, generation, generators, server
 from paced_ds.runtime import dist
 
 
@@ -95,6 +97,39 @@ class CachedTeacher(Teacher):
     def answers(self, requests):
         for request in requests:
             yield self.store.answer([self.ids[i] for i in request.problems]).to(dist.device())
+
+
+class ServerTeacher(Teacher):
+    """The served teacher: one prefill per sequence on a vLLM server, its top-``k``
+    log-probabilities at every scored position (temperature 1), sparse to the loss."""
+
+    def __init__(self, client: server.Client, k: int, vocab: int):
+        self.client, self.k, self.vocab = client, k, vocab
+
+    def answers(self, requests):
+        for request in requests:
+            yield self.answer(request).to(dist.device())
+
+    def answer(self, request: TeacherBatch) -> TopKAnswer:
+        mask = request.batch["loss_mask"]
+        per_position = self.client.prompt_logprobs([e["input_ids"] for e in request.examples], self.k)
+        ids, logprobs = [], []
+        for row, entries in enumerate(per_position):
+            # The logits at position t score token t + 1: vLLM's entry t + 1.
+            for t in mask[row].nonzero().flatten().tolist():
+                top = sorted(entries[t + 1].items(), key=lambda item: -item[1][0])[:self.k]
+                beyond = [token for token, _ in top if token >= self.vocab]
+                if len(top) < self.k or beyond:
+                    raise self.client.fail(f"answered {len(top)} log-probs at a position where teacher.topk="
+                                           f"{self.k} were asked" if len(top) < self.k else
+                                           f"ranks token {beyond[0]}, outside the shared vocabulary of {self.vocab}, "
+                                           "among its top-k")
+                ids.append([token for token, _ in top])
+                logprobs.append([value[0] for _, value in top])
+        ids_t = torch.tensor(ids, dtype=torch.int32).reshape(-1, self.k)
+        logprobs_t = torch.tensor(logprobs, dtype=torch.float32).reshape(-1, self.k)
+        tail = (1.0 - logprobs_t.double().exp().sum(-1)).clamp(min=0.0).float()
+        return TopKAnswer(ids_t, logprobs_t, tail, mask.sum(1).to(torch.int64), self.vocab)
 
 
 class PipelinedTeacher(Teacher):
@@ -173,18 +208,22 @@ def teacher_contract(cfg: RunConfig, tokenizer, vocab: int) -> dict:
 def describe(cfg: RunConfig) -> str:
     if cfg.teacher.backend == "cache":
         return f"cache {cfg.teacher.cache}"
+    if cfg.teacher.backend == "server":
+        return f"served (top-{cfg.teacher.topk}) at {cfg.teacher.url or 'a vLLM server on this node'}" + \
+            (", self-distillation" if cfg.teacher.self_distill else "")
     where = f"pipelined at {cfg.teacher.address}, " if cfg.teacher.backend == "pipelined" else ""
     return f"{where}ZeRO-3 offload={cfg.teacher.offload}" + (", self-distillation" if cfg.teacher.self_distill else "")
 
 
 @dataclass
 class Started:
-    """What exists before the problems are ready: the co-located engine (it writes missing
-    teacher responses), or the connection to the teacher job (it wrote them before it
-    answered), or neither (a cache)."""
+    """What exists before the problems are ready: the co-located engine or the teacher's
+    server (either writes missing teacher responses), or the connection to the teacher job
+    (it wrote them before it answered), or none of them (a cache)."""
 
     engine: object = None
     client: pipeline.StudentClient | None = None
+    server: server.Client | None = None
 
 
 def start(cfg: RunConfig, tokenizer, vocab: int) -> Started:
@@ -192,6 +231,11 @@ def start(cfg: RunConfig, tokenizer, vocab: int) -> Started:
         return Started(engine=engines.build_teacher(cfg, name=teacher_path(cfg)))
     if cfg.teacher.backend == "pipelined":
         return Started(client=connect(cfg, tokenizer, vocab))
+    if cfg.teacher.backend == "server":
+        return Started(server=generators.connect(cfg.teacher.url, cfg, url_key="teacher.url", model=teacher_path(cfg),
+                                                 model_key="model.student" if cfg.teacher.self_distill
+                                                 else "model.teacher", role="teacher", tokenizer=tokenizer,
+                                                 max_logprobs=cfg.teacher.topk))
     return Started()
 
 
@@ -204,6 +248,8 @@ def open_teacher(cfg: RunConfig, tokenizer, vocab: int, started: Started, record
         teacher = CachedTeacher(cache.TeacherCache(cfg.teacher.cache, expected), records)
     elif cfg.teacher.backend == "pipelined":
         teacher = PipelinedTeacher(started.client)
+    elif cfg.teacher.backend == "server":
+        teacher = ServerTeacher(started.server, cfg.teacher.topk, vocab)
     else:
         teacher = EngineTeacher(started.engine, vocab)
     if cfg.teacher.self_distill:

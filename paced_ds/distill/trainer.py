@@ -28,7 +28,7 @@ from paced_ds.distill.inputs import preflight, tokenize_problems, with_teacher_r
 from paced_ds.distill.retention import Retention
 from paced_ds.distill.step import StepOutcome, divergence_params, optimizer_step, per_request
 from paced_ds.errors import UserError
-from paced_ds.models import engines, generation
+from paced_ds.models import engines, generation, generators
 from paced_ds.runtime import checkpoint, dist, faults
 from paced_ds.runtime.log import progress_bar, say
 from paced_ds.runtime.rundir import RunDir
@@ -48,6 +48,7 @@ class Run:
     prompts: list[list[int]] | None  # each problem's prompt (on-policy steps)
     teacher: teachers.Teacher
     student: object
+    generation: generators.StudentGeneration  # what estimates and evaluations generate with
     curriculum: Curriculum
     sampler: ProblemSampler
     tracker: Tracker
@@ -76,7 +77,7 @@ def train(cfg: RunConfig) -> dict:
     started = teachers.start(cfg, tokenizer, vocab)  # the engine, or the teacher job (responses written first)
     examples = None  # a purely on-policy run needs no teacher responses
     if cfg.loss.schedule != "on_policy":
-        records = with_teacher_responses(cfg, tokenizer, started.engine, records)
+        records = with_teacher_responses(cfg, tokenizer, started, records)
         examples = tokenize_problems(cfg, tokenizer, records)
     teacher = teachers.open_teacher(cfg, tokenizer, vocab, started, records, examples)
     student, _ = engines.build_student(cfg)
@@ -87,9 +88,12 @@ def train(cfg: RunConfig) -> dict:
     sampler = ProblemSampler(len(records), seed=cfg.train.seed, world_size=dist.world_size(), rank=dist.rank(),
                              micro_batch_size=cfg.train.micro_batch_size, grad_accum=cfg.train.grad_accum,
                              apply=cfg.curriculum.apply)
+    fresh = checkpoint.find_resume(cfg.train.output_dir, cfg.train.resume) is None
     run = Run(cfg, tokenizer, vocab, records, eval_records, examples,
               generation.prompt_ids(tokenizer, records, cfg.data) if switch_step is not None else None,
-              teacher, student, Curriculum(cfg, records), sampler, None, None, switch_step)
+              teacher, student, generators.StudentGeneration(cfg, tokenizer, engines.resolve_model(cfg.model.student, "model.student"),
+                                                        fresh),
+              Curriculum(cfg, records), sampler, None, None, switch_step)
     resumed_rng = resume(run)
     run.tracker = Tracker(cfg.train.output_dir, tensorboard=cfg.logging.tensorboard,
                           resume_step=run.step if resumed_rng is not None else None)
@@ -150,7 +154,8 @@ def train(cfg: RunConfig) -> dict:
         say(closing)
     exported = None
     if cfg.train.export:
-        exported = checkpoint.export_student(student, tokenizer, RunDir(cfg.train.output_dir).student)
+        exported = checkpoint.export_student(student, tokenizer, RunDir(cfg.train.output_dir).student,
+                                             dtype=cfg.train.export_dtype)
         say(f"student exported to {exported}")
     run.tracker.close()
     return {"before": before, "after": after, "steps": run.step, "exported": exported,
@@ -327,8 +332,9 @@ def update_curriculum(run: Run) -> None:
         total = len(run.records) * cfg.curriculum.rollouts
         progress = progress_bar(total // dist.world_size(), f"rollouts (K={cfg.curriculum.rollouts})",
                                 cfg.logging.progress)
-        result = estimate.estimate(run.student, run.tokenizer, run.records, curriculum.table, cfg,
-                                   seed=cfg.train.seed + 7 * curriculum.estimates + 1, progress=progress)
+        with run.generation.generator(run.student, run.step) as generator:
+            result = estimate.estimate(generator, run.tokenizer, run.records, curriculum.table, cfg,
+                                       seed=cfg.train.seed + 7 * curriculum.estimates + 1, progress=progress)
         progress.close()
         say(f"competence estimated at step {run.step}: {result['rollouts']} rollouts, mean pass rate "
             f"{result['pass_rate_mean']:.1%}, {estimate.describe_time(result)}")
@@ -381,10 +387,9 @@ def run_eval(run: Run, label: str) -> dict | None:
     if not run.eval_records:
         return None
     cfg, step, started = run.cfg, run.step, time.time()
-    module, synced = generation.generating_model(run.student, cfg.rollout.gather, keep_random_stream=True)
-    result = generation.evaluate(module, run.tokenizer, run.eval_records, cfg.data, cfg.eval, synced=synced)
-    result.update(run.retention.measure(module, run.tokenizer, cfg.data, cfg.eval, synced=synced))
-    del module
+    with run.generation.generator(run.student, step, keep_random_stream=True) as generator:
+        result = generation.evaluate(generator, run.tokenizer, run.eval_records, cfg.data, cfg.eval)
+        result.update(run.retention.measure(generator, run.tokenizer, cfg.data, cfg.eval))
     run.tracker.log_eval(step, result)
     levels = generation.accuracy_table(result["by_difficulty"])
     forgot = ""

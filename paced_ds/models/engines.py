@@ -19,6 +19,7 @@ import torch
 from paced_ds.config import RunConfig, load_ds_config
 from paced_ds.errors import UserError
 from paced_ds.runtime.exit import on_exit
+from paced_ds.runtime.log import say
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 SHIPPED_MODELS = ("tiny-teacher", "tiny-student")
@@ -164,8 +165,14 @@ def _from_pretrained(name: str, ds_config: dict, dtype: torch.dtype, trust_remot
 
 
 def lr_lambda(cfg: RunConfig):
-    """Linear warmup, then cosine/linear decay to train.min_lr_ratio, as a LambdaLR factor."""
+    """Linear warmup, then cosine/linear decay to train.min_lr_ratio, as a LambdaLR factor.
+    A warmup longer than the run is clipped to it, with a warning (as Hugging Face's Trainer
+    does): a short smoke run of a recipe need not edit its warmup."""
     warmup, total, floor = cfg.train.warmup_steps, cfg.train.steps, cfg.train.min_lr_ratio
+    if warmup > total:
+        say(f"warning: train.warmup_steps ({warmup}) exceeds train.steps ({total}); warming up over all {total} "
+            "steps instead")
+        warmup = total
 
     def factor(step: int) -> float:
         if step < warmup:

@@ -11,10 +11,13 @@ import shutil
 from pathlib import Path
 
 from paced_ds.errors import UserError
+from paced_ds.runtime.checkpoint import save_pretrained_as
 from paced_ds.runtime.rundir import RunDir
 
 
-def export_checkpoint(run_dir: str, tag: str | None = None, out: str | None = None) -> Path:
+def export_checkpoint(run_dir: str, tag: str | None = None, out: str | None = None, dtype: str | None = None) -> Path:
+    """The checkpoint ``tag`` (default: the latest) of ``run_dir`` as a Hugging Face directory,
+    its weights in ``dtype`` (fp32 | bf16; default: the run's train.export_dtype)."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -48,7 +51,7 @@ def export_checkpoint(run_dir: str, tag: str | None = None, out: str | None = No
         raise UserError(f"checkpoint {root / tag} does not match {student}: missing {missing[:3]}, "
                         f"unexpected {unexpected[:3]}")
     model.tie_weights()
-    model.save_pretrained(staging, safe_serialization=True)
+    save_pretrained_as(model, model.state_dict(), staging, dtype or saved["train"].get("export_dtype", "fp32"))
     AutoTokenizer.from_pretrained(student).save_pretrained(staging)
     if target.exists():
         shutil.rmtree(target)

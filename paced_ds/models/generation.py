@@ -10,8 +10,10 @@ sequences finished keeps stepping until every rank is done.
 
 from __future__ import annotations
 
+import logging
 import math
 import os
+from dataclasses import dataclass
 
 import torch
 
@@ -48,6 +50,18 @@ def plain_copy(engine):
     copy.config.use_cache = True
     return copy.to(dist.device()).eval()
 
+
+class _PositionsReminder(logging.Filter):
+    """transformers reminds, once per process, that a generation ran past the model's
+    ``max_position_embeddings`` (the shipped tiny models: 64). Rotary models extrapolate, the
+    verifier judges what comes out, and a line per rank and generation phase says nothing a
+    user can act on: dropped here, at its source."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "friendly reminder" not in record.getMessage()
+
+
+logging.getLogger("transformers.generation.stopping_criteria").addFilter(_PositionsReminder())
 
 COPY_FIT_SHARE = 0.8  # a gathered copy may take this share of the memory free for it
 _SAID_SHORT: set[int] = set()  # the model sizes already reported as not fitting
@@ -91,6 +105,41 @@ def generating_model(engine, gather: bool, keep_random_stream: bool = False):
     return plain_copy(engine), False
 
 
+@dataclass
+class Completions:
+    """This rank's share of the completions of a list of prompts, ``n`` per prompt: decoded
+    texts keyed ``prompt index * n + sample``, the tokens they took (prompt + generated, per
+    sample) and the generated ones alone. ``padded``: positions generation computed, padding
+    included (Hugging Face; 0 for a server)."""
+
+    texts: dict[int, str]
+    tokens: int
+    generated: int = 0
+    padded: int = 0
+
+
+class HFGenerator:
+    """Hugging Face ``generate`` on ``module``: a plain copy (``synced=False``) or the ZeRO-3
+    shards (``synced=True``, every rank stepping together). The K samples of a prompt are K
+    rows of the batch; the rows are shared among the ranks by stride."""
+
+    def __init__(self, module, tokenizer, synced: bool):
+        self.module, self.tokenizer, self.synced = module, tokenizer, synced
+
+    def complete(self, prompts: list[list[int]], *, n: int = 1, max_new_tokens: int, batch_size: int,
+                 greedy: bool = True, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
+                 progress=None) -> Completions:
+        expanded = [ids for ids in prompts for _ in range(n)]  # prompt i -> rows i * n .. i * n + n - 1
+        padded = [0]
+        outputs = sharded_generate(self.module, self.tokenizer, expanded, batch_size=batch_size, synced=self.synced,
+                                   max_new_tokens=max_new_tokens, do_sample=not greedy, temperature=temperature,
+                                   top_p=top_p, top_k=top_k, progress=progress, padded=padded)
+        texts = {index: self.tokenizer.decode(ids, skip_special_tokens=True) for index, ids in outputs.items()}
+        generated = sum(len(ids) for ids in outputs.values())
+        tokens = sum(len(expanded[index]) for index in outputs) + generated
+        return Completions(texts, tokens, generated, padded[0])
+
+
 def prompt_texts(tokenizer, records: list[dict], data_cfg) -> list[str]:
     """Each record's prompt as the model sees it (chat template or data.prompt_template)."""
     return [format_prompt(tokenizer, record["prompt"], system=data_cfg.system_prompt or None,
@@ -106,12 +155,14 @@ def prompt_ids(tokenizer, records: list[dict], data_cfg) -> list[list[int]]:
 
 @torch.no_grad()
 def generate(module, tokenizer, prompts: list[list[int]], *, max_new_tokens: int, batch_size: int,
-             do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0,
-             synced: bool = True, progress=None) -> list[list[int]]:
+             do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
+             synced: bool = True, progress=None, padded: list[int] | None = None) -> list[list[int]]:
     """Generated token ids (eos and padding stripped) for this rank's ``prompts``.
 
     With ``synced`` (ZeRO-3), every rank must call this with the same ``len(prompts)``
-    rounded up to batches: use :func:`sharded_generate`, which arranges that.
+    rounded up to batches: use :func:`sharded_generate`, which arranges that. ``top_k`` 0:
+    no top-k truncation. ``padded``, a one-element list, gains the positions computed
+    (rows x (prompt width + generated width)), padding included.
     """
     was_training = module.training
     module.eval()
@@ -124,8 +175,10 @@ def generate(module, tokenizer, prompts: list[list[int]], *, max_new_tokens: int
             input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
             max_new_tokens=max_new_tokens, do_sample=do_sample,
             temperature=temperature if do_sample else None, top_p=top_p if do_sample else None,
-            top_k=None, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-            synced_gpus=synced, use_cache=True)
+            top_k=top_k if do_sample else None, pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id, synced_gpus=synced, use_cache=True)
+        if padded is not None:
+            padded[0] += out.numel()
         for row in out[:, batch["input_ids"].shape[1]:].tolist():
             if tokenizer.eos_token_id in row:
                 row = row[: row.index(tokenizer.eos_token_id)]
@@ -152,28 +205,27 @@ def sharded_generate(module, tokenizer, prompts: list[list[int]], *, batch_size:
     per_rank = math.ceil(len(prompts) / world) if prompts else 0
     batches = math.ceil(per_rank / batch_size) if per_rank else 0
     filler = prompts[0] if prompts else [tokenizer.bos_token_id or 0]
-    padded = mine + [filler] * (batches * batch_size - len(mine)) if batches else []
+    rows = mine + [filler] * (batches * batch_size - len(mine)) if batches else []
     # Equal-size batches: short ranks pad with a repeated prompt, discarded below.
-    outputs = generate(module, tokenizer, padded, batch_size=batch_size,
-                       synced=dist.world_size() > 1, **kwargs) if padded else []
+    outputs = generate(module, tokenizer, rows, batch_size=batch_size,
+                       synced=dist.world_size() > 1, **kwargs) if rows else []
     return {index: ids for index, ids in zip(indices, outputs)}
 
 
-def evaluate(module, tokenizer, records: list[dict], data_cfg, eval_cfg, progress=None, synced: bool = True) -> dict:
+def evaluate(generator, tokenizer, records: list[dict], data_cfg, eval_cfg, progress=None) -> dict:
     """Greedy held-out accuracy, overall and per difficulty level, identical on every rank.
-    Collective; ``synced=False`` when ``module`` is a plain copy (see :func:`sharded_generate`)."""
+    Collective. ``generator``: an ``HFGenerator`` or a ``server.ServerGenerator``."""
     if not records:
         return {"accuracy": float("nan"), "by_difficulty": {}, "count": 0}
     prompts = prompt_ids(tokenizer, records, data_cfg)
-    outputs = sharded_generate(module, tokenizer, prompts, batch_size=eval_cfg.batch_size, synced=synced,
-                               max_new_tokens=eval_cfg.max_new_tokens, progress=progress)
+    outputs = generator.complete(prompts, max_new_tokens=eval_cfg.max_new_tokens, batch_size=eval_cfg.batch_size,
+                                 progress=progress).texts
     levels = sorted({str(r.get("difficulty", "all")) for r in records})
     counts = torch.zeros(len(levels), 2, dtype=torch.float64)  # correct, total per level
     solved = []
-    for index, ids in outputs.items():
+    for index, text in outputs.items():
         record = records[index]
         level = levels.index(str(record.get("difficulty", "all")))
-        text = tokenizer.decode(ids, skip_special_tokens=True)
         correct = verify.is_correct(text, record["answer"])
         counts[level, 0] += float(correct)
         counts[level, 1] += 1
@@ -189,16 +241,15 @@ def evaluate(module, tokenizer, records: list[dict], data_cfg, eval_cfg, progres
     return result
 
 
-def teacher_responses(module, tokenizer, records: list[dict], data_cfg, *, batch_size: int,
-                      progress=None, synced: bool = True) -> list[dict]:
+def teacher_responses(generator, tokenizer, records: list[dict], data_cfg, *, batch_size: int,
+                      progress=None) -> list[dict]:
     """Greedy teacher responses for ``records``, verified; the full list on every rank.
-    ``synced`` as for :func:`evaluate`."""
+    ``generator`` as for :func:`evaluate`."""
     prompts = prompt_ids(tokenizer, records, data_cfg)
-    outputs = sharded_generate(module, tokenizer, prompts, batch_size=batch_size, synced=synced,
-                               max_new_tokens=data_cfg.generate_max_new_tokens, progress=progress)
+    outputs = generator.complete(prompts, max_new_tokens=data_cfg.generate_max_new_tokens, batch_size=batch_size,
+                                 progress=progress).texts
     mine = []
-    for index, ids in outputs.items():
-        text = tokenizer.decode(ids, skip_special_tokens=True)
+    for index, text in outputs.items():
         mine.append({"id": records[index]["id"], "response": text,
                      "correct": verify.is_correct(text, records[index]["answer"])})
     merged = {row["id"]: row for part in dist.all_gather_objects(mine) for row in part}

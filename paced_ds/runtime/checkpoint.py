@@ -297,8 +297,24 @@ def load(engine, root: Path, tag: str) -> dict:
     return {**(client_state or {}), "rng": json.loads(rng.read_text()) if rng.is_file() else None}
 
 
-def export_student(engine, tokenizer, target: str | Path) -> Path | None:
-    """Write the student in Hugging Face format (safetensors) to ``target``; collective.
+EXPORT_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def save_pretrained_as(module, state_dict: dict, staging: Path, dtype: str) -> None:
+    """``module.save_pretrained`` with ``state_dict``'s floating tensors in ``dtype`` (fp32 | bf16),
+    and the config saying so, so that ``from_pretrained`` loads them as written."""
+    torch_dtype = EXPORT_DTYPES[dtype]
+    state_dict = {name: t.to(torch_dtype) if t.is_floating_point() else t for name, t in state_dict.items()}
+    saved_dtype = getattr(module.config, "dtype", None)
+    module.config.dtype = torch_dtype
+    try:
+        module.save_pretrained(staging, state_dict=state_dict, safe_serialization=True)
+    finally:
+        module.config.dtype = saved_dtype
+
+
+def export_student(engine, tokenizer, target: str | Path, dtype: str = "fp32") -> Path | None:
+    """Write the student in Hugging Face format (safetensors, ``dtype``) to ``target``; collective.
 
     Every rank takes part in gathering the ZeRO-3 partitions; rank 0 writes to a
     temporary directory and renames it, so ``target`` is never half-written.
@@ -313,7 +329,7 @@ def export_student(engine, tokenizer, target: str | Path) -> Path | None:
         shutil.rmtree(staging, ignore_errors=True)
         module = engine.module
         module.config.use_cache = True
-        module.save_pretrained(staging, state_dict=state_dict, safe_serialization=True)
+        save_pretrained_as(module, state_dict, staging, dtype)
         tokenizer.save_pretrained(staging)
         if target.exists():
             shutil.rmtree(target)
