@@ -72,8 +72,8 @@ def test_the_answers_are_checked_at_once_in_parallel_and_timed(rollouts, monkeyp
     assert result["verify_s"] >= CHECK_S > result["generate_s"]
     assert result["generate_s"] + result["verify_s"] <= result["seconds"]
     assert result["forward_tokens"] == PROBLEMS * K * 3 and result["padding_share"] == pytest.approx(0.25)
-    assert re.fullmatch(r"\d+\.\d s \(generation \d+\.\d s, answer checks 0\.[3-9] s\)",
-                        estimate.describe_time(result))
+    assert re.fullmatch(r"\d+\.\d s \(generation \d+\.\d s, answer checks 0\.[3-9] s, 25% of the generated "
+                        r"positions padding\)", estimate.describe_time(result))
 
 
 def test_the_checker_workers_are_capped_and_at_least_one(rollouts, monkeypatch):

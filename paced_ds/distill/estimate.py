@@ -61,6 +61,9 @@ def estimate(generator, tokenizer, records: list[dict], table: CompetenceTable, 
 
 
 def describe_time(result: dict) -> str:
-    """An estimate's time for a message (this rank's parts): "9.1 s (generation 8.2 s, answer checks 0.4 s)"."""
+    """An estimate's time for a message (this rank's parts): "9.1 s (generation 8.2 s, answer
+    checks 0.4 s)", and the padding share of Hugging Face generation's batches when there was any."""
+    padding = f", {result['padding_share']:.0%} of the generated positions padding" if result.get("padding_share") \
+        else ""
     return (f"{result['seconds']:.1f} s (generation {result['generate_s']:.1f} s, "
-            f"answer checks {result['verify_s']:.1f} s)")
+            f"answer checks {result['verify_s']:.1f} s{padding})")
