@@ -238,6 +238,12 @@ def test_served_teacher_losses_equal_the_engine_teachers_top_k(served, smollm2, 
     print(f"forward KL of step 1, top-{K} teacher: engine (cache) {losses['cache']:.5f}, served {losses['server']:.5f}")
 
 
+def test_a_top_k_beyond_the_servers_max_logprobs_is_refused_naming_it(served):
+    with pytest.raises(UserError) as info:
+        served.prompt_logprobs([[1, 2]], K + 1)
+    assert str(info.value).startswith(f"test server {served.url}: /v1/completions answered HTTP 400")
+
+
 def test_a_server_that_dies_is_named_with_its_log(served, hf):
     """Last in the module: the module's server stops, and the next request says so."""
     _, tokenizer = hf

@@ -232,10 +232,14 @@ def start(cfg: RunConfig, tokenizer, vocab: int) -> Started:
     if cfg.teacher.backend == "pipelined":
         return Started(client=connect(cfg, tokenizer, vocab))
     if cfg.teacher.backend == "server":
-        return Started(server=generators.connect(cfg.teacher.url, cfg, url_key="teacher.url", model=teacher_path(cfg),
-                                                 model_key="model.student" if cfg.teacher.self_distill
-                                                 else "model.teacher", role="teacher", tokenizer=tokenizer,
-                                                 max_logprobs=cfg.teacher.topk))
+        client = generators.connect(cfg.teacher.url, cfg, url_key="teacher.url", model=teacher_path(cfg),
+                                    model_key="model.student" if cfg.teacher.self_distill else "model.teacher",
+                                    role="teacher", tokenizer=tokenizer, max_logprobs=cfg.teacher.topk)
+        # The contract's k, asked once now: a server whose --max-logprobs is below teacher.topk says so
+        # before the first step. (The vocabulary is model.teacher's, the model the server was checked to serve.)
+        eos = tokenizer.eos_token_id
+        generators.check_on_main(lambda: client.prompt_logprobs([[eos, eos]], cfg.teacher.topk))
+        return Started(server=client)
     return Started()
 
 
