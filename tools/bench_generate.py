@@ -43,6 +43,8 @@ def parse_args(argv=None):
     parser.add_argument("--max-new-tokens", type=int, default=48, help="longest rollout (default 48)")
     parser.add_argument("--batch", type=int, default=128, help="sequences per generation batch per rank (default 128)")
     parser.add_argument("--nproc", type=int, default=2, help="ranks (default 2)")
+    parser.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32",
+                        help="model.dtype of every engine (default fp32)")
     parser.add_argument("--engines", default=",".join(ENGINES), help=f"which of {', '.join(ENGINES)} (default all)")
     parser.add_argument("--output-dir", default="runs/bench_generate", help="where the vLLM server logs and the "
                                                                             "exported weights go")
@@ -76,7 +78,7 @@ def measure(args) -> None:
         raise SystemExit(f"bench_generate: unknown engine {unknown[0]} (choose from {', '.join(ENGINES)})")
     cfg = load_config(REPO / "ds_configs" / "recipes" / "tiny_arith.yaml",
                       [f"model.student={args.model}", "data.max_length=512", f"rollout.max_new_tokens={args.max_new_tokens}",
-                       f"train.output_dir={args.output_dir}"])
+                       f"train.output_dir={args.output_dir}", f"model.dtype={args.dtype}"])
     dist.init(cfg.train.timeout_s)
     tokenizer = engines.load_tokenizer(cfg)
     student, _ = engines.build_student(cfg)
@@ -94,7 +96,8 @@ def measure(args) -> None:
                 source = generators.StudentGeneration(
                     load_config(REPO / "ds_configs" / "recipes" / "tiny_arith.yaml",
                                 [f"model.student={args.model}", "data.max_length=512", "rollout.engine=vllm",
-                                 f"rollout.max_new_tokens={args.max_new_tokens}", f"train.output_dir={args.output_dir}"]),
+                                 f"rollout.max_new_tokens={args.max_new_tokens}", f"train.output_dir={args.output_dir}",
+                                 f"model.dtype={args.dtype}"]),
                     tokenizer, engines.resolve_model(args.model, "--model"), fresh_run=True)
             except UserError as err:
                 notes.append(f"vllm: not measured: {err}")
@@ -125,7 +128,7 @@ def measure(args) -> None:
     if dist.is_main():
         base = next((r[1] / r[2] for r in rows if r[0] == "hf-sharded"), None)
         print(f"\n{args.model}: {len(prompts)} prompts x {args.samples} samples, up to {args.max_new_tokens} new "
-              f"tokens, batch {args.batch} per rank, {dist.world_size()} ranks\n")
+              f"tokens, batch {args.batch} per rank, {dist.world_size()} ranks, {args.dtype}\n")
         print("| engine | generated tokens | seconds | tokens/s | vs hf-sharded | padding |\n"
               "|---|---:|---:|---:|---:|---:|")
         for name, tokens, seconds, padding in rows:
