@@ -304,13 +304,15 @@ def save_pretrained_as(module, state_dict: dict, staging: Path, dtype: str) -> N
     """``module.save_pretrained`` with ``state_dict``'s floating tensors in ``dtype`` (fp32 | bf16),
     and the config saying so, so that ``from_pretrained`` loads them as written."""
     torch_dtype = EXPORT_DTYPES[dtype]
-    state_dict = {name: t.to(torch_dtype) if t.is_floating_point() else t for name, t in state_dict.items()}
-    saved_dtype = getattr(module.config, "dtype", None)
-    module.config.dtype = torch_dtype
-    try:
-        module.save_pretrained(staging, state_dict=state_dict, safe_serialization=True)
-    finally:
-        module.config.dtype = saved_dtype
+    cast: dict[tuple, torch.Tensor] = {}  # tied weights (one storage) stay one tensor, so they are saved once
+    state_dict = {name: cast.setdefault((t.data_ptr(), t.shape), t.to(torch_dtype)) if t.is_floating_point() else t
+                  for name, t in state_dict.items()}
+    module.save_pretrained(staging, state_dict=state_dict, safe_serialization=True)
+    # save_pretrained writes the module's own dtype into config.json; say what the tensors are.
+    config_path = Path(staging) / "config.json"
+    config = json.loads(config_path.read_text())
+    config["dtype"] = str(torch_dtype).removeprefix("torch.")
+    config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def export_student(engine, tokenizer, target: str | Path, dtype: str = "fp32") -> Path | None:
