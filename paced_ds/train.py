@@ -70,7 +70,10 @@ def main(argv=None) -> int:
                 json.dump(result, f, default=str, indent=1)
     except UserError as err:
         where = f" (rank {dist.rank()})" if dist.world_size() > 1 else ""
-        print(f"paced-ds: error{where}: {err}", file=sys.stderr, flush=True)
+        # One write, so that the ranks' lines stay whole when they fail at once (print writes the
+        # line and its newline separately, and two ranks' errors ran together on one line).
+        sys.stderr.write(f"paced-ds: error{where}: {err}\n")
+        sys.stderr.flush()
         return 2
     finally:
         # Tear gloo/NCCL down before the interpreter does: left to exit, gloo's threads

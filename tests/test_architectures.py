@@ -216,9 +216,8 @@ def test_two_rank_run_of_real_architectures(pair_name, tmp_path):
     if padded:
         assert shared > len(tokenizer) == QWEN_TOKENS
         assert abs(tokenizer_rows_only - reference) > 0.05 * reference, (tokenizer_rows_only, reference)
-    if dtype == torch.bfloat16:  # the models computed in bf16: in fp32 the loss is another (by ~1e-4)
-        (in_fp32,) = first_step_losses(teacher, student, records, torch.float32, [shared])
-        assert losses[0] != pytest.approx(in_fp32, rel=2e-5), (losses[0], in_fp32)
+    # That the run computed in bf16 is shown by its ZeRO states below, not by the loss: on some CPUs
+    # (AMX-BF16, fp32 accumulation) this near-uniform KL comes out within 1e-6 of the fp32 one.
 
     # DeepSpeed's bf16 optimizer wrote the ZeRO states in bf16 runs only; the export keeps the dtype.
     checkpoint = run_dir / "checkpoints" / f"step_{steps}"

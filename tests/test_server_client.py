@@ -6,6 +6,7 @@ model. The real vLLM server is tested in test_vllm.py."""
 from __future__ import annotations
 
 import json
+import re
 import socket
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -215,6 +216,8 @@ def test_a_run_whose_server_is_down_stops_at_once_naming_it_and_writes_nothing(t
     result = paced_ds("estimate", "--config", RECIPE, "--nproc", 2, "rollout.engine=vllm",
                       f"rollout.url=http://127.0.0.1:{port}", f"train.output_dir={out}", "logging.progress=false")
     assert result.returncode == 2
-    errors = [line for line in result.stderr.splitlines() if line.startswith("paced-ds: error:")]
-    assert errors and errors[0].startswith(f"paced-ds: error: rollout.url http://127.0.0.1:{port}: not reachable")
+    errors = [line for line in result.stderr.splitlines() if line.startswith("paced-ds: error")]
+    # every rank stops alike (rank 0 asked the server and told the others), each saying why in one line
+    assert len(errors) == 2 and all(re.match(rf"paced-ds: error \(rank [01]\): rollout.url http://127.0.0.1:{port}: "
+                                             r"not reachable \(", line) for line in errors), result.stderr[-2000:]
     assert not (out / "competence.jsonl").exists()

@@ -17,7 +17,8 @@ from paced_ds.runtime.rundir import RunDir
 
 def export_checkpoint(run_dir: str, tag: str | None = None, out: str | None = None, dtype: str | None = None) -> Path:
     """The checkpoint ``tag`` (default: the latest) of ``run_dir`` as a Hugging Face directory,
-    its weights in ``dtype`` (fp32 | bf16; default: the run's train.export_dtype)."""
+    its weights in ``dtype`` (fp32 | bf16; default: the run's train.export_dtype, where auto keeps
+    the merged fp32 master weights)."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -51,7 +52,7 @@ def export_checkpoint(run_dir: str, tag: str | None = None, out: str | None = No
         raise UserError(f"checkpoint {root / tag} does not match {student}: missing {missing[:3]}, "
                         f"unexpected {unexpected[:3]}")
     model.tie_weights()
-    save_pretrained_as(model, model.state_dict(), staging, dtype or saved["train"].get("export_dtype", "fp32"))
+    save_pretrained_as(model, model.state_dict(), staging, dtype or saved["train"].get("export_dtype", "auto"))
     AutoTokenizer.from_pretrained(student).save_pretrained(staging)
     if target.exists():
         shutil.rmtree(target)

@@ -85,13 +85,8 @@ class StudentGeneration:
 
     def sync(self, engine, step: int) -> None:
         """Export the student to ``rollout.weights_dir`` and have the server load it. Collective."""
-        import torch
-
-        from paced_ds.models.engines import compute_dtype
-
         started = time.time()
-        dtype = "bf16" if compute_dtype(self.cfg) == torch.bfloat16 else "fp32"  # what the server computes in
-        checkpoint.export_student(engine, self.tokenizer, self.weights_dir, dtype=dtype)
+        checkpoint.export_student(engine, self.tokenizer, self.weights_dir)  # in the dtype the server computes in
         exported_s = time.time() - started
         reload_s = []
         check_on_main(lambda: reload_s.append(self.client.reload(self.weights_dir.resolve())))

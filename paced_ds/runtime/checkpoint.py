@@ -301,22 +301,26 @@ EXPORT_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 def save_pretrained_as(module, state_dict: dict, staging: Path, dtype: str) -> None:
-    """``module.save_pretrained`` with ``state_dict``'s floating tensors in ``dtype`` (fp32 | bf16),
-    and the config saying so, so that ``from_pretrained`` loads them as written."""
-    torch_dtype = EXPORT_DTYPES[dtype]
-    cast: dict[tuple, torch.Tensor] = {}  # tied weights (one storage) stay one tensor, so they are saved once
-    state_dict = {name: cast.setdefault((t.data_ptr(), t.shape), t.to(torch_dtype)) if t.is_floating_point() else t
-                  for name, t in state_dict.items()}
+    """``module.save_pretrained`` with ``state_dict``'s floating tensors in ``dtype`` (fp32 | bf16;
+    auto: as they are), and config.json saying so, so that ``from_pretrained`` loads them as written."""
+    if dtype != "auto":
+        torch_dtype = EXPORT_DTYPES[dtype]
+        cast: dict[tuple, torch.Tensor] = {}  # tied weights (one storage) stay one tensor, so they are saved once
+        state_dict = {name: cast.setdefault((t.data_ptr(), t.shape), t.to(torch_dtype)) if t.is_floating_point()
+                      else t for name, t in state_dict.items()}
+    written = {t.dtype for t in state_dict.values() if t.is_floating_point()}  # save_pretrained empties the dict
     module.save_pretrained(staging, state_dict=state_dict, safe_serialization=True)
     # save_pretrained writes the module's own dtype into config.json; say what the tensors are.
-    config_path = Path(staging) / "config.json"
-    config = json.loads(config_path.read_text())
-    config["dtype"] = str(torch_dtype).removeprefix("torch.")
-    config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    if len(written) == 1:
+        config_path = Path(staging) / "config.json"
+        config = json.loads(config_path.read_text())
+        config["dtype"] = str(written.pop()).removeprefix("torch.")
+        config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
-def export_student(engine, tokenizer, target: str | Path, dtype: str = "fp32") -> Path | None:
-    """Write the student in Hugging Face format (safetensors, ``dtype``) to ``target``; collective.
+def export_student(engine, tokenizer, target: str | Path, dtype: str = "auto") -> Path | None:
+    """Write the student in Hugging Face format (safetensors, ``dtype``; auto: the dtype it trains
+    in) to ``target``; collective.
 
     Every rank takes part in gathering the ZeRO-3 partitions; rank 0 writes to a
     temporary directory and renames it, so ``target`` is never half-written.
