@@ -79,6 +79,9 @@ def launch(task: str, recipe: str | None, overrides: list[str], nproc: int, host
     return subprocess.call(cmd, env=env)
 
 
+TEACHER_EXIT_GRACE_S = 10  # how long a failed student job waits to learn whether its teacher job died first
+
+
 def launch_pipelined(recipe: str | None, overrides: list[str], nproc: int, teacher_ranks: int) -> int:
     """teacher.backend=pipelined on this node: a teacher job on ``teacher_ranks`` ranks (the GPUs
     after the students', shared when there are too few) and the student job on ``nproc``,
@@ -101,6 +104,15 @@ def launch_pipelined(recipe: str | None, overrides: list[str], nproc: int, teach
             if failed or students.poll() == 0:
                 break
             time.sleep(0.2)
+        if failed == ["student"]:
+            # Students stop at once when their teacher dies, while the teacher's launcher takes a moment
+            # to notice its dead rank: wait for it briefly, so that the cause is named, not the consequence.
+            try:
+                teacher.wait(timeout=TEACHER_EXIT_GRACE_S)
+            except subprocess.TimeoutExpired:
+                pass
+            if teacher.poll() not in (None, 0):
+                failed = ["teacher"]
         if failed:
             other = jobs["student" if failed[0] == "teacher" else "teacher"]
             print(f"paced-ds: the {failed[0]} job failed (exit {jobs[failed[0]].returncode}); stopping the "
