@@ -43,11 +43,16 @@ def frozen_student(cfg: RunConfig):
     return engines.build_teacher(cfg, name=engines.resolve_model(cfg.model.student, "model.student"), role="student")
 
 
+def student_source(cfg: RunConfig, tokenizer) -> generators.StudentGeneration:
+    """Where model.student generates (rollout.engine), as it is on disk."""
+    return generators.StudentGeneration(cfg, tokenizer, engines.resolve_model(cfg.model.student, "model.student"),
+                                        fresh_run=True)
+
+
 def student_generation(cfg: RunConfig, tokenizer):
     """model.student's generator source and, for Hugging Face generation, its engine (a vLLM
     server loads model.student itself)."""
-    source = generators.StudentGeneration(cfg, tokenizer, engines.resolve_model(cfg.model.student, "model.student"),
-                                          fresh_run=True)
+    source = student_source(cfg, tokenizer)
     return source, frozen_student(cfg) if source.client is None else None
 
 
@@ -125,9 +130,7 @@ def measure_snr(cfg: RunConfig) -> dict:
     if cfg.curriculum.competence:
         curriculum.load_given(cfg.curriculum.competence)
     else:
-        source = generators.StudentGeneration(cfg, tokenizer, engines.resolve_model(cfg.model.student, "model.student"),
-                                              fresh_run=True)
-        with source.generator(student, 0) as generator:
+        with student_source(cfg, tokenizer).generator(student, 0) as generator:
             estimate.estimate(generator, tokenizer, train_records, curriculum.table, cfg, seed=cfg.train.seed + 1)
     result = probe.probe(student, EngineTeacher(teacher, vocab), tokenizer, examples, curriculum.table.pass_rates(),
                          bucket_edges(cfg.snr.buckets), cfg, vocab=vocab, seed=cfg.train.seed,

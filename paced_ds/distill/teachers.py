@@ -118,11 +118,11 @@ class ServerTeacher(Teacher):
             # The logits at position t score token t + 1: vLLM's entry t + 1.
             for t in mask[row].nonzero().flatten().tolist():
                 top = sorted(entries[t + 1].items(), key=lambda item: -item[1][0])[:self.k]
+                if len(top) < self.k:
+                    raise self.client.fail(f"answered {len(top)} log-probs where teacher.topk={self.k} were asked")
                 beyond = [token for token, _ in top if token >= self.vocab]
-                if len(top) < self.k or beyond:
-                    raise self.client.fail(f"answered {len(top)} log-probs at a position where teacher.topk="
-                                           f"{self.k} were asked" if len(top) < self.k else
-                                           f"ranks token {beyond[0]}, outside the shared vocabulary of {self.vocab}, "
+                if beyond:
+                    raise self.client.fail(f"ranks token {beyond[0]}, outside the shared vocabulary of {self.vocab}, "
                                            "among its top-k")
                 ids.append([token for token, _ in top])
                 logprobs.append([value[0] for _, value in top])

@@ -31,6 +31,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from paced_ds.errors import UserError
+from paced_ds.models.generation import Completions
 from paced_ds.runtime import dist, exit as exit_hooks
 
 VLLM_VENV = Path("~/.cache/paced_ds/vllm-venv").expanduser()
@@ -209,7 +210,7 @@ class VllmServer:
         self.model, self.log_path = model, Path(log_path)
         self.port = dist.free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        gpu = bool(devices) or os.environ.get("DS_ACCELERATOR") != "cpu" and _has_gpu()
+        gpu = bool(devices) or (os.environ.get("DS_ACCELERATOR") != "cpu" and _has_gpu())
         self.command = [python, "-m", "vllm.entrypoints.openai.api_server", "--model", model,
                         "--host", "127.0.0.1", "--port", str(self.port), "--max-model-len", str(max_model_len),
                         "--dtype", dtype, "--seed", str(seed), "--generation-config", "vllm",
@@ -316,8 +317,6 @@ class ServerGenerator:
 
     def complete(self, prompts: list[list[int]], *, n: int = 1, max_new_tokens: int, batch_size: int,
                  greedy: bool = True, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, progress=None):
-        from paced_ds.models.generation import Completions
-
         mine = list(range(dist.rank(), len(prompts), dist.world_size()))
         answers = self.client.complete([prompts[i] for i in mine], n=n, max_new_tokens=max_new_tokens, greedy=greedy,
                                        temperature=temperature, top_p=top_p, top_k=top_k,

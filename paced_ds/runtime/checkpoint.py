@@ -304,10 +304,13 @@ def save_pretrained_as(module, state_dict: dict, staging: Path, dtype: str) -> N
     """``module.save_pretrained`` with ``state_dict``'s floating tensors in ``dtype`` (fp32 | bf16;
     auto: as they are), and config.json saying so, so that ``from_pretrained`` loads them as written."""
     if dtype != "auto":
-        torch_dtype = EXPORT_DTYPES[dtype]
-        cast: dict[tuple, torch.Tensor] = {}  # tied weights (one storage) stay one tensor, so they are saved once
-        state_dict = {name: cast.setdefault((t.data_ptr(), t.shape), t.to(torch_dtype)) if t.is_floating_point()
-                      else t for name, t in state_dict.items()}
+        torch_dtype, cast = EXPORT_DTYPES[dtype], {}
+        for name, tensor in state_dict.items():
+            if tensor.is_floating_point():
+                key = (tensor.data_ptr(), tensor.shape)  # tied weights stay one tensor, so they are saved once
+                if key not in cast:
+                    cast[key] = tensor.to(torch_dtype)
+                state_dict[name] = cast[key]
     written = {t.dtype for t in state_dict.values() if t.is_floating_point()}  # save_pretrained empties the dict
     module.save_pretrained(staging, state_dict=state_dict, safe_serialization=True)
     # save_pretrained writes the module's own dtype into config.json; say what the tensors are.
