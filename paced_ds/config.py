@@ -38,7 +38,8 @@ class ModelConfig:
     student: str = _f("tiny-student", "student: HF model directory or name; 'tiny-student' is the shipped one")
     tokenizer: str = _f("", "tokenizer to use (default: the student's)")
     trust_remote_code: bool = _f(False, "allow model repos to run their own code (off: safe by default)")
-    dtype: str = _f("auto", "parameter/compute dtype; auto = bf16 on GPUs that have it, else fp32",
+    dtype: str = _f("auto", "parameter/compute dtype; auto = bf16 on GPUs that have it, else fp32 (bf16 on a CPU "
+                    "without bf16 instructions, e.g. AVX2 only, is emulated and warns)",
                     ("auto", "fp32", "bf16"))
     gradient_checkpointing: bool = _f(False, "recompute student activations in backward (saves memory)")
     freeze_embeddings: bool = _f(False, "keep the student's input and output embeddings fixed: no gradients or "

@@ -291,6 +291,39 @@ def test_a_warmup_longer_than_the_run_is_clipped_with_one_warning(capsys):
     assert [factor(step) for step in range(2)] == pytest.approx([1 / 3, 2 / 3])  # the two steps warm up
 
 
+AVX2_EPYC = "processor\t: 0\nflags\t\t: fpu sse sse2 avx avx2 fma f16c bmi2\n"
+SAPPHIRE_RAPIDS = "processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f avx512_bf16 amx_bf16 amx_tile\n"
+GRAVITON3 = "processor\t: 0\nFeatures\t: fp asimd sve bf16 i8mm\n"
+
+
+@pytest.mark.parametrize("cpuinfo, native", [(AVX2_EPYC, False), (SAPPHIRE_RAPIDS, True), (GRAVITON3, True)])
+def test_bf16_instructions_are_read_from_cpuinfo(tmp_path, cpuinfo, native):
+    from paced_ds.models.engines import cpu_has_native_bf16
+
+    (tmp_path / "cpuinfo").write_text(cpuinfo)
+    assert cpu_has_native_bf16(str(tmp_path / "cpuinfo")) is native
+    assert cpu_has_native_bf16(str(tmp_path / "missing")) is True  # cannot tell: no warning
+
+
+def test_bf16_on_a_cpu_without_bf16_instructions_warns_once(monkeypatch, capsys):
+    import torch
+
+    from paced_ds.models import engines
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(engines, "cpu_has_native_bf16", lambda: False)
+    monkeypatch.setattr(engines, "_WARNED_BF16_CPU", False)
+    bf16, fp32 = load_config(overrides=["model.dtype=bf16"]), load_config(overrides=["model.dtype=auto"])
+    assert [engines.compute_dtype(bf16) for _ in range(3)] == [torch.bfloat16] * 3  # warned, still honoured
+    assert engines.compute_dtype(fp32) is torch.float32
+    out = capsys.readouterr().out
+    assert out.count("\n") == 1 and out.startswith("paced-ds: warning: model.dtype=bf16 on a CPU without bf16")
+    monkeypatch.setattr(engines, "cpu_has_native_bf16", lambda: True)
+    monkeypatch.setattr(engines, "_WARNED_BF16_CPU", False)
+    engines.compute_dtype(bf16)
+    assert capsys.readouterr().out == ""
+
+
 # ---------------------------------------------------------------------------------------
 # describe
 

@@ -17,8 +17,16 @@ at temperature 1, as a competence estimate does, each rank its share:
   printed below the table, with the time to load fresh student weights into it.
 
 Prints one markdown row per engine: generated tokens (all ranks), seconds, tokens/s, the
-speed-up over ``hf-sharded``, and the share of the positions Hugging Face computed that were
-padding (left padding of shorter prompts, and rows that finished before their batch).
+speed-up over ``hf-sharded``, its share of the matmul ceiling, and the share of the positions
+Hugging Face computed that were padding (left padding of shorter prompts, and rows that
+finished before their batch).
+
+The **matmul ceiling** bounds every engine on this hardware: each rank, all at once, times
+the model's own linear layers (lm_head included) at its share of every sequence in flight
+(``prompts x samples / ranks`` rows, the most one decoding step can batch), in the run's
+dtype, on its cores; the ranks' tokens/s add up. A decoding step does at least these
+products for every token, and attention, sampling and scheduling on top, so no engine
+generates faster than this; an engine at 40% of it leaves at most 2.5x to win.
 """
 
 from __future__ import annotations
@@ -61,6 +69,33 @@ def launch(args) -> int:
     cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--master_port", str(free_port()),
            "--num_gpus", str(args.nproc), __file__, "--ranked", *sys.argv[1:]]
     return subprocess.call(cmd, env=env)
+
+
+def matmul_ceiling(module, rows: int, dtype) -> tuple[float, float]:
+    """(tokens/s, GFLOP per token) of ``module``'s linear layers on this rank's cores, at
+    ``rows`` rows per product: an upper bound on any engine's decoding tokens/s. Shapes come
+    from ZeRO-3's ``ds_shape`` (the partitions hold none); tied weights count once per use."""
+    import torch
+    from deepspeed.accelerator import get_accelerator
+
+    device = get_accelerator().current_device_name()
+    shapes = [tuple(getattr(m.weight, "ds_shape", m.weight.shape)) for m in module.modules()
+              if isinstance(m, torch.nn.Linear)]
+    weights = {shape: torch.randn(shape, dtype=dtype, device=device) for shape in set(shapes)}
+    inputs = {shape[1]: torch.randn(rows, shape[1], dtype=dtype, device=device) for shape in shapes}
+    flops = sum(2 * out_features * in_features for out_features, in_features in shapes)
+
+    def once() -> float:
+        get_accelerator().synchronize()
+        started = time.perf_counter()
+        for shape in shapes:
+            torch.nn.functional.linear(inputs[shape[1]], weights[shape])
+        get_accelerator().synchronize()
+        return time.perf_counter() - started
+
+    once()  # warm-up: kernel selection, first-touch of the buffers
+    seconds = min(once() for _ in range(3))
+    return rows / seconds, flops / 1e9
 
 
 def measure(args) -> None:
@@ -125,16 +160,26 @@ def measure(args) -> None:
                                                    float(completions.padded)], dtype=torch.float64))
         generated, tokens, padded = (value.item() for value in counts)
         rows.append((name, int(generated), seconds, 1.0 - tokens / padded if padded else None))
+    dist.barrier()  # every rank probes at once: together they are the machine
+    ceiling, gflop = matmul_ceiling(student.module, -(-len(prompts) * args.samples // dist.world_size()),
+                                    engines.compute_dtype(cfg))
+    ceiling = dist.all_reduce_sum(torch.tensor([ceiling], dtype=torch.float64)).item()
     if dist.is_main():
         base = next((r[1] / r[2] for r in rows if r[0] == "hf-sharded"), None)
         print(f"\n{args.model}: {len(prompts)} prompts x {args.samples} samples, up to {args.max_new_tokens} new "
               f"tokens, batch {args.batch} per rank, {dist.world_size()} ranks, {args.dtype}\n")
-        print("| engine | generated tokens | seconds | tokens/s | vs hf-sharded | padding |\n"
-              "|---|---:|---:|---:|---:|---:|")
+        print("| engine | generated tokens | seconds | tokens/s | vs hf-sharded | of ceiling | padding |\n"
+              "|---|---:|---:|---:|---:|---:|---:|")
         for name, tokens, seconds, padding in rows:
             speedup = f"{tokens / seconds / base:.1f}x" if base else "-"
             waste = f"{padding:.0%}" if padding is not None else "-"
-            print(f"| {name} | {tokens} | {seconds:.1f} | {tokens / seconds:.1f} | {speedup} | {waste} |")
+            print(f"| {name} | {tokens} | {seconds:.1f} | {tokens / seconds:.1f} | {speedup} | "
+                  f"{tokens / seconds / ceiling:.0%} | {waste} |")
+        speedup = f"{ceiling / base:.1f}x" if base else "-"
+        print(f"| matmul ceiling | - | - | {ceiling:.1f} | {speedup} | 100% | - |")
+        print(f"\nmatmul ceiling: the model's linear layers ({gflop:.3f} GFLOP a token) at "
+              f"{-(-len(prompts) * args.samples // dist.world_size())} rows per rank, every rank at once "
+              f"({ceiling * gflop:.0f} GFLOP/s in all); no engine decodes faster on this hardware")
         for note in notes:
             print(f"\n{note}")
     dist.shutdown()

@@ -41,8 +41,29 @@ def resolve_model(name: str, key: str) -> str:
     return str(path) if path.exists() else name
 
 
+def cpu_has_native_bf16(cpuinfo: str = "/proc/cpuinfo") -> bool:
+    """Whether this CPU computes bf16 products in hardware (x86 ``avx512_bf16`` or
+    ``amx_bf16``, Arm ``bf16``); True when it cannot tell."""
+    try:
+        text = Path(cpuinfo).read_text(errors="replace")
+    except OSError:
+        return True
+    flags = {word for line in text.splitlines() if line.lower().startswith(("flags", "features"))
+             for word in line.split(":", 1)[-1].split()}
+    return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
+
+
+_WARNED_BF16_CPU = False
+
+
 def compute_dtype(cfg: RunConfig) -> torch.dtype:
     if cfg.model.dtype == "bf16":
+        global _WARNED_BF16_CPU
+        if not _WARNED_BF16_CPU and not torch.cuda.is_available() and not cpu_has_native_bf16():
+            _WARNED_BF16_CPU = True
+            say("warning: model.dtype=bf16 on a CPU without bf16 instructions (no avx512_bf16, amx_bf16 or bf16 "
+                "in /proc/cpuinfo): its matrix products are emulated, ~170x slower than fp32 on a 2-core AVX2 "
+                "machine (docs/benchmarks.md); model.dtype=auto picks fp32 here")
         return torch.bfloat16
     if cfg.model.dtype == "fp32":
         return torch.float32
