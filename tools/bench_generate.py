@@ -161,8 +161,8 @@ def measure(args) -> None:
         generated, tokens, padded = (value.item() for value in counts)
         rows.append((name, int(generated), seconds, 1.0 - tokens / padded if padded else None))
     dist.barrier()  # every rank probes at once: together they are the machine
-    ceiling, gflop = matmul_ceiling(student.module, -(-len(prompts) * args.samples // dist.world_size()),
-                                    engines.compute_dtype(cfg))
+    rows_per_rank = -(-len(prompts) * args.samples // dist.world_size())  # every sequence in flight
+    ceiling, gflop = matmul_ceiling(student.module, rows_per_rank, engines.compute_dtype(cfg))
     ceiling = dist.all_reduce_sum(torch.tensor([ceiling], dtype=torch.float64)).item()
     if dist.is_main():
         base = next((r[1] / r[2] for r in rows if r[0] == "hf-sharded"), None)
@@ -178,7 +178,7 @@ def measure(args) -> None:
         speedup = f"{ceiling / base:.1f}x" if base else "-"
         print(f"| matmul ceiling | - | - | {ceiling:.1f} | {speedup} | 100% | - |")
         print(f"\nmatmul ceiling: the model's linear layers ({gflop:.3f} GFLOP a token) at "
-              f"{-(-len(prompts) * args.samples // dist.world_size())} rows per rank, every rank at once "
+              f"{rows_per_rank} rows per rank, every rank at once "
               f"({ceiling * gflop:.0f} GFLOP/s in all); no engine decodes faster on this hardware")
         for note in notes:
             print(f"\n{note}")
