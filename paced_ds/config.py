@@ -115,7 +115,7 @@ class CurriculumConfig:
     band_lo: float = _f(0.0, "hard_filter: lower pass-rate bound (exclusive)")
     band_hi: float = _f(1.0, "hard_filter: upper pass-rate bound (exclusive)")
     normalize: str = _f("dataset_mean", "weight normalisation: none, batch_mean (each step's weights average 1) "
-                                        "or dataset_mean (all problems' weights average 1)",
+                                        "or dataset_mean (the weights of the problems drawn, those > 0, average 1)",
                         ("none", "batch_mean", "dataset_mean"))
     rollouts: int = _f(8, "K: student rollouts per problem to estimate its pass rate")
     refresh: str = _f("static", "when pass rates are re-estimated: static (once, before training), every "

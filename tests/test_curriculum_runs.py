@@ -84,17 +84,38 @@ def test_paced_writes_competence_spanning_zero_to_one_and_tensorboard_curriculum
     assert len(rows) == 12 * len(arith.LEVELS) and all(r["trials"] == 4 for r in rows)
     rates = [r["pass_rate"] for r in rows]
     assert min(rates) == 0.0 and max(rates) == 1.0 and any(0 < p < 1 for p in rates)
-    # w = p(1-p), normalised to mean 1 over the dataset: zero at both ends.
+    # w = p(1-p), normalised to mean 1 over the problems drawn (w > 0): zero at both ends.
     assert all(r["weight"] == 0 for r in rows if r["pass_rate"] in (0.0, 1.0))
-    assert sum(r["weight"] for r in rows) / len(rows) == pytest.approx(1.0, rel=1e-5)
+    drawn = [r["weight"] for r in rows if r["weight"] > 0]
+    assert sum(drawn) / len(drawn) == pytest.approx(1.0, rel=1e-5)
     tags = tensorboard_tags(out / "paced_weight")
     assert {"curriculum/pass_rate", "curriculum/weight"} <= set(tags["histograms"])
     assert "curriculum/pass_rate_over_steps" in tags["images"]
     assert {"curriculum/frontier_weight_share", "curriculum/effective_sample_size",
-            "curriculum/pass_rate_L1"} <= set(tags["scalars"])
+            "curriculum/pass_rate_L1", "curriculum/weight_share_L1", "train/flops_total"} <= set(tags["scalars"])
     metrics = read_jsonl(out / "paced_weight" / "metrics.jsonl")
     assert metrics[0]["curriculum/frontier_weight_share"] == pytest.approx(1.0)
     assert 0 < metrics[0]["curriculum/zero_pass_share"] < 1
+
+
+def test_no_compute_on_weight_zero_and_every_flop_counted(runs):
+    """Weight mode draws only problems of weight > 0: no step trains on a weight-0 problem and
+    the teacher answers exactly the tokens the student trains on. The cumulative FLOP fields
+    are the sums of the per-step ones, and the step-0 estimate is in the first row."""
+    out, _ = runs
+    rows = competence(out / "paced_weight")
+    assert any(r["weight"] == 0 for r in rows)  # there were problems to skip
+    metrics = read_jsonl(out / "paced_weight" / "metrics.jsonl")
+    assert [m["zero_weight_problems"] for m in metrics] == [0] * len(metrics)
+    assert metrics[-1]["tokens_teacher"] == metrics[-1]["tokens_student"] > 0
+    assert metrics[0]["flops_rollout_step"] > 0 and metrics[-1]["flops_rollout_step"] == 0
+    for key in ("flops_student", "flops_teacher", "flops_rollout", "flops_eval", "flops_total"):
+        assert sum(m[f"{key}_step"] for m in metrics) == pytest.approx(metrics[-1][key], rel=1e-12), key
+    assert metrics[-1]["flops_total"] == pytest.approx(sum(metrics[-1][f"flops_{phase}"] for phase in
+                                                           ("student", "teacher", "rollout", "eval")))
+    # plain distillation draws every problem, weight 0 or not, and rolls nothing out
+    uniform = read_jsonl(out / "uniform" / "metrics.jsonl")
+    assert uniform[-1]["flops_rollout"] == 0 and uniform[-1]["tokens_teacher"] == uniform[-1]["tokens_student"]
 
 
 def test_uniform_needs_no_rollouts(runs):

@@ -53,7 +53,8 @@ def assert_same_run(run_dir, reference) -> None:
     assert (run_dir / "competence.jsonl").read_text() == (reference / "competence.jsonl").read_text()
     final = read_jsonl(run_dir / "metrics.jsonl")[-1]
     expected = read_jsonl(reference / "metrics.jsonl")[-1]
-    for key in ("tokens", "forward_tokens", "samples", "epoch", "curriculum/pass_rate_mean"):
+    for key in ("tokens", "forward_tokens", "samples", "epoch", "curriculum/pass_rate_mean", "flops_total",
+                "flops_rollout", "tokens_generated"):
         assert final[key] == expected[key], key
 
 

@@ -59,7 +59,9 @@ def test_the_set_is_what_the_student_solves_first_and_forgetting_is_measured_on_
     first = retention.measure(HFGenerator(model, tokenizer, synced=False), tokenizer, DATA, EVAL)
     expected = solved_ids(model, tokenizer, records)
     assert 0 < len(expected) < len(records)  # the shipped student solves some, not all
+    tokens = first.pop("retention_tokens"), first.pop("retention_generated_tokens")
     assert first == {"retention_set": len(expected), "retained": 1.0, "forgotten": 0.0}
+    assert tokens[0] > tokens[1] > 0  # its compute: every prompt, and what it generated
     saved = json.loads((tmp_path / "retention.json").read_text())
     assert saved == {"offered": len(records), "ids": [r["id"] for r in records if r["id"] in expected]}
 

@@ -212,12 +212,75 @@ def test_sample_mode_draws_in_proportion_to_the_weights_and_never_a_zero():
     assert sampler.loss_weights([1, 2, 3]).tolist() == [1.0, 1.0, 1.0]  # the draw did the weighting
 
 
-def test_weight_mode_keeps_the_uniform_order_and_weights_the_loss():
-    weights = [0.0, 0.5, 1.0, 0.25]
-    plain = ProblemSampler(4, seed=3, world_size=1, rank=0, micro_batch_size=4, grad_accum=1)
-    sampler = weighted("weight", weights, seed=3, world=1, mb=4)
-    assert sampler.next_step() == plain.next_step()
-    assert sampler.loss_weights([2, 0, 3]).tolist() == [1.0, 0.0, 0.25]
+def test_weight_mode_draws_only_the_support_once_per_pass_and_weights_the_loss():
+    weights = [0.0, 0.5, 1.0, 0.0, 0.25, 2.0, 0.0, 1.0]
+    support = [i for i, w in enumerate(weights) if w > 0]
+    sampler = weighted("weight", weights, seed=3, world=1, mb=5)
+    assert sampler.support == len(support)
+    drawn = [i for _ in range(len(support)) for part in sampler.next_step() for i in part]  # 5 passes
+    for start in range(0, len(drawn), len(support)):  # every pass: each problem of the support once
+        assert sorted(drawn[start:start + len(support)]) == support
+    assert drawn[:len(support)] != drawn[len(support):2 * len(support)]  # a new order each pass
+    assert sampler.loss_weights([2, 5, 4]).tolist() == [1.0, 2.0, 0.25]
+
+
+def test_weight_mode_with_every_weight_positive_keeps_the_plain_order():
+    plain = ProblemSampler(6, seed=3, world_size=1, rank=0, micro_batch_size=3, grad_accum=1)
+    sampler = weighted("weight", [1.0, 0.5, 1.0, 0.25, 2.0, 1.0], seed=3, world=1, mb=3)
+    assert [sampler.next_step() for _ in range(4)] == [plain.next_step() for _ in range(4)]
+
+
+def support_only_update(weights: torch.Tensor, gradients: torch.Tensor, normalize: str) -> torch.Tensor:
+    """The mean update of one pass of the sampler over its plan (every drawn problem once):
+    sum over the pass of loss weight x gradient, over the problems drawn."""
+    sampler = ProblemSampler(len(weights), seed=0, world_size=1, rank=0, micro_batch_size=1, grad_accum=1,
+                             weights=weights)
+    drawn = [sampler.next_step()[0][0] for _ in range(sampler.support)]
+    assert sorted(drawn) == (weights > 0).nonzero().flatten().tolist()
+    loss_weights = sampler.loss_weights(drawn)
+    if normalize == "dataset_mean":  # over the support, as Curriculum.weights does
+        loss_weights = loss_weights / weights[weights > 0].mean()
+    return (loss_weights[:, None] * gradients[drawn]).sum(0) / len(drawn)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_the_support_only_draw_has_the_expected_update_of_the_uniform_draw_with_zeros(seed):
+    """The old weight-mode plan drew every problem uniformly and multiplied by w (0 for many):
+    its expected update is mean_i(w_i g_i) / mean_i(w_i) with dataset_mean. The support-only
+    draw gives the same exactly; with raw weights (normalize=none) N / |support| times it."""
+    generator = torch.Generator().manual_seed(seed)
+    pass_rates = torch.randint(0, 9, (40,), generator=generator).double() / 8
+    weights = (pass_rates * (1 - pass_rates)).float()  # w = p (1 - p): 0 at p = 0 and 1
+    assert 0 < int((weights > 0).sum()) < 40
+    gradients = torch.randn(40, 3, generator=generator, dtype=torch.float32)
+    uniform_with_zeros = (weights[:, None] * gradients).mean(0)  # E over a uniform draw of all 40
+    raw = support_only_update(weights, gradients, "none")
+    support = int((weights > 0).sum())
+    assert torch.allclose(raw, uniform_with_zeros * 40 / support, atol=1e-6)
+    normalised = support_only_update(weights, gradients, "dataset_mean")
+    assert torch.allclose(normalised, uniform_with_zeros / weights.mean(), atol=1e-6)
+
+
+def test_a_refresh_in_weight_mode_draws_from_the_new_support_and_resumes_exactly():
+    sampler = weighted("weight", [1.0] * 10, world=2, mb=2)
+    sampler.next_step()
+    new_weights = torch.tensor([0.0, 1.0, 0.0, 0.5, 0.0, 0.0, 2.0, 0.0, 0.0, 0.25])
+    sampler.set_weights(new_weights)
+    sampler.next_step()
+    state = sampler.state_dict()
+    after = [sampler.next_step() for _ in range(6)]
+    assert {i for step in after for part in step for i in part} <= {1, 3, 6, 9}
+    fresh = weighted("weight", [1.0] * 10, world=2, mb=2)
+    fresh.set_weights(new_weights)
+    fresh.load_state_dict(state)
+    assert [fresh.next_step() for _ in range(6)] == after
+
+
+def test_a_support_smaller_than_the_batch_repeats_problems_within_a_step():
+    sampler = weighted("weight", [0.0, 1.0, 0.0, 1.0, 1.0, 0.0], world=2, mb=4)  # 8 a step, 3 drawable
+    step = [i for part in sampler.next_step() for i in part] + [i for part in weighted(
+        "weight", [0.0, 1.0, 0.0, 1.0, 1.0, 0.0], world=2, rank=1, mb=4).next_step() for i in part]
+    assert sorted(set(step)) == [1, 3, 4] and len(step) == 8
 
 
 def test_sample_mode_plan_is_shared_by_ranks_and_shards_are_disjoint():
@@ -244,11 +307,10 @@ def test_refresh_in_sample_mode_redraws_and_resumes_exactly():
     assert [fresh.next_step() for _ in range(5)] == after
 
 
-def test_all_zero_weights_are_refused_in_sample_mode():
+@pytest.mark.parametrize("apply", ["weight", "sample"])
+def test_all_zero_weights_are_refused(apply):
     with pytest.raises(ValueError, match="every weight is 0"):
-        weighted("sample", [0.0, 0.0, 0.0])
-    sampler = weighted("weight", [0.0, 0.0, 0.0])  # weight mode: drawn, the trainer skips the step
-    assert sampler.loss_weights([0, 1]).tolist() == [0.0, 0.0]
+        weighted(apply, [0.0, 0.0, 0.0])
 
 
 def test_peek_shows_the_next_step_without_moving():

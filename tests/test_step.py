@@ -111,6 +111,8 @@ def test_one_global_token_count_whatever_the_accumulation(setup):
         outcome, delta, _ = run_step(setup, micro_batch, accumulation)
         assert outcome.status == "applied", (micro_batch, accumulation)
         assert outcome.tokens == sum(len(e["input_ids"]) - e["response_start"] for e in setup.examples)
+        # compute: the student trains on whole sequences, the teacher scores the same tokens
+        assert outcome.student_tokens == outcome.teacher_tokens == sum(len(e["input_ids"]) for e in setup.examples)
         assert outcome.loss == pytest.approx(want_loss, rel=1e-5)
         assert_updates_equal(delta, want)
 

@@ -85,7 +85,9 @@ class Curriculum:
         """Per-problem weights from the table: the kernel, normalised as configured.
 
         In sample mode these are the draw's probabilities (unnormalised is fine); in
-        weight mode they multiply the loss, and ``dataset_mean`` makes them average 1.
+        weight mode they multiply the loss, and ``dataset_mean`` makes them average 1 over
+        the problems the sampler draws from (those of weight > 0), so that a step has the
+        loss scale of unweighted distillation.
         """
         weights = curriculum_weights(self.table.correct, self.table.trials, mode=self.cfg.mode,
                                      alpha=self.alpha, beta=self.beta, posterior=self.cfg.posterior,
@@ -94,7 +96,7 @@ class Curriculum:
             raise UserError(f"curriculum.mode={self.cfg.mode}: every problem has weight 0 (are all pass rates "
                             "0 or 1?); try curriculum.posterior=true, another band, or curriculum.mode=uniform")
         if self.cfg.apply == "weight" and self.cfg.normalize == "dataset_mean":
-            weights = normalize(weights, "dataset_mean", dataset_weights=weights)
+            weights = normalize(weights, "dataset_mean", dataset_weights=weights[weights > 0])
         return weights.float()
 
     def summary(self, weights: torch.Tensor) -> dict:
@@ -107,6 +109,10 @@ class Curriculum:
         out = {f"curriculum/{key}": value for key, value in stats.items()}
         for level, rate in level_pass_rates(self.table, self.difficulties).items():
             out[f"curriculum/pass_rate_{level}"] = rate
+        total = float(weights.sum())
+        for level in sorted(set(self.difficulties)):  # where the weight mass sits, level by level
+            members = torch.tensor([d == level for d in self.difficulties])
+            out[f"curriculum/weight_share_{level}"] = float(weights[members].sum()) / total if total > 0 else 0.0
         out["curriculum/estimates"] = self.estimates
         out["curriculum/alpha"], out["curriculum/beta"] = self.alpha, self.beta
         return out

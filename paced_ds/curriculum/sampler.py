@@ -6,10 +6,16 @@ and a restart that restores ``(epoch, position, version)`` and the table continu
 Each optimizer step takes the next ``world * micro_batch * grad_accum`` problems of the
 plan; rank r takes its contiguous slice of each micro-batch.
 
-``apply="weight"`` (the paper's form): the plan is a uniform permutation and each
-problem's loss is multiplied by its weight. ``apply="sample"``: the plan draws problems
-with replacement in proportion to their weights and the loss is unweighted, so problems
-with weight 0 are never drawn and cost no compute.
+``apply="weight"`` (the paper's form): the plan is a uniform permutation of the
+*support*, the problems whose weight is > 0, and each problem's loss is multiplied by its
+weight. Drawing uniformly from the support and weighting by w has the same expected update
+as drawing uniformly from every problem and weighting by w, up to the factor
+N / |support| (which weights normalised over the support absorb), yet a problem of weight 0
+costs no teacher answer, forward or backward. ``apply="sample"``: the plan draws problems
+with replacement in proportion to their weights and the loss is unweighted.
+
+Either way a weight change (a refresh) starts a new pass, drawn from ``(seed, epoch,
+version)`` and the new weights, so the plan stays a pure function of the saved state.
 """
 
 from __future__ import annotations
@@ -40,7 +46,7 @@ class ProblemSampler:
         self.weights = torch.ones(num_problems)
         self.epoch = 0
         self.position = 0  # index into the current epoch's plan
-        self.version = 0  # how many times the weights changed; keys the sample-mode plan
+        self.version = 0  # how many times the weights changed; keys the plan
         self.last_batch: list[int] = []  # every rank's problems of the last step, in plan order
         if weights is not None:
             self._check(weights)
@@ -56,25 +62,30 @@ class ProblemSampler:
             raise ValueError(f"weights have shape {tuple(weights.shape)}, expected ({self.num_problems},)")
         if not torch.isfinite(weights).all() or (weights < 0).any():
             raise ValueError("weights must be finite and >= 0")
-        if self.apply == "sample" and not weights.sum() > 0:
+        if not weights.sum() > 0:
             raise ValueError("every weight is 0: the sampler has no problem to draw")
 
+    @property
+    def support(self) -> int:
+        """How many problems can be drawn: those whose weight is > 0."""
+        return int((self.weights > 0).sum())
+
     def _make_plan(self) -> torch.Tensor:
-        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-        if self.apply == "weight":
-            return torch.randperm(self.num_problems, generator=generator)
         # Keyed by the weights' version too, so a refresh draws afresh yet reproducibly.
-        generator.manual_seed(self.seed * 1_000_003 + self.epoch + 7_919 * self.version)
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch + 7_919 * self.version)
+        if self.apply == "weight":
+            support = (self.weights > 0).nonzero().flatten()
+            return support[torch.randperm(len(support), generator=generator)]
         return torch.multinomial(self.weights.double(), self.num_problems, replacement=True, generator=generator)
 
     def set_weights(self, weights: torch.Tensor) -> None:
-        """New weights (after a competence refresh). In sample mode the rest of the epoch is
-        redrawn from them; in weight mode the order stays and only the loss weights change."""
+        """New weights (after a competence refresh): a new pass over their support starts
+        (weight mode), or a new draw in proportion to them (sample mode)."""
         self._check(weights)
         self.weights = weights.detach().to(torch.float32).cpu()
         self.version += 1
-        if self.apply == "sample":
-            self._plan = self._make_plan()
+        self.position = 0
+        self._plan = self._make_plan()
 
     def loss_weights(self, indices: list[int]) -> torch.Tensor:
         """The per-problem loss weights of ``indices`` (1 in sample mode: the draw did the weighting)."""
@@ -94,11 +105,11 @@ class ProblemSampler:
     def _take(self, count: int) -> list[int]:
         taken: list[int] = []
         while len(taken) < count:
-            if self.position >= self.num_problems:
+            if self.position >= len(self._plan):
                 self.epoch += 1
                 self.position = 0
                 self._plan = self._make_plan()
-            step = min(count - len(taken), self.num_problems - self.position)
+            step = min(count - len(taken), len(self._plan) - self.position)
             taken += self._plan[self.position:self.position + step].tolist()
             self.position += step
         return taken

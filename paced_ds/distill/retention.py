@@ -48,14 +48,20 @@ class Retention:
             return {}
         solving = dataclasses.replace(eval_cfg, record_problems=True)
         if self.kept is None:
-            solved = set(generation.evaluate(generator, tokenizer, self.records, data_cfg, solving)["solved"])
+            result = generation.evaluate(generator, tokenizer, self.records, data_cfg, solving)
+            solved = set(result["solved"])
             self.kept = [r for r in self.records if r["id"] in solved]
             if dist.is_main():
                 write_text_atomic(self.path, json.dumps({"offered": len(self.records),
                                                          "ids": [r["id"] for r in self.kept]}) + "\n")
-            return {"retention_set": len(self.kept), "retained": 1.0, "forgotten": 0.0}
+            return {"retention_set": len(self.kept), "retained": 1.0, "forgotten": 0.0, **spent(result)}
         if not self.kept:
             return {"retention_set": 0, "retained": float("nan"), "forgotten": float("nan")}
-        solved = generation.evaluate(generator, tokenizer, self.kept, data_cfg, solving)["solved"]
-        retained = len(solved) / len(self.kept)
-        return {"retention_set": len(self.kept), "retained": retained, "forgotten": 1.0 - retained}
+        result = generation.evaluate(generator, tokenizer, self.kept, data_cfg, solving)
+        retained = len(result["solved"]) / len(self.kept)
+        return {"retention_set": len(self.kept), "retained": retained, "forgotten": 1.0 - retained, **spent(result)}
+
+
+def spent(result: dict) -> dict:
+    """The tokens a retention evaluation cost, under names of their own in an eval row."""
+    return {"retention_tokens": result["tokens"], "retention_generated_tokens": result["generated_tokens"]}

@@ -35,6 +35,8 @@ class StepOutcome:
     loss: float = float("nan")  # weighted divergence sum / global response tokens
     tokens: int = 0  # global response tokens
     forward_tokens: int = 0  # global tokens through the student (a rollout's generation counted once more)
+    student_tokens: int = 0  # global tokens of the sequences trained on (forward and backward), prompts included
+    teacher_tokens: int = 0  # global tokens the teacher ran forward to answer the step
     weight_mean: float = float("nan")  # mean weight of the step's problems, as applied
     teacher_s: float = 0.0  # this rank's time waiting for teacher answers
     nonfinite_ranks: list[int] = field(default_factory=list)
@@ -72,10 +74,11 @@ def optimizer_step(cfg: RunConfig, student, teacher: Teacher, examples: list[dic
         raise UserError(f"optimizer_step: {len(examples)} sequences, {len(problems)} problems, {len(weights)} weights: "
                         f"they must be equal, a multiple of train.micro_batch_size ({mb})")
     local_tokens = sum(len(e["input_ids"]) - e["response_start"] for e in examples)
-    local_forward = sum(len(e["input_ids"]) for e in examples) * (2 if generated else 1)
-    global_tokens, global_weight, global_count, global_forward = dist.all_reduce_sum(torch.tensor(
-        [float(local_tokens), weights.sum().item(), float(len(examples)), float(local_forward)],
-        dtype=torch.float64)).tolist()
+    local_sequence = sum(len(e["input_ids"]) for e in examples)
+    requests = requests_for(examples, problems, per_request(cfg), pad_id)
+    global_tokens, global_weight, global_count, global_sequence, global_teacher = dist.all_reduce_sum(torch.tensor(
+        [float(local_tokens), weights.sum().item(), float(len(examples)), float(local_sequence),
+         float(teacher.scored_tokens(requests))], dtype=torch.float64)).tolist()
     if global_weight == 0:
         return StepOutcome("zero_weight")
     # curriculum.normalize=batch_mean: this step's weights average 1 over all ranks.
@@ -83,7 +86,6 @@ def optimizer_step(cfg: RunConfig, student, teacher: Teacher, examples: list[dic
     params = divergence_params(cfg, kind)
     spoil = faults.loss_fault(number, rank)  # the identity, but under PACED_DS_FAULT
 
-    requests = requests_for(examples, problems, per_request(cfg), pad_id)
     answers = teacher.answers(requests)
     if ahead is not None:
         teacher.ask_ahead(ahead)
@@ -118,8 +120,9 @@ def optimizer_step(cfg: RunConfig, student, teacher: Teacher, examples: list[dic
     sums = dist.all_reduce_sum(sums)
     nonfinite_ranks = [r for r in range(world) if sums[1 + r] > 0]
     outcome = StepOutcome("applied", loss=sums[0].item() / max(global_tokens, 1.0), tokens=int(global_tokens),
-                          forward_tokens=int(global_forward), weight_mean=global_weight * scale / global_count,
-                          teacher_s=teacher_s)
+                          forward_tokens=int(global_sequence) * (2 if generated else 1),
+                          student_tokens=int(global_sequence), teacher_tokens=int(global_teacher),
+                          weight_mean=global_weight * scale / global_count, teacher_s=teacher_s)
     if student.skipped_steps > skipped_before or nonfinite_ranks:
         outcome.status, outcome.nonfinite_ranks = "nonfinite", nonfinite_ranks
         outcome.applied_anyway = student.skipped_steps == skipped_before

@@ -62,6 +62,10 @@ class Teacher:
     def answers(self, requests: list[TeacherBatch]):
         raise NotImplementedError
 
+    def scored_tokens(self, requests: list[TeacherBatch]) -> int:
+        """The tokens the teacher runs forward to answer ``requests`` (padding excluded)."""
+        return sum(len(example["input_ids"]) for request in requests for example in request.examples)
+
     def ask_ahead(self, requests: list[TeacherBatch]) -> None:
         """Nothing to start early, unless the teacher works in parallel with the students."""
 
@@ -176,6 +180,10 @@ class Privileged(Teacher):
 
     def answers(self, requests):
         return self.inner.answers(self.rewrite(requests))
+
+    def scored_tokens(self, requests):
+        return sum(len(self.prompts[i]) + len(e["input_ids"]) - e["response_start"]
+                   for request in requests for i, e in zip(request.problems, request.examples))
 
     def ask_ahead(self, requests):
         self.inner.ask_ahead(self.rewrite(requests))

@@ -24,6 +24,7 @@ from paced_ds.curriculum.curriculum import Curriculum
 from paced_ds.curriculum.sampler import ProblemSampler
 from paced_ds.data import sources
 from paced_ds.distill import estimate, onpolicy, probe, teachers
+from paced_ds.distill.compute import ComputeMeter
 from paced_ds.distill.inputs import preflight, tokenize_problems, with_teacher_responses
 from paced_ds.distill.retention import Retention
 from paced_ds.distill.step import StepOutcome, divergence_params, optimizer_step, per_request
@@ -31,6 +32,7 @@ from paced_ds.errors import UserError
 from paced_ds.models import engines, generation, generators
 from paced_ds.runtime import checkpoint, dist, faults
 from paced_ds.runtime.log import progress_bar, say
+from paced_ds.runtime.memory import model_shape
 from paced_ds.runtime.rundir import RunDir
 from paced_ds.runtime.tracking import Tracker
 
@@ -61,6 +63,8 @@ class Run:
                                                     "forward_tokens": 0, "skipped_nonfinite": 0,
                                                     "nonfinite_in_a_row": 0})
     scalars: dict = field(default_factory=dict)  # the curriculum's and the SNR probe's latest, logged every step
+    compute: ComputeMeter | None = None  # FLOPs by phase (distill/compute.py)
+    said_small_support: bool = False  # "fewer problems of weight > 0 than a step holds", said once
 
     @property
     def step(self) -> int:
@@ -94,6 +98,7 @@ def train(cfg: RunConfig) -> dict:
               teacher, student, generators.StudentGeneration(cfg, tokenizer, engines.resolve_model(cfg.model.student, "model.student"),
                                                         fresh),
               Curriculum(cfg, records), sampler, None, None, switch_step)
+    run.compute = compute_meter(cfg)
     resumed_rng = resume(run)
     run.tracker = Tracker(cfg.train.output_dir, tensorboard=cfg.logging.tensorboard,
                           resume_step=run.step if resumed_rng is not None else None)
@@ -124,11 +129,14 @@ def train(cfg: RunConfig) -> dict:
         indices = [i for part in sampler.next_step() for i in part]
         if sampler.epoch != epoch_before or run.step == 0:
             check_agreement(sampler, run.curriculum)
+        zero_weight_problems = int((sampler.weights[sampler.last_batch] == 0).sum())  # every rank's, at the draw
         step_examples, rollout_s = step_sequences(run, indices, on_policy)
         outcome = optimizer_step(cfg, student, teacher, step_examples, indices, sampler.loss_weights(indices),
                                  kind=cfg.loss.stage2_kind if on_policy and cfg.loss.schedule == "two_stage"
                                  else cfg.loss.kind, vocab=vocab, pad_id=tokenizer.pad_token_id, generated=on_policy,
                                  ahead=requests_ahead(run), number=run.step + 1)
+        run.compute.add("student", outcome.student_tokens)  # spent even when the update is skipped
+        run.compute.add("teacher", outcome.teacher_tokens)
         if outcome.status != "applied":
             count_skip(run, outcome)
             continue
@@ -137,7 +145,8 @@ def train(cfg: RunConfig) -> dict:
                            ("samples", sampler.global_batch)):
             run.counters[key] += value
         if run.step % cfg.logging.log_every == 0 or run.step == cfg.train.steps:
-            log_step(run, outcome, lr=lr, on_policy=on_policy, step_s=time.time() - started, rollout_s=rollout_s)
+            log_step(run, outcome, lr=lr, on_policy=on_policy, step_s=time.time() - started, rollout_s=rollout_s,
+                     zero_weight_problems=zero_weight_problems)
             progress.set_postfix(loss=f"{outcome.loss:.4f}", lr=f"{lr:.1e}")
         progress.update(1)
         faults.kill_after_step(run.step, dist.rank())
@@ -170,6 +179,17 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def compute_meter(cfg: RunConfig) -> ComputeMeter:
+    """The FLOP counter of the run, N from each model's config (``memory.model_shape``)."""
+    student = model_shape(engines.resolve_model(cfg.model.student, "model.student"), flag="model.student")
+    try:
+        teacher = model_shape(teachers.teacher_path(cfg), flag="model.teacher").flop_params
+    except UserError as err:  # a served teacher named by a hub id: no config here to count
+        teacher = 0
+        say(f"flops_teacher counts 0: {err}")
+    return ComputeMeter(student.flop_params, teacher)
+
+
 def schedule_switch(cfg: RunConfig) -> int | None:
     """The first on-policy step: 0 for on_policy, loss.switch_at for two_stage, None for off_policy."""
     if cfg.loss.schedule == "off_policy":
@@ -199,6 +219,8 @@ def resume(run: Run):
         run.sampler.set_weights(run.curriculum.weights())
     run.sampler.load_state_dict(client_state["sampler"])
     run.counters.update(client_state["counters"])
+    if "compute" in client_state:  # checkpoints of paced-ds 0.2.0 and before count no FLOPs
+        run.compute.load_state_dict(client_state["compute"])
     say(f"resumed from {resume_from[0] / resume_from[1]} at step {run.step}")
     return client_state["rng"]
 
@@ -238,6 +260,10 @@ def step_sequences(run: Run, indices: list[int], on_policy: bool) -> tuple[list[
         return [run.examples[i] for i in indices], 0.0
     started, cfg = time.time(), run.cfg
     responses = onpolicy.rollouts(run.student, run.tokenizer, [run.prompts[i] for i in indices], cfg)
+    generated = sum(len(r) for r in responses)
+    spent = dist.all_reduce_sum(torch.tensor([float(sum(len(run.prompts[i]) for i in indices) + generated),
+                                              float(generated)], dtype=torch.float64))
+    run.compute.add("rollout", int(spent[0].item()), generated=int(spent[1].item()))
     sequences = [onpolicy.example(run.prompts[i], r, run.tokenizer.eos_token_id, cfg.data.max_length)
                  for i, r in zip(indices, responses)]
     if cfg.curriculum.refresh == "on_policy":
@@ -283,7 +309,8 @@ def count_skip(run: Run, outcome: StepOutcome) -> None:
                         "and train.lr (a lower train.lr is a new run, in another train.output_dir)")
 
 
-def log_step(run: Run, outcome: StepOutcome, *, lr: float, on_policy: bool, step_s: float, rollout_s: float) -> None:
+def log_step(run: Run, outcome: StepOutcome, *, lr: float, on_policy: bool, step_s: float, rollout_s: float,
+             zero_weight_problems: int) -> None:
     grad_norm = run.student.get_global_grad_norm()
     values = {
         "loss": outcome.loss, "lr": lr, "tokens": run.counters["tokens"],
@@ -293,7 +320,8 @@ def log_step(run: Run, outcome: StepOutcome, *, lr: float, on_policy: bool, step
         "rollout_time_s": rollout_s, "tokens_per_s": outcome.tokens / step_s, "on_policy": int(on_policy),
         "epoch": run.sampler.epoch, "batch": run.sampler.batch_digest(),
         "skipped_zero_weight": run.counters["skipped_zero_weight"],
-        "skipped_nonfinite": run.counters["skipped_nonfinite"], **run.scalars}
+        "skipped_nonfinite": run.counters["skipped_nonfinite"], "zero_weight_problems": zero_weight_problems,
+        **run.compute.row(), **run.scalars}
     device = dist.device()
     if device.type == "cuda":  # this rank's peak since the previous logged step, both engines
         values["peak_memory_bytes"] = torch.cuda.max_memory_allocated(device)
@@ -339,6 +367,7 @@ def update_curriculum(run: Run) -> None:
         say(f"competence estimated at step {run.step}: {result['rollouts']} rollouts, mean pass rate "
             f"{result['pass_rate_mean']:.1%}, {estimate.describe_time(result)}")
         run.counters["forward_tokens"] += result["forward_tokens"]
+        run.compute.add("rollout", result["forward_tokens"], generated=result.get("generated_tokens", 0))
     refresh_weights(run)
 
 
@@ -349,6 +378,11 @@ def refresh_weights(run: Run, new_estimate: bool = True) -> None:
         curriculum.record_estimate(run.step)
     weights = curriculum.weights()
     run.sampler.set_weights(weights)
+    if run.sampler.support < run.sampler.global_batch and not run.said_small_support:
+        run.said_small_support = True
+        say(f"curriculum: only {run.sampler.support} problems have weight > 0, fewer than a step's global batch of "
+            f"{run.sampler.global_batch}: each step draws some of them more than once (each pass over them in a new "
+            "order); a wider curriculum (curriculum.posterior=true, another band) or a smaller batch avoids it")
     summary = curriculum.summary(weights)
     say("curriculum: " + ", ".join(f"{k.split('/')[-1]} {v:.3g}" for k, v in summary.items()
                                    if "share" in k or "pass_rate_" in k))
@@ -368,6 +402,8 @@ def run_probe(run: Run) -> None:
     run.scalars.update({f"snr/{name}": v["snr"] for name, v in result["buckets"].items() if v is not None})
     run.scalars["snr/probe_time_s"] = result["seconds"]
     run.counters["forward_tokens"] += result["forward_tokens"]
+    run.compute.add("student", result["forward_tokens"])  # each probed sequence: a forward and a backward
+    run.compute.add("teacher", result["forward_tokens"])
     say(f"gradient SNR at step {step} ({result['problems']} problems, {result['params']} parameters, "
         f"{result['seconds']:.1f} s): " + ", ".join(f"{name} {v['snr']:.3g} (n={v['count']})" if v else f"{name} -"
                                                   for name, v in result["buckets"].items()))
@@ -390,6 +426,9 @@ def run_eval(run: Run, label: str) -> dict | None:
     with run.generation.generator(run.student, step, keep_random_stream=True) as generator:
         result = generation.evaluate(generator, run.tokenizer, run.eval_records, cfg.data, cfg.eval)
         result.update(run.retention.measure(generator, run.tokenizer, cfg.data, cfg.eval))
+    run.compute.add("eval", result["tokens"] + result.get("retention_tokens", 0),
+                    generated=result["generated_tokens"] + result.get("retention_generated_tokens", 0))
+    result.update(run.compute.flops())  # the compute spent until now, this evaluation included
     run.tracker.log_eval(step, result)
     levels = generation.accuracy_table(result["by_difficulty"])
     forgot = ""
@@ -404,6 +443,6 @@ def run_eval(run: Run, label: str) -> dict | None:
 def save(run: Run) -> None:
     cfg = run.cfg
     client_state = {"sampler": run.sampler.state_dict(), "counters": dict(run.counters), "config": cfg.to_dict(),
-                    "curriculum": run.curriculum.state_dict()}
+                    "curriculum": run.curriculum.state_dict(), "compute": run.compute.state_dict()}
     path = checkpoint.save(run.student, cfg.train.output_dir, run.step, client_state, cfg.to_dict())
     say(f"checkpoint saved: {path}")

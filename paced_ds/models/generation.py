@@ -216,12 +216,14 @@ def evaluate(generator, tokenizer, records: list[dict], data_cfg, eval_cfg, prog
     """Greedy held-out accuracy, overall and per difficulty level, identical on every rank.
     Collective. ``generator``: an ``HFGenerator`` or a ``server.ServerGenerator``."""
     if not records:
-        return {"accuracy": float("nan"), "by_difficulty": {}, "count": 0}
+        return {"accuracy": float("nan"), "by_difficulty": {}, "count": 0, "tokens": 0, "generated_tokens": 0}
     prompts = prompt_ids(tokenizer, records, data_cfg)
-    outputs = generator.complete(prompts, max_new_tokens=eval_cfg.max_new_tokens, batch_size=eval_cfg.batch_size,
-                                 progress=progress).texts
+    completions = generator.complete(prompts, max_new_tokens=eval_cfg.max_new_tokens,
+                                     batch_size=eval_cfg.batch_size, progress=progress)
+    outputs = completions.texts
     levels = sorted({str(r.get("difficulty", "all")) for r in records})
-    counts = torch.zeros(len(levels), 2, dtype=torch.float64)  # correct, total per level
+    counts = torch.zeros(len(levels) + 1, 2, dtype=torch.float64)  # correct, total per level; then the tokens
+    counts[-1] = torch.tensor([float(completions.tokens), float(completions.generated)], dtype=torch.float64)
     solved = []
     for index, text in outputs.items():
         record = records[index]
@@ -232,10 +234,12 @@ def evaluate(generator, tokenizer, records: list[dict], data_cfg, eval_cfg, prog
         if correct and eval_cfg.record_problems:
             solved.append(record["id"])
     counts = dist.all_reduce_sum(counts)
+    tokens, counts = counts[-1], counts[:-1]
     by_level = {level: counts[i, 0].item() / max(counts[i, 1].item(), 1) for i, level in enumerate(levels)}
     total = counts.sum(0)
+    # tokens: prompt and generated tokens of every rank (the compute the evaluation cost)
     result = {"accuracy": total[0].item() / max(total[1].item(), 1), "by_difficulty": by_level,
-              "count": int(total[1].item())}
+              "count": int(total[1].item()), "tokens": int(tokens[0].item()), "generated_tokens": int(tokens[1].item())}
     if eval_cfg.record_problems:  # which problems were solved (for forgetting), gathered from every rank
         result["solved"] = sorted(i for part in dist.all_gather_objects(solved) for i in part)
     return result

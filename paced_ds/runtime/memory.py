@@ -79,6 +79,14 @@ class Shape:
     vocab: int
     largest_layer_params: int  # the biggest single module's own params (DeepSpeed's "largest layer")
     kv_bytes_per_token: int = 0  # bf16 key/value cache of one token, all layers (0: unknown, a bare SIZE)
+    # The weights a token is multiplied by: every linear layer, the output projection (tied or not)
+    # included, the embedding lookup not; the N of the 2N (forward) and 6N (training) FLOPs a token.
+    matmul_params: int = 0
+
+    @property
+    def flop_params(self) -> int:
+        """N for FLOP counts: the matmul weights, or every parameter for a bare SIZE."""
+        return self.matmul_params or self.params
 
 
 @dataclass(frozen=True)
@@ -163,12 +171,13 @@ def _shape_from_config(path: Path, flag: str) -> Shape:
     # model.parameters() yields a tied weight once, as DeepSpeed's model_to_params counts it.
     params = sum(p.numel() for p in model.parameters())
     largest = max(sum(p.numel() for p in module.parameters(recurse=False)) for module in model.modules())
+    matmul = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
     heads = text_config.num_attention_heads
     head_dim = getattr(text_config, "head_dim", None) or text_config.hidden_size // heads
     kv_heads = getattr(text_config, "num_key_value_heads", None) or heads
     kv_per_token = 2 * text_config.num_hidden_layers * kv_heads * head_dim * BF16_BYTES  # keys and values
     return Shape(params, text_config.hidden_size, text_config.num_hidden_layers, text_config.vocab_size, largest,
-                 kv_per_token)
+                 kv_per_token, matmul)
 
 
 def student_states(params: int, largest_layer_params: int, gpus_per_node: int, nodes: int,

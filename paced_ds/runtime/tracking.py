@@ -60,7 +60,8 @@ class Tracker:
             return
         row = {"step": step, "accuracy": result["accuracy"], "by_difficulty": result["by_difficulty"],
                "count": result["count"],
-               **{key: result[key] for key in ("retention_set", "retained", "forgotten", "solved") if key in result}}
+               **{key: result[key] for key in ("retention_set", "retained", "forgotten", "solved") if key in result},
+               **{key: value for key, value in result.items() if key.startswith("flops_")}}  # compute spent so far
         self.eval_file.write(json.dumps(row) + "\n")
         self.eval_file.flush()
         if self.writer is not None:
