@@ -370,6 +370,14 @@ def cmd_plan(args) -> int:
         raise UserError(f"--vocab must be >= 1, got {args.vocab}")
     if args.teacher_gpus is not None and args.teacher_gpus < 1:
         raise UserError(f"--teacher-gpus must be >= 1, got {args.teacher_gpus}")
+    for flag, value, ok in (("--problems", args.problems, args.problems >= 1),
+                            ("--mean-tokens", args.mean_tokens, args.mean_tokens is None or args.mean_tokens >= 1),
+                            ("--zero-share", args.zero_share, 0 <= args.zero_share <= 1),
+                            ("--gpu-tflops", args.gpu_tflops, args.gpu_tflops > 0),
+                            ("--mfu", args.mfu, 0 < args.mfu <= 1)):
+        if not ok:
+            allowed = {"--zero-share": "in [0, 1]", "--mfu": "in (0, 1]"}.get(flag, "> 0")
+            raise UserError(f"{flag} {value}: must be {allowed}")
     teacher_spec, student_spec = args.teacher, args.student
     if cfg is not None:
         teacher_spec = teacher_spec or recipe_model(cfg.model.student if cfg.teacher.self_distill
@@ -466,8 +474,42 @@ def print_recipe_fit(cfg, args, rows, student, teacher, gpu_budget: float) -> in
     if not student.kv_bytes_per_token or not teacher.kv_bytes_per_token:
         print("  (a model given as a size has no known key/value cache: its generation phases count no cache)")
     nodes = f"{args.nodes} node{'s' if args.nodes > 1 else ''} of {args.gpus_per_node} GPUs"
+    print_compute(cfg, args, student, teacher, row.teacher_gpus if placement == "dedicated" else 0)
     print(f"\nverdict: the recipe {'fits' if fits else 'does not fit'} on {nodes} of {args.gpu_mem}")
     return 0 if fits else 1
+
+
+def print_compute(cfg, args, student, teacher, teacher_gpus: int) -> None:
+    """The run's FLOPs by phase (docs/curriculum.md#compute), and hours at an assumed utilisation."""
+    from paced_ds.distill.compute import project_run
+
+    gpus = args.nodes * args.gpus_per_node
+    mean_tokens = args.mean_tokens or cfg.data.max_length
+    flops = project_run(cfg, student.flop_params, teacher.flop_params, ranks=gpus - teacher_gpus,
+                        problems=args.problems, mean_tokens=mean_tokens, zero_share=args.zero_share)
+    rate = gpus * args.gpu_tflops * 1e12 * args.mfu
+
+    def amount(value: float) -> str:
+        seconds = value / rate
+        when = f"{seconds / 3600:,.1f} h" if seconds >= 3600 else f"{seconds / 60:.1f} min" if seconds >= 60 \
+            else f"{seconds:.1f} s"
+        scale, unit = next((scale, unit) for scale, unit in ((1e18, "EFLOP"), (1e15, "PFLOP"), (1e12, "TFLOP"),
+                                                             (1e9, "GFLOP"), (1.0, "FLOP")) if value >= scale or scale == 1)
+        return f"{value / scale:,.2f} {unit} ({when})"
+
+    print(f"\ncompute (2N a token forward, 6N trained, attention left out; {args.problems} problems, "
+          f"{mean_tokens} tokens a sequence (--mean-tokens), time on {gpus} GPUs at {args.gpu_tflops:g} "
+          f"TFLOP/s x {args.mfu:.0%} utilisation (--gpu-tflops, --mfu)):")
+    print(f"  a step of {flops['sequences_per_step']} sequences: student {amount(flops['student_step'])}, "
+          f"teacher {amount(flops['teacher_step'])}")
+    print(f"  {cfg.train.steps} steps (train.steps): {amount(flops['training'])}")
+    if flops["estimates"]:
+        print(f"  competence estimate, {args.problems} x {cfg.curriculum.rollouts} rollouts: "
+              f"{amount(flops['estimate'])} each, {flops['estimates']} in the run")
+    print(f"  the run: {amount(flops['run'])}")
+    if flops["weight_zero_saved"]:
+        print(f"  problems of weight 0 ({args.zero_share:.0%} of them, --zero-share) are never drawn; a draw over "
+              f"every problem would have spent {amount(flops['weight_zero_saved'])} of these steps on them")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -554,6 +596,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="GPUs of a dedicated teacher (default: the fewest that hold its bf16 params in 80%% of a GPU)")
     p.add_argument("--dtype", default="bf16", choices=("bf16", "fp16"),
                    help="16-bit mixed precision (the only kind modelled; default bf16)")
+    p.add_argument("--problems", type=int, default=7500,
+                   help="--config: training problems, for the competence estimate's compute (default 7500, MATH's train)")
+    p.add_argument("--mean-tokens", type=int, help="--config: mean tokens of a sequence (default: data.max_length)")
+    p.add_argument("--zero-share", type=float, default=0.5,
+                   help="--config: share of the problems at weight 0 (p = 0 or 1; default 0.5, the reference task "
+                        "has 0.52)")
+    p.add_argument("--gpu-tflops", type=float, default=989.0, help="--config: peak dense TFLOP/s a GPU (default 989, "
+                                                                   "an H100's bf16)")
+    p.add_argument("--mfu", type=float, default=0.4, help="--config: share of the peak reached (default 0.4)")
     p.add_argument("overrides", nargs="*", help="dotted key=value overrides of the --config recipe")
     p.set_defaults(func=cmd_plan)
     return parser

@@ -71,3 +71,32 @@ def test_the_teacher_scores_the_tokens_of_its_own_prompts(privileged):
         assert Teacher().scored_tokens(rewritten) == teacher.scored_tokens(requests)
     else:
         assert teacher.scored_tokens(requests) == 5 + 3
+
+
+def test_a_recipe_run_is_projected_by_the_same_convention():
+    from paced_ds.config import load_config
+    from paced_ds.distill.compute import project_run
+
+    cfg = load_config(REPO / "ds_configs" / "recipes" / "tiny_arith.yaml",
+                      ["train.steps=10", "train.micro_batch_size=4", "train.grad_accum=2", "curriculum.rollouts=8",
+                       "curriculum.refresh=every", "curriculum.refresh_every=4"])
+    flops = project_run(cfg, 100, 1_000, ranks=2, problems=50, mean_tokens=30, zero_share=0.5)
+    sequences = 2 * 4 * 2
+    assert flops["student_step"] == 6 * 100 * sequences * 30
+    assert flops["teacher_step"] == 2 * 1_000 * sequences * 30
+    assert flops["estimate"] == 2 * 100 * 50 * 8 * 30
+    assert flops["estimates"] == 3  # before step 1, after steps 4 and 8
+    assert flops["run"] == 10 * (flops["student_step"] + flops["teacher_step"]) + 3 * flops["estimate"]
+    assert flops["weight_zero_saved"] == 0.5 * flops["training"]
+
+
+def test_plan_prints_the_compute_of_a_recipe(capsys):
+    from paced_ds import cli
+
+    recipe = str(REPO / "ds_configs" / "recipes" / "llama70b_to_8b.yaml")
+    cli.main(["plan", "--config", recipe, "--mean-tokens", "4096", "--zero-share", "0.5"])
+    out = capsys.readouterr().out
+    assert "a step of 64 sequences: student" in out and "competence estimate, 7500 x 8 rollouts" in out
+    assert "a draw over every problem would have spent" in out
+    assert cli.main(["plan", "--config", recipe, "--mfu", "1.5"]) == 2
+    assert "--mfu 1.5: must be in (0, 1]" in capsys.readouterr().err

@@ -68,3 +68,32 @@ class ComputeMeter:
         self.tokens.update(state["tokens"])
         self.generated = state["generated"]
         self.logged = dict(state["logged"])
+
+
+# ---- projection (paced-ds plan --config RECIPE) ---------------------------------------------
+
+def project_run(cfg, student_params: int, teacher_params: int, *, ranks: int, problems: int, mean_tokens: int,
+                zero_share: float) -> dict[str, float]:
+    """The FLOPs of a recipe's run, by the same convention, before it runs.
+
+    Every sequence (training, rollout) is taken to be ``mean_tokens`` long. A step trains
+    ``ranks x train.micro_batch_size x train.grad_accum`` sequences; the competence estimate
+    rolls out ``problems x curriculum.rollouts`` (an upper bound with the adaptive estimate),
+    once, or once per ``curriculum.refresh_every`` steps with ``refresh=every``.
+    ``zero_share``: the share of problems at w = 0, which a draw over every problem would
+    have trained on at weight 0, and the support-only draw does not.
+    """
+    sequences = ranks * cfg.train.micro_batch_size * cfg.train.grad_accum
+    student_step = PHASES["student"] * student_params * sequences * mean_tokens
+    teacher_step = PHASES["teacher"] * teacher_params * sequences * mean_tokens
+    estimates = 0
+    if cfg.curriculum.mode != "uniform" and not cfg.curriculum.competence:
+        estimates = 1
+        if cfg.curriculum.refresh == "every" and cfg.curriculum.refresh_every:
+            estimates += (cfg.train.steps - 1) // cfg.curriculum.refresh_every
+    estimate = PHASES["rollout"] * student_params * problems * cfg.curriculum.rollouts * mean_tokens
+    training = cfg.train.steps * (student_step + teacher_step)
+    return {"sequences_per_step": sequences, "student_step": student_step, "teacher_step": teacher_step,
+            "estimate": estimate, "estimates": estimates, "training": training,
+            "run": training + estimates * estimate,
+            "weight_zero_saved": zero_share * training if cfg.curriculum.mode != "uniform" else 0.0}
