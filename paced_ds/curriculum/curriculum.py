@@ -27,7 +27,8 @@ class Curriculum:
         self.probing = cfg.snr.every > 0  # the SNR probe buckets problems by pass rate
         self.table = CompetenceTable([r["id"] for r in records])
         self.difficulties = [str(r.get("difficulty", "all")) for r in records]
-        self.history: list[tuple[int, torch.Tensor]] = []  # (step, pass-rate histogram) per estimate
+        # per estimate: (step, pass-rate histogram, {level: (mean pass rate, share of the weight)})
+        self.history: list[tuple[int, torch.Tensor, dict]] = []
         self.estimates = 0
         self.alpha, self.beta = self.cfg.alpha, self.cfg.beta  # refit by calibrate() with kernel=calibrated
         # On-policy outcomes since the last merge (curriculum.refresh=on_policy), the same on every rank.
@@ -109,10 +110,8 @@ class Curriculum:
         out = {f"curriculum/{key}": value for key, value in stats.items()}
         for level, rate in level_pass_rates(self.table, self.difficulties).items():
             out[f"curriculum/pass_rate_{level}"] = rate
-        total = float(weights.sum())
-        for level in sorted(set(self.difficulties)):  # where the weight mass sits, level by level
-            members = torch.tensor([d == level for d in self.difficulties])
-            out[f"curriculum/weight_share_{level}"] = float(weights[members].sum()) / total if total > 0 else 0.0
+        for level, share in self.level_weight_shares(weights).items():  # where the weight mass sits
+            out[f"curriculum/weight_share_{level}"] = share
         out["curriculum/estimates"] = self.estimates
         out["curriculum/alpha"], out["curriculum/beta"] = self.alpha, self.beta
         return out
@@ -125,12 +124,22 @@ class Curriculum:
         self.alpha, self.beta = fit.alpha, fit.beta
         return fit
 
-    def record_estimate(self, step: int) -> None:
+    def level_weight_shares(self, weights: torch.Tensor) -> dict[str, float]:
+        """Each difficulty level's share of the weight mass."""
+        total, shares = float(weights.sum()), {}
+        for level in sorted(set(self.difficulties)):
+            members = torch.tensor([difficulty == level for difficulty in self.difficulties])
+            shares[level] = float(weights[members].sum()) / total if total > 0 else 0.0
+        return shares
+
+    def record_estimate(self, step: int, weights: torch.Tensor) -> None:
+        """Keep what the curriculum picture shows of this estimate (its ``weights``)."""
         self.estimates += 1
         rates = self.table.pass_rates()
-        rates = rates[~torch.isnan(rates)]
-        counts = torch.histc(rates.float(), bins=PICTURE_BINS, min=0.0, max=1.0)
-        self.history.append((step, counts / counts.sum().clamp(min=1)))
+        counts = torch.histc(rates[~torch.isnan(rates)].float(), bins=PICTURE_BINS, min=0.0, max=1.0)
+        shares = self.level_weight_shares(weights)
+        levels = {level: (rate, shares[level]) for level, rate in level_pass_rates(self.table, self.difficulties).items()}
+        self.history.append((step, counts / counts.sum().clamp(min=1), levels))
 
     def write(self, output_dir: str | Path, weights: torch.Tensor) -> Path:
         return self.table.write_jsonl(RunDir(output_dir).competence, weights=weights)
@@ -146,10 +155,12 @@ class Curriculum:
             tracker.image("curriculum/pass_rate_over_steps", self.picture(), step)
 
     def picture(self):
-        """An RGB array: the pass-rate distribution (rows: bins of p) at each estimate (columns)."""
-        grid = torch.stack([counts for _, counts in self.history], dim=1).numpy()
-        steps = [step for step, _ in self.history]
-        fig, ax = new_figure(5, 3.2)
+        """An RGB array: left, the pass-rate distribution (rows: bins of p) at each estimate
+        (columns); right, each level's mean pass rate (solid) and share of the weight (dashed)
+        over the steps of the estimates: the frontier moving as the student learns."""
+        grid = torch.stack([counts for _, counts, _ in self.history], dim=1).numpy()
+        steps = [step for step, _, _ in self.history]
+        fig, (ax, levels_ax) = new_figure(10, 3.4, columns=2)
         ax.imshow(grid, origin="lower", aspect="auto", cmap="viridis", vmin=0, vmax=max(grid.max(), 1e-9),
                   extent=(-0.5, len(steps) - 0.5, 0, 1))
         ax.set_xticks(range(len(steps)))
@@ -157,5 +168,18 @@ class Curriculum:
         ax.set_xlabel("optimizer step of the estimate")
         ax.set_ylabel("pass rate p")
         ax.set_title("share of problems per pass-rate bin", fontsize=9)
+        names = sorted({level for _, _, levels in self.history for level in levels})
+        for number, level in enumerate(names):
+            color = f"C{number % 10}"  # matplotlib's default colour cycle
+            points = [(step, levels[level]) for step, _, levels in self.history if level in levels]
+            x = [step for step, _ in points]
+            levels_ax.plot(x, [rate for _, (rate, _) in points], "-o", color=color, markersize=3,
+                           label=f"{level} pass rate")
+            levels_ax.plot(x, [share for _, (_, share) in points], "--s", color=color, markersize=3,
+                           label=f"{level} weight share")
+        levels_ax.set_ylim(-0.02, 1.02)
+        levels_ax.set_xlabel("optimizer step of the estimate")
+        levels_ax.set_title("per level: pass rate (solid), share of the weight (dashed)", fontsize=9)
+        levels_ax.legend(fontsize=6, ncol=2, loc="best")
         return figure_rgb(fig)
 

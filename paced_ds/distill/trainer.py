@@ -374,9 +374,9 @@ def update_curriculum(run: Run) -> None:
 def refresh_weights(run: Run, new_estimate: bool = True) -> None:
     """New pass rates (or a new kernel): reweight the sampler, write competence.jsonl, report."""
     curriculum = run.curriculum
-    if new_estimate:
-        curriculum.record_estimate(run.step)
     weights = curriculum.weights()
+    if new_estimate:
+        curriculum.record_estimate(run.step, weights)
     run.sampler.set_weights(weights)
     if run.sampler.support < run.sampler.global_batch and not run.said_small_support:
         run.said_small_support = True

@@ -16,6 +16,23 @@ from paced_ds.runtime.files import write_jsonl_atomic
 from paced_ds.runtime.rundir import RunDir
 
 
+# TensorBoard's "Custom scalars" tab: the per-level curves of the curriculum in one chart each, so
+# that the frontier is seen moving (each level's own card holds one line).
+CHARTS = {
+    "curriculum": {
+        "pass rate per level": ["Multiline", [r"curriculum/pass_rate_(?!mean$).*"]],
+        "share of the weight per level": ["Multiline", [r"curriculum/weight_share_(?!p[01]$).*"]],
+        "problems at p = 0 and p = 1": ["Multiline", [r"curriculum/(zero|full)_pass_share"]],
+    },
+    "compute": {
+        "FLOPs by phase (cumulative)": ["Multiline", [r"train/flops_(student|teacher|rollout|eval|total)$"]],
+    },
+    "held-out accuracy": {
+        "per level": ["Multiline", [r"eval/accuracy.*"]],
+    },
+}
+
+
 class Tracker:
     def __init__(self, output_dir: str | Path, *, tensorboard: bool = True, resume_step: int | None = None):
         """``resume_step``: the step of the checkpoint a resumed run starts from (None: a new run)."""
@@ -43,6 +60,8 @@ class Tracker:
             # On resume, TensorBoard drops the events a crashed run wrote past its checkpoint.
             purge_step = None if resume_step is None else resume_step + 1
             self.writer = SummaryWriter(log_dir=str(layout.tensorboard), purge_step=purge_step)
+            self.writer.add_custom_scalars(CHARTS)
+
 
     def log_step(self, step: int, values: dict) -> None:
         if not self.enabled:
@@ -116,14 +135,14 @@ def _jsonable(value):
     raise TypeError(f"not JSON serialisable: {type(value).__name__}")
 
 
-def new_figure(width_in: float, height_in: float):
-    """A matplotlib figure and axes drawn off-screen (no display needed)."""
+def new_figure(width_in: float, height_in: float, columns: int = 1):
+    """A matplotlib figure and its axes (``columns`` of them side by side) drawn off-screen."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    return plt.subplots(figsize=(width_in, height_in), dpi=100)
+    return plt.subplots(1, columns, figsize=(width_in, height_in), dpi=100)
 
 
 def figure_rgb(fig):
