@@ -1,65 +1,93 @@
-"""Which curriculum distils best at a fixed budget of student steps: PACED against its baselines.
+"""Which curriculum distils best at equal compute: PACED against its baselines.
 
     python tools/compare_curricula.py [--steps 100] [--seeds 5] [--lrs 3e-4 1e-3 3e-3] [--sweep-seeds 1]
-                                      [--methods NAME ...] [--eval-every 25] [--snr-every N] [--nproc 2]
+                                      [--methods NAME ...] [--eval-every 10] [--pilot-steps 16] [--nproc 2]
                                       [--out runs/compare_curricula] [--extra key=value ...] [--quick]
-                                      [--report-only]
+                                      [--plan-only] [--report-only]
 
 On the reference task (the shipped tiny teacher and student, ds_configs/recipes/tiny_arith.yaml)
-every method below trains the same number of steps with the same batch:
+every method below gets the compute of forward KL's run of ``--steps`` steps, B, with the same
+batch; what differs is how many optimizer steps that compute buys it:
 
     base              no training: the step-0 evaluation every run makes (not run on its own)
-    forward_kl        unweighted forward KL           curriculum.mode=uniform
-    hard_filter       weight 1 inside 0 < p < 1       curriculum.mode=hard_filter
-    akl               adaptive KL, unweighted         curriculum.mode=uniform loss.kind=akl
-    paced             w = p(1-p)                      curriculum.mode=paced (+ SNR probes at steps 0, S/2, S)
-    paced_two_stage   paced, forward then reverse KL  + loss.schedule=two_stage
-    paced_posterior   paced, E[w(p)] under Beta       + curriculum.posterior=true
-    paced_calibrated  paced, kernel fitted to SNR     + curriculum.kernel=calibrated snr.every=N
-    paced_sample      paced weights as sampling probabilities   + curriculum.apply=sample
+    forward_kl        unweighted forward KL                  curriculum.mode=uniform
+    hard_filter       weight 1 inside 0 < p < 1              curriculum.mode=hard_filter
+    akl               adaptive KL, unweighted                curriculum.mode=uniform loss.kind=akl
+    paced             w = p(1-p), support-only draw          curriculum.mode=paced (+ SNR probes at steps 0, S/2, S)
+    paced_sample      the weights as sampling probabilities  + curriculum.apply=sample
+    paced_refresh     K fresh rollouts at each quarter       + curriculum.refresh=every refresh_every=ceil(S/4)
+    paced_adaptive    the adaptive estimate (its own)        + curriculum.rollouts_min=2 (K = 8 at most)
+    paced_two_stage   forward, then on-policy reverse KL     + loss.schedule=two_stage
+    paced_posterior   E[w(p)] under Beta (only if named)     + curriculum.posterior=true
 
-Two phases, each ONE deepspeed launch that pays for its imports once (a generated script,
+**Compute** (tools/curricula_compute.py): student (6 N_S a token trained) + teacher (2 N_T a
+token scored) + rollouts (2 N_S a token of competence estimates and on-policy rollouts), as each
+run's meter counts them (paced_ds/distill/compute.py), plus, for a method that reads the seed's
+shared step-0 estimate, that estimate's rollouts (2 N_S x its ``forward_tokens``). Evaluations
+and the paced runs' SNR probes are measurement, not counted.
+
+Three phases, each ONE deepspeed launch that pays for its imports once (a generated script,
 ``<out>/launch_runs.py``, loops over the runs calling ``train(load_config(recipe, overrides))``):
 
-1. **Learning-rate sweep.** Every method trains at every ``--lrs`` value (``--sweep-seeds``
-   seeds) and is scored on the reference task's *validation* split (``data.eval=arith:val``),
-   which is disjoint from the held-out split that is reported. Each method keeps its best
-   learning rate (``<out>/lr_choice.json``; a tie keeps the smaller rate).
-2. **The comparison.** Every method trains at its own best rate once per seed (``train.seed`` =
+1. **Pilot.** Seed 0's step-0 competence estimate, and every method for ``--pilot-steps``
+   steps without evaluation (``<out>/pilot/``). From their metrics.jsonl, each method's cost:
+   one competence estimate (the shared one it reads, or its own) and a step, off- and on-policy.
+   B is forward KL's compute per step times ``--steps``. A method's run of n steps plans its
+   estimates (1; paced_refresh adds its refreshes, each costing what the step-0 one did) and
+   its steps; it gets the most steps that fit in B (``<out>/budgets.json``), and is not run,
+   the report says so, when even its fewest (1; 4 for paced_refresh) do not. At the defaults
+   the K = 8 estimate alone costs 45% of B: the PACED methods get 51-57 steps to forward KL's
+   100, and paced_refresh's four estimates 180% of B. ``--plan-only`` stops here.
+2. **Learning-rate sweep.** Every method trains its steps at every ``--lrs`` value
+   (``--sweep-seeds`` seeds), scored on the reference task's *validation* split
+   (``data.eval=arith:val``), disjoint from the held-out split that is reported. Each method
+   keeps its best rate (``<out>/lr_choice.json``; a tie keeps the smaller rate): the rate is
+   chosen at the length the method is compared at.
+3. **The comparison.** Every method trains at its own best rate once per seed (``train.seed`` =
    0..N-1; nothing else varies between seeds), evaluated on the held-out split every
    ``--eval-every`` steps, with the retention set (``data.retain=arith:retain``) measuring forgetting.
 
-The teacher's responses are generated by the first run into ``<out>/responses`` and reused. A
-run whose ``eval.jsonl`` already ends with its final evaluation is skipped, so calling the tool
-again resumes the comparison; an unfinished run directory is removed and run again, and one
-holding a run of other settings is an error.
+A seed's step-0 pass rates depend on the seed alone: one ``estimate`` plan entry per seed serves
+every method and rate that weights by the K = 8 estimate (curriculum.competence), and is charged
+to each of them. paced_refresh and paced_adaptive make their own estimates during the run
+(their flops_rollout). The teacher's responses are generated by the first run into
+``<out>/responses`` and reused. A run that already ends with its final evaluation (a pilot: its
+final step) is skipped, so calling the tool again resumes the comparison; an unfinished run
+directory is removed and run again, and one holding a run of other settings is an error.
 
 From the run directories (``--report-only`` does only this; the code is tools/curricula_report.py):
 
 - the sweep: validation accuracy per method and learning rate, the chosen rate marked;
-- held-out accuracy per difficulty level and overall at the final evaluation, mean ± std over
-  seeds, per method; the base row is the step-0 evaluation;
-- each method against forward_kl, paired by seed: mean difference with a bootstrap 95% interval
-  over seeds, and the seeds it wins;
+- the budgets: each method's steps, fixed and per-step compute, planned and measured compute;
+- held-out accuracy at 25%, 50% and 100% of B: per seed, the last evaluation whose training
+  compute is at most that budget (plus 2% of B for whole steps); the step-0 evaluation (the base
+  student) counts as compute 0; mean ± std over seeds, and where those evaluations lay;
+- held-out accuracy per difficulty level at the final evaluation (each method's whole budget);
+- each method against forward_kl at 100% and 50% of B, paired by seed: mean difference with a
+  bootstrap 95% interval over seeds, and the seeds it wins;
 - forgetting: of the retention set (the retention problems the base student solves), the share
   the final student no longer solves;
-- steps and student forward tokens (``metrics.jsonl`` ``forward_tokens``: training sequences
-  and rollouts, i.e. competence estimates and on-policy steps) until a run first evaluates
-  at or above forward_kl's final mean accuracy;
+- the training compute until a run first evaluates at or above forward_kl's final mean accuracy;
 - the gradient SNR per pass-rate bucket at step 0 and mid-run, mean ± std over the paced seeds.
 
-It writes ``<out>/results.md``, ``<out>/results.json``, ``<out>/accuracy_vs_steps.png`` and
-``<out>/snr_vs_pass_rate.png``, and prints the tables and the command.
+It writes ``<out>/results.md``, ``<out>/results.json``, ``<out>/accuracy_vs_compute.png``,
+``<out>/accuracy_vs_steps.png`` and ``<out>/snr_vs_pass_rate.png``, and prints the tables and
+the command.
 
-The tool prints its estimate before each launch and a progress line with the ETA after every
-run. ``--quick`` (10 steps, 2 seeds, 2 learning rates, 20 training problems per level, K = 4,
-20 evaluation problems per level) is a smoke run of under 5 minutes.
+The tool prints its estimate before each launch, the sweep's and comparison's together once the
+steps are planned, and a progress line with the ETA after every run: at the defaults, 3 minutes
+of pilot (measured), then about 12 + 37 minutes (COST_S) on this 2-core machine. ``--quick``
+(8 steps, 4-step pilots, 2 seeds, one learning rate, 20 training, evaluation and retention
+problems per level, K = 4, evaluation every 2 steps) is a smoke run of under 5 minutes.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import functools
 import json
+import math
 import os
 import shlex
 import shutil
@@ -77,28 +105,44 @@ from paced_ds.errors import UserError
 LEVELS = len(ARITH_LEVELS)
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from curricula_report import (best_lrs, competence_dir, load_runs, markdown, plot_accuracy,  # noqa: E402
-                              plot_snr, read_jsonl, run_dir, summarize, sweep_dir, sweep_results)
+from curricula_compute import params_of_run, pilot_costs, planned_flops, steps_within  # noqa: E402
+from curricula_report import (BASELINE, best_lrs, charged_flops, competence_dir, load_runs,  # noqa: E402
+                              markdown, pilot_dir, plot_accuracy, plot_snr, read_jsonl, run_dir, summarize,
+                              sweep_dir, sweep_results)
 
 RECIPE = REPO_ROOT / "ds_configs" / "recipes" / "tiny_arith.yaml"
 
-# method -> config overrides; the order is the order of the tables and of the runs within a seed.
-METHODS = {
-    "forward_kl": ("curriculum.mode=uniform",),
-    "hard_filter": ("curriculum.mode=hard_filter",),
-    "akl": ("curriculum.mode=uniform", "loss.kind=akl"),
-    "paced": ("curriculum.mode=paced",),
-    "paced_two_stage": ("curriculum.mode=paced", "loss.schedule=two_stage"),
-    "paced_posterior": ("curriculum.mode=paced", "curriculum.posterior=true"),
-    "paced_calibrated": ("curriculum.mode=paced", "curriculum.kernel=calibrated"),
-    "paced_sample": ("curriculum.mode=paced", "curriculum.apply=sample"),
-}
 
-QUICK = {"steps": 10, "seeds": 2, "eval_every": 5, "lrs": [1e-3, 3e-3]}
-QUICK_OVERRIDES = ("data.arith_train_per_level=20", "curriculum.rollouts=4", "eval.limit_per_level=20")
-# 100 steps (a third of the demo's 300) so that 3 rates x 8 methods plus 5 seeds x 8 methods fit
-# in an hour on 2 cores.
-DEFAULTS = {"steps": 100, "seeds": 5, "eval_every": 25, "lrs": [3e-4, 1e-3, 3e-3]}
+@dataclasses.dataclass(frozen=True)
+class Method:
+    overrides: tuple[str, ...]
+    shares_estimate: bool = False  # reads the seed's K-rollout step-0 estimate (curriculum.competence), charged to it
+    refreshes: int = 0  # K-rollout re-estimates during the run, one at each 1/(refreshes + 1) of it
+    default: bool = True  # in the comparison unless --methods says otherwise
+
+
+# The order is the order of the tables and of the runs within a seed. paced_refresh and
+# paced_adaptive cannot share the K = 8 estimate: a given competence file is static, and the
+# adaptive estimate is another estimate; each makes its own during the run (its flops_rollout).
+METHODS = {
+    "forward_kl": Method(("curriculum.mode=uniform",)),
+    "hard_filter": Method(("curriculum.mode=hard_filter",), shares_estimate=True),
+    "akl": Method(("curriculum.mode=uniform", "loss.kind=akl")),
+    "paced": Method(("curriculum.mode=paced",), shares_estimate=True),
+    "paced_sample": Method(("curriculum.mode=paced", "curriculum.apply=sample"), shares_estimate=True),
+    "paced_refresh": Method(("curriculum.mode=paced", "curriculum.refresh=every"), refreshes=3),
+    "paced_adaptive": Method(("curriculum.mode=paced", "curriculum.rollouts_min=2")),
+    "paced_two_stage": Method(("curriculum.mode=paced", "loss.schedule=two_stage"), shares_estimate=True),
+    "paced_posterior": Method(("curriculum.mode=paced", "curriculum.posterior=true"), shares_estimate=True,
+                              default=False),
+}
+# One rate: the sweep phase still runs (and "chooses" it); two would not fit in 5 minutes.
+QUICK = {"steps": 8, "seeds": 2, "eval_every": 2, "lrs": [1e-3], "pilot_steps": 4}
+QUICK_OVERRIDES = ("data.arith_train_per_level=20", "curriculum.rollouts=4", "eval.limit_per_level=20",
+                   "data.arith_retain_per_level=20")
+# 100 steps of forward KL (a third of the demo's 300), evaluated every 10 (every 10% of B), so that the
+# pilot, 3 rates x 8 methods and 5 seeds x 8 methods fit in an hour on 2 cores.
+DEFAULTS = {"steps": 100, "seeds": 5, "eval_every": 10, "lrs": [3e-4, 1e-3, 3e-3], "pilot_steps": 16}
 
 # Seconds on the 2-core CPU machine, 2 ranks, the reference recipe (measured on a --quick and a
 # full comparison): the estimate printed before launching. The progress lines rescale it by how
@@ -109,10 +153,11 @@ COST_S = {
     "step": 0.32,               # one off-policy optimizer step (64 problems)
     "on_policy_step": 0.5,      # one on-policy step: one rollout per problem, then scoring
     "eval": 0.004,              # one greedy held-out, validation or retention problem
-    "rollout": 0.00075,         # one rollout of a competence estimate
+    "rollout": 0.00075,         # one rollout of a competence estimate (the adaptive one: at most K a problem)
     "probe": 1.5,               # one gradient-SNR probe (16 problems x 6 buckets)
     "teacher_response": 0.006,  # one teacher response, generated by the first run only
 }
+RETAINED_SHARE = 0.6  # of the retention problems offered, those the base student solves (364 of 600) are re-asked
 
 MARKER = "compare_curricula: run done"
 ESTIMATE = "estimate"  # the plan entry of a seed's step-0 competence estimate
@@ -154,86 +199,122 @@ for run in plan["runs"]:
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, help="student optimizer steps per run (default 100; --quick 20)")
+    parser.add_argument("--steps", type=int, help="forward_kl's optimizer steps, whose compute is every method's "
+                                                  "budget B (default 100; --quick 8)")
     parser.add_argument("--seeds", type=int, help="seeds per method, train.seed = 0..N-1 (default 5; --quick 2)")
     parser.add_argument("--lrs", type=float, nargs="+", help="learning rates of the sweep (default 3e-4 1e-3 3e-3; "
-                                                              "--quick 1e-3 3e-3)")
+                                                              "--quick 1e-3)")
     parser.add_argument("--sweep-seeds", type=int, default=1, help="seeds per method and rate in the sweep (default 1)")
-    parser.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS),
-                        help="methods to run (default: all); base is every run's step-0 evaluation")
-    parser.add_argument("--eval-every", type=int, help="held-out evaluation every N steps (default 25; --quick 10)")
-    parser.add_argument("--snr-every", type=int,
-                        help="paced_calibrated: SNR probe (and kernel refit) every N steps (default steps/4)")
+    parser.add_argument("--methods", nargs="+", choices=list(METHODS),
+                        help="methods to run (default: all but paced_posterior, and those whose config keys this "
+                             "checkout lacks); base is every run's step-0 evaluation")
+    parser.add_argument("--eval-every", type=int, help="held-out evaluation every N steps (default 10; --quick 2)")
+    parser.add_argument("--pilot-steps", type=int, help="steps of each method's pilot run, which measures its "
+                                                        "compute per step (default 16; --quick 4)")
     parser.add_argument("--nproc", type=int, default=2, help="ranks (default 2)")
     parser.add_argument("--out", default="runs/compare_curricula", help="output directory "
                                                                         "(default runs/compare_curricula)")
     parser.add_argument("--extra", nargs="+", default=[], metavar="KEY=VALUE",
                         help="config overrides given to every run (e.g. model.dtype=bf16)")
     parser.add_argument("--quick", action="store_true",
-                        help="smoke run: 10 steps, 2 seeds, 2 learning rates, eval every 5, 20 problems per level, "
-                             "K = 4, 20 evaluation problems per level")
+                        help="smoke run: 8 steps, 4-step pilots, 2 seeds, learning rate 1e-3, eval every 2, 20 "
+                             "training, evaluation and retention problems per level, K = 4")
+    parser.add_argument("--plan-only", action="store_true",
+                        help="run the pilot, print each method's steps and the time the rest would take, stop")
     parser.add_argument("--report-only", action="store_true",
                         help="only recompute the tables and plots from the run directories in --out")
     args = parser.parse_args(argv)
     for key, value in (QUICK if args.quick else DEFAULTS).items():
         if getattr(args, key) is None:
             setattr(args, key, value)
-    if args.snr_every is None:
-        args.snr_every = max(1, args.steps // 4)
-    for key in ("steps", "seeds", "sweep_seeds", "eval_every", "snr_every", "nproc"):
+    for key in ("steps", "seeds", "sweep_seeds", "eval_every", "pilot_steps", "nproc"):
         if getattr(args, key) < 1:
             parser.error(f"--{key.replace('_', '-')} must be >= 1, got {getattr(args, key)}")
     if any(not lr > 0 for lr in args.lrs):
         parser.error(f"--lrs must be positive, got {args.lrs}")
     args.lrs = sorted(set(args.lrs))
-    args.methods = list(dict.fromkeys(args.methods))
+    args.methods = list(dict.fromkeys(args.methods)) if args.methods else default_methods()
+    args.pilot_steps = min(args.pilot_steps, args.steps)
     args.out = Path(args.out).resolve()
     return args
 
 
+def default_methods() -> list[str]:
+    """The default methods this checkout's config can express (paced_adaptive needs
+    curriculum.rollouts_min); a missing one is named, not silently dropped."""
+    methods = []
+    for name, method in METHODS.items():
+        if not method.default:
+            continue
+        try:
+            method_config(name)
+        except UserError as err:
+            print(f"compare_curricula: {name} left out of the default methods: {err}")
+            continue
+        methods.append(name)
+    return methods
+
+
+def method_config(method: str, extra: tuple[str, ...] = ()):
+    """The recipe with ``extra`` and ``method``'s overrides (a refresh interval stands in for the
+    one each run sets)."""
+    from paced_ds.config import load_config
+
+    spec = METHODS[method]
+    return load_config(RECIPE, [*extra, *spec.overrides, *(("curriculum.refresh_every=1",) if spec.refreshes else ())])
+
+
 # ---- the runs -----------------------------------------------------------------------------
 
-def run_overrides(args, method: str, seed: int, lr: float, *, sweep: bool) -> list[str]:
-    """The ``key=value`` overrides of one run, later ones winning. A sweep run is scored on the
-    validation split, before and after training only; a comparison run on the held-out split
-    every --eval-every steps, with the retention set."""
-    # snr.every: paced probes at steps 0, S/2 and S (the SNR table; a probe trains nothing), only
-    # in the comparison; paced_calibrated every --snr-every steps (its kernel is refitted at each
-    # probe), in both phases; the rest never.
-    paced_probe = 0 if sweep else max(1, args.steps // 2)
-    snr_every = {"paced": paced_probe, "paced_calibrated": args.snr_every}.get(method, 0)
-    if sweep:
+def run_overrides(args, method: str, seed: int, lr: float, steps: int, phase: str) -> list[str]:
+    """The ``key=value`` overrides of one run of ``phase``, later ones winning. A pilot run is
+    never evaluated and logs every step; a sweep run is scored on the validation split, before
+    and after training only; a comparison run on the held-out split every --eval-every steps,
+    with the retention set."""
+    spec = METHODS[method]
+    if phase == "pilot":
+        scoring = ("data.eval=", "data.retain=", "eval.every=0", "eval.record_problems=false", "logging.log_every=1")
+        directory = pilot_dir(args.out, method)
+    elif phase == "sweep":
         scoring = ("data.eval=arith:val", "data.retain=", "eval.every=0", "eval.record_problems=false")
         directory = sweep_dir(args.out, method, lr, seed)
     else:
         scoring = ("data.eval=arith:eval", "data.retain=arith:retain", f"eval.every={args.eval_every}",
                    "eval.record_problems=true")
         directory = run_dir(args.out, method, seed)
-    # The step-0 pass rates depend on the seed alone (the same student, the same rollout seed): one
-    # estimate per seed serves every method and rate that weights by them (see estimate_overrides).
     given = (f"curriculum.competence={competence_dir(args.out, seed) / 'competence.jsonl'}",) \
-        if uses_pass_rates(method) else ()
-    return [*common_overrides(args), *scoring, *METHODS[method], *given, f"snr.every={snr_every}",
+        if spec.shares_estimate else ()
+    # A pilot never refreshes (it measures one estimate; the plan counts the refreshes).
+    refresh = (f"curriculum.refresh_every={steps if phase == 'pilot' else refresh_every(method, steps)}",) \
+        if spec.refreshes else ()
+    # paced probes the gradient SNR at steps 0, S/2 and S (the SNR table; a probe trains nothing and
+    # its compute is not counted), only in the comparison.
+    snr_every = max(1, steps // 2) if method == "paced" and phase == "comparison" else 0
+    return [*common_overrides(args, steps), *scoring, *spec.overrides, *given, *refresh, f"snr.every={snr_every}",
             f"train.lr={lr:g}", f"train.seed={seed}", f"train.output_dir={directory}"]
 
 
-def common_overrides(args) -> list[str]:
+def refresh_every(method: str, steps: int) -> int:
+    """The refresh interval of a run of ``steps`` steps: a new estimate at each 1/(R + 1) of it,
+    R = the method's refreshes, while before its last step. For R = 3: 3 of them at 4, 7, 8 and
+    from 10 steps on, 2 at 5, 6 and 9 (the plan counts them as they are)."""
+    return math.ceil(steps / (METHODS[method].refreshes + 1))
+
+
+def common_overrides(args, steps: int) -> list[str]:
     from paced_ds.config import load_config
 
     recipe_warmup = load_config(RECIPE).train.warmup_steps
-    return [f"train.steps={args.steps}", f"train.warmup_steps={min(recipe_warmup, args.steps)}",
+    return [f"train.steps={steps}", f"train.warmup_steps={min(recipe_warmup, steps)}",
             "train.export=false", "logging.progress=false", f"data.responses_dir={args.out / 'responses'}",
             *(QUICK_OVERRIDES if args.quick else ()), *args.extra]
-
-
-def uses_pass_rates(method: str) -> bool:
-    return method.startswith("paced") or method == "hard_filter"
 
 
 def estimate_overrides(args, seed: int) -> list[str]:
     """`paced-ds estimate` of seed ``seed``: the rollouts a paced run makes at its step 0 (its
     seed, train.seed + 1), written to <out>/competence/seed<k>/."""
-    return [*common_overrides(args), f"train.seed={seed}", f"train.output_dir={competence_dir(args.out, seed)}"]
+    return [*common_overrides(args, args.steps), f"train.seed={seed}",
+            f"train.output_dir={competence_dir(args.out, seed)}"]
 
 
 def comparable(config: dict) -> dict:
@@ -256,8 +337,9 @@ def differing_keys(a: dict, b: dict, prefix: str = "") -> list[str]:
 
 
 def run_state(directory: Path, expected: dict) -> str:
-    """'done' (eval.jsonl ends at the final step), 'partial' or 'absent'. UserError when the
-    directory holds a run of other settings: its results would be mixed into this comparison."""
+    """'done' (eval.jsonl ends at the final step; for a run without evaluation, metrics.jsonl),
+    'partial' or 'absent'. UserError when the directory holds a run of other settings: its
+    results would be mixed into this comparison."""
     if not directory.exists():
         return "absent"
     config_path = directory / "config.json"
@@ -266,54 +348,74 @@ def run_state(directory: Path, expected: dict) -> str:
         if differ:
             raise UserError(f"{directory} holds a run with other settings: {', '.join(differ[:3])}; "
                             "choose another --out or remove that directory")
-    evals = read_jsonl(directory / "eval.jsonl")
-    return "done" if evals and evals[-1]["step"] == expected["train"]["steps"] else "partial"
+    rows = read_jsonl(directory / ("eval.jsonl" if expected["data"]["eval"] else "metrics.jsonl"))
+    return "done" if rows and rows[-1]["step"] == expected["train"]["steps"] else "partial"
 
 
-def estimate_run_s(method: str, steps: int, eval_every: int, snr_every: int, eval_problems: int = 600,
-                   sweep: bool = False) -> float:
-    """Seconds one run should take here (COST_S), without the launch and the seed's step-0 estimate
-    (a plan entry of its own)."""
-    switch = steps // 2 if method == "paced_two_stage" else steps
-    seconds = COST_S["run"] + switch * COST_S["step"] + (steps - switch) * COST_S["on_policy_step"]
-    evals = 2 if sweep else len(range(eval_every, steps, eval_every)) + 2
-    # A comparison's evaluation also re-asks the retention set (about half of as many problems).
-    seconds += evals * eval_problems * COST_S["eval"] * (1.0 if sweep else 1.5)
-    if method == "paced" and not sweep:
-        seconds += 3 * COST_S["probe"]
-    if method == "paced_calibrated":
-        seconds += (steps // snr_every + 1) * COST_S["probe"]
-    return seconds
+def on_policy_steps(cfg, steps: int) -> int:
+    """How many of a run's ``steps`` steps are on-policy under ``cfg``'s schedule (the trainer's rule)."""
+    from paced_ds.distill.trainer import schedule_switch
+
+    switch = schedule_switch(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, steps=steps)))
+    return 0 if switch is None else max(0, steps - switch)
 
 
-def plan_runs(args, lrs: dict[str, list[float]], seeds: int, *, sweep: bool) -> list[dict]:
+def estimates_in_run(cfg) -> int:
+    """Competence estimates a run makes itself: none when it weights nothing or reads a given file."""
+    if cfg.curriculum.mode == "uniform" or cfg.curriculum.competence:
+        return 0
+    refresh = cfg.curriculum.refresh == "every"
+    return 1 + ((cfg.train.steps - 1) // cfg.curriculum.refresh_every if refresh else 0)
+
+
+def estimate_run_s(cfg) -> float:
+    """Seconds one run should take here (COST_S), from its config; without the launch and the
+    seed's shared step-0 estimate (a plan entry of its own)."""
+    steps = cfg.train.steps
+    on = on_policy_steps(cfg, steps)
+    seconds = COST_S["run"] + (steps - on) * COST_S["step"] + on * COST_S["on_policy_step"]
+    if cfg.data.eval:
+        evals = 2 + (len(range(cfg.eval.every, steps, cfg.eval.every)) if cfg.eval.every else 0)
+        problems = LEVELS * (cfg.eval.limit_per_level or cfg.data.arith_eval_per_level)
+        if cfg.data.retain:
+            problems += RETAINED_SHARE * LEVELS * cfg.data.arith_retain_per_level
+        seconds += evals * problems * COST_S["eval"]
+    if cfg.snr.every:
+        seconds += (steps // cfg.snr.every + 1) * COST_S["probe"]
+    rollouts = LEVELS * cfg.data.arith_train_per_level * cfg.curriculum.rollouts
+    return seconds + estimates_in_run(cfg) * rollouts * COST_S["rollout"]
+
+
+def plan_runs(args, phase: str, lrs: dict[str, list[float]], seeds: int, steps: dict[str, int],
+              every_run: bool = False) -> list[dict]:
     """The runs of one phase still to do, seed by seed; unfinished run directories are removed.
-    ``lrs``: method -> its learning rates."""
+    ``lrs``: method -> its learning rates; ``steps``: method -> its steps (a method not in it is
+    not run). ``every_run``: every run of the phase, done or not, touching nothing (for the
+    time estimate)."""
     from paced_ds.config import load_config
 
+    methods = [m for m in lrs if m in steps]
     pending = []
     for seed in range(seeds):
-        if any(uses_pass_rates(m) for m in args.methods) and \
-                not (competence_dir(args.out, seed) / "estimate.json").is_file():
+        if any(METHODS[m].shares_estimate for m in methods) and \
+                (every_run or not (competence_dir(args.out, seed) / "estimate.json").is_file()):
             cfg = load_config(RECIPE, estimate_overrides(args, seed))
             pending.append({"method": ESTIMATE, "seed": seed, "lr": 0.0, "overrides": estimate_overrides(args, seed),
                             "directory": str(competence_dir(args.out, seed)),
                             "estimate_s": COST_S["run"] + LEVELS * cfg.data.arith_train_per_level
                             * cfg.curriculum.rollouts * COST_S["rollout"]})
-        for method in args.methods:
+        for method in methods:
             for lr in lrs[method]:
-                overrides = run_overrides(args, method, seed, lr, sweep=sweep)
+                overrides = run_overrides(args, method, seed, lr, steps[method], phase)
                 cfg = load_config(RECIPE, overrides)  # a bad key fails here, in one line, before any launch
                 directory = Path(cfg.train.output_dir)
-                state = run_state(directory, cfg.to_dict())
+                state = "absent" if every_run else run_state(directory, cfg.to_dict())
                 if state == "partial":
                     print(f"compare_curricula: {directory} is unfinished (no final evaluation): removed, run again")
                     shutil.rmtree(directory)
                 if state != "done":
-                    eval_problems = LEVELS * (cfg.eval.limit_per_level or cfg.data.arith_eval_per_level)
                     pending.append({"method": method, "seed": seed, "lr": lr, "overrides": overrides,
-                                    "directory": str(directory), "estimate_s": estimate_run_s(
-                                        method, args.steps, args.eval_every, args.snr_every, eval_problems, sweep)})
+                                    "directory": str(directory), "estimate_s": estimate_run_s(cfg)})
     return pending
 
 
@@ -359,10 +461,12 @@ def launch(args, pending: list[dict], phase: str) -> None:
             finished += 1
             elapsed = time.time() - started
             eta = sum(estimates[finished:]) * elapsed / done_estimate
+            evals = read_jsonl(Path(run["directory"]) / "eval.jsonl")
             if run["method"] == ESTIMATE:
                 what = f"step-0 competence of seed {run['seed']}: {run_s:.0f} s"
+            elif not evals:  # a pilot
+                what = f"{run['method']} lr {run['lr']:g}: {run_s:.0f} s"
             else:
-                evals = read_jsonl(Path(run["directory"]) / "eval.jsonl")
                 what = (f"{run['method']} lr {run['lr']:g} seed {run['seed']}: {run_s:.0f} s, final accuracy "
                         f"{evals[-1]['accuracy']:.1%}")
             print(f"[{phase} {finished}/{len(pending)}] {what} | elapsed {minutes(elapsed)}, ETA {minutes(eta)}",
@@ -375,19 +479,105 @@ def launch(args, pending: list[dict], phase: str) -> None:
     print(f"compare_curricula: {phase}: {len(pending)} runs in {minutes(wall_s)}", flush=True)
 
 
-def run_phase(args, lrs: dict[str, list[float]], seeds: int, *, sweep: bool) -> None:
-    phase = "sweep" if sweep else "comparison"
-    pending = plan_runs(args, lrs, seeds, sweep=sweep)
+def run_phase(args, phase: str, lrs: dict[str, list[float]], seeds: int, steps: dict[str, int]) -> None:
+    pending = plan_runs(args, phase, lrs, seeds, steps)
     if pending:
         launch(args, pending, phase)
     else:
         print(f"compare_curricula: {phase}: every run is already done in {args.out}")
 
 
-def choose_lrs(args) -> dict:
+# ---- the budgets --------------------------------------------------------------------------
+
+def pilot_methods(args) -> list[str]:
+    """The methods piloted: forward_kl (whose compute is the budget) and every method compared."""
+    return list(dict.fromkeys([BASELINE, *args.methods]))
+
+
+def plan_budgets(args) -> dict:
+    """Pilot every method (phase 1), then plan each one's steps at forward_kl's compute, B:
+    ``<out>/budgets.json`` (tools/curricula_compute.py has the model)."""
+    from paced_ds.config import load_config
+
+    methods = pilot_methods(args)
+    # The recipe's rate, whatever --lrs says (a pilot's draws, so its off-policy compute, do not depend on it).
+    pilot_lr = load_config(RECIPE).train.lr
+    run_phase(args, "pilot", {m: [pilot_lr] for m in methods}, 1, {m: args.pilot_steps for m in methods})
+    budgets = step_budgets(args, {m: pilot_cost(args, m) for m in methods})
+    (args.out / "budgets.json").write_text(json.dumps(budgets, indent=1) + "\n")
+    return budgets
+
+
+def pilot_cost(args, method: str) -> dict:
+    """``pilot_costs`` of ``method``'s pilot run, with the shared estimate it read charged."""
+    directory = pilot_dir(args.out, method)
+    metrics = read_jsonl(directory / "metrics.jsonl")
+    config = json.loads((directory / "config.json").read_text())
+    return pilot_costs(metrics, charged_flops(config, params_of_run(metrics[-1])))
+
+
+def run_shape(cfg, method: str, steps: int) -> dict[str, int]:
+    """A run of ``method`` (``cfg``: its method_config) of ``steps`` steps: how many of them are
+    on-policy, and its competence estimates (the step-0 one, read or made, and its refreshes)."""
+    refreshes = (steps - 1) // refresh_every(method, steps) if METHODS[method].refreshes else 0
+    estimates = 0 if cfg.curriculum.mode == "uniform" else 1 + refreshes
+    return {"steps": steps, "on_policy_steps": on_policy_steps(cfg, steps), "estimates": estimates}
+
+
+def step_budgets(args, costs: dict[str, dict]) -> dict:
+    """Each method's steps at forward_kl's compute of --steps steps, from its pilot's ``costs``;
+    a method that refreshes R times trains at least R + 1 steps, or is not run."""
+    extra = (*(QUICK_OVERRIDES if args.quick else ()), *args.extra)
+    budget = planned_flops(costs[BASELINE], run_shape(method_config(BASELINE, extra), BASELINE, args.steps))
+    methods = {}
+    for method, cost in costs.items():
+        cfg, fewest = method_config(method, extra), METHODS[method].refreshes + 1
+        longest = run_shape(cfg, method, 4 * args.steps)
+        for stage, count in (("off_policy", longest["steps"] - longest["on_policy_steps"]),
+                             ("on_policy", longest["on_policy_steps"])):
+            if count and not cost[f"{stage}_step"]:  # a stage its pilot never ran would be planned as free
+                raise UserError(f"{method}: its {args.pilot_steps}-step pilot made no {stage.replace('_', '-')} "
+                                "step to measure; raise --pilot-steps")
+        steps = args.steps if method == BASELINE else steps_within(
+            budget, cost, functools.partial(run_shape, cfg, method), least=fewest, most=4 * args.steps)
+        shape = run_shape(cfg, method, steps or fewest)  # not run: what its fewest steps would cost
+        methods[method] = {"steps": steps, "planned_steps": shape["steps"], "on_policy_steps": shape["on_policy_steps"],
+                           "estimates": shape["estimates"], "planned_flops": planned_flops(cost, shape),
+                           "estimate_flops": cost["estimate"], "fixed_flops": shape["estimates"] * cost["estimate"],
+                           "off_policy_step_flops": cost["off_policy_step"],
+                           "on_policy_step_flops": cost["on_policy_step"]}
+    return {"budget_flops": budget, "steps": args.steps, "pilot_steps": args.pilot_steps, "methods": methods}
+
+
+def method_steps(budgets: dict, methods: list[str]) -> dict[str, int]:
+    """method -> its steps, for the methods that fit in the budget."""
+    return {m: budgets["methods"][m]["steps"] for m in methods if budgets["methods"][m]["steps"]}
+
+
+def print_budgets(args, budgets: dict) -> None:
+    budget = budgets["budget_flops"]
+    print(f"compare_curricula: budget B = {budget:.3g} FLOPs ({BASELINE}, {budgets['steps']} steps); per method, "
+          "its steps and its planned compute as a share of B (competence estimates + steps):")
+    for method in args.methods:
+        b = budgets["methods"][method]
+        steps = f"{b['steps']:4d} steps" if b["steps"] else "not run, as its fewest steps would need"
+        estimates = f"{b['estimates']} competence estimate" + ("s" if b["estimates"] != 1 else "")
+        print(f"  {method:16s} {steps}: {b['planned_flops'] / budget:.1%} = {b['fixed_flops'] / budget:.1%} "
+              f"({estimates}) + {(b['planned_flops'] - b['fixed_flops']) / budget:.1%}")
+    steps = method_steps(budgets, args.methods)
+    sweep = plan_runs(args, "sweep", {m: args.lrs for m in args.methods}, args.sweep_seeds, steps, every_run=True)
+    comparison = plan_runs(args, "comparison", {m: args.lrs[:1] for m in args.methods}, args.seeds, steps,
+                           every_run=True)
+    sweep_s, comparison_s = (sum(r["estimate_s"] for r in runs) + COST_S["launch"] for runs in (sweep, comparison))
+    print(f"compare_curricula: the sweep ({len(sweep)} runs) and the comparison ({len(comparison)} runs) are "
+          f"estimated at {minutes(sweep_s)} + {minutes(comparison_s)} = {minutes(sweep_s + comparison_s)} on this "
+          "machine, before what is already done", flush=True)
+
+
+def choose_lrs(args, methods: list[str]) -> dict:
     """Each method's best learning rate on the validation split (ties: the smaller rate), written
     to ``<out>/lr_choice.json``."""
-    sweep = sweep_results(args.out, args.methods, args.lrs, args.sweep_seeds)
+    sweep = sweep_results(args.out, methods, args.lrs, args.sweep_seeds)
     choice = {"lrs": args.lrs, "sweep_seeds": args.sweep_seeds, "validation_accuracy": sweep,
               "best": best_lrs(sweep)}
     (args.out / "lr_choice.json").write_text(json.dumps(choice, indent=1) + "\n")
@@ -398,15 +588,17 @@ def minutes(seconds: float) -> str:
     return f"{int(seconds // 60)}m{int(seconds % 60):02d}s"
 
 
-def report(args, invocation: str, runs: dict, choice: dict | None) -> str:
-    results = summarize(runs)
+def report(args, invocation: str, runs: dict, choice: dict | None, budgets: dict | None) -> str:
+    results = summarize(runs, budgets)
     if choice is not None:
         results["lr_sweep"] = choice
     text = markdown(results)
     results["command"] = invocation
     (args.out / "results.json").write_text(json.dumps(results, indent=1))
-    (args.out / "results.md").write_text(f"## Curricula compared on the reference task\n\n`{invocation}`\n\n{text}")
-    plot_accuracy(results, args.out / "accuracy_vs_steps.png")
+    (args.out / "results.md").write_text(f"## Curricula compared on the reference task at equal compute\n\n"
+                                         f"`{invocation}`\n\n{text}")
+    plot_accuracy(results, args.out / "accuracy_vs_compute.png", x="compute")
+    plot_accuracy(results, args.out / "accuracy_vs_steps.png", x="steps")
     plot_snr(results, args.out / "snr_vs_pass_rate.png")
     return text
 
@@ -416,23 +608,30 @@ def main(argv=None) -> int:
     invocation = shlex.join(["python", "tools/compare_curricula.py", *(sys.argv[1:] if argv is None else argv)])
     print(f"compare_curricula: {invocation}", flush=True)
     try:
-        choice_path = args.out / "lr_choice.json"
+        choice_path, budgets_path = args.out / "lr_choice.json", args.out / "budgets.json"
         if args.report_only:
             choice = json.loads(choice_path.read_text()) if choice_path.is_file() else None
+            budgets = json.loads(budgets_path.read_text()) if budgets_path.is_file() else None
             runs = load_runs(args.out, args.methods)
         else:
-            run_phase(args, {method: args.lrs for method in args.methods}, args.sweep_seeds, sweep=True)
-            choice = choose_lrs(args)
+            budgets = plan_budgets(args)
+            print_budgets(args, budgets)
+            if args.plan_only:
+                return 0
+            steps = method_steps(budgets, args.methods)
+            run_phase(args, "sweep", {m: args.lrs for m in steps}, args.sweep_seeds, steps)
+            choice = choose_lrs(args, list(steps))
             print("compare_curricula: learning rates chosen on the validation split: "
                   + ", ".join(f"{m} {lr:g}" for m, lr in choice["best"].items()), flush=True)
-            run_phase(args, {m: [choice["best"][m]] for m in args.methods}, args.seeds, sweep=False)
-            runs = load_runs(args.out, args.methods, args.seeds)
-        text = report(args, invocation, runs, choice)
+            run_phase(args, "comparison", {m: [choice["best"][m]] for m in steps}, args.seeds, steps)
+            runs = load_runs(args.out, list(steps), args.seeds)
+        text = report(args, invocation, runs, choice, budgets)
     except UserError as err:
         print(f"compare_curricula: error: {err}", file=sys.stderr)
         return 2
     print("\n" + text)
-    print(f"results: {args.out / 'results.md'}, {args.out / 'results.json'}, {args.out / 'accuracy_vs_steps.png'}, "
+    print(f"results: {args.out / 'results.md'}, {args.out / 'results.json'}, "
+          f"{args.out / 'accuracy_vs_compute.png'}, {args.out / 'accuracy_vs_steps.png'}, "
           f"{args.out / 'snr_vs_pass_rate.png'}\ncommand: {invocation}")
     return 0
 
