@@ -117,7 +117,15 @@ class CurriculumConfig:
     normalize: str = _f("dataset_mean", "weight normalisation: none, batch_mean (each step's weights average 1) "
                                         "or dataset_mean (the weights of the problems drawn, those > 0, average 1)",
                         ("none", "batch_mean", "dataset_mean"))
-    rollouts: int = _f(8, "K: student rollouts per problem to estimate its pass rate")
+    rollouts: int = _f(8, "K: student rollouts per problem to estimate its pass rate (with rollouts_min > 0: the "
+                          "most a problem gets)")
+    rollouts_min: int = _f(0, "adaptive estimate: rollouts every problem gets first; more follow in rounds only for "
+                              "the problems whose weight could still move, up to curriculum.rollouts (0 = off: "
+                              "curriculum.rollouts each; docs/curriculum.md measures 2)")
+    rollouts_round: int = _f(2, "adaptive estimate: rollouts added per round to each problem still sampling")
+    rollouts_tol: float = _f(0.12, "adaptive estimate: a problem stops once its remaining rollouts would change its "
+                                   "weight by at most this share of the kernel's peak (root mean square, under its "
+                                   "posterior pass rate)")
     refresh: str = _f("static", "when pass rates are re-estimated: static (once, before training), every "
                                 "(K fresh rollouts every curriculum.refresh_every steps) or on_policy (from the "
                                 "on-policy stage's own rollouts, free)", ("static", "every", "on_policy"))
@@ -429,6 +437,14 @@ def validate(cfg: RunConfig) -> None:
                        ("rollout.batch_size", r.batch_size)):
         if value <= 0:
             raise UserError(f"config key {key}: must be > 0, got {value}")
+    if c.rollouts_min != 0 and not 2 <= c.rollouts_min <= c.rollouts:
+        raise UserError(f"config key curriculum.rollouts_min: must be 0 (off) or in [2, curriculum.rollouts = "
+                        f"{c.rollouts}] (the first round's counts fit the spread of the pass rates, which one "
+                        f"rollout per problem cannot show), got {c.rollouts_min}")
+    if c.rollouts_round < 1:
+        raise UserError(f"config key curriculum.rollouts_round: must be >= 1, got {c.rollouts_round}")
+    if not 0 < c.rollouts_tol < 1:
+        raise UserError(f"config key curriculum.rollouts_tol: must be in (0, 1), got {c.rollouts_tol}")
     if not r.temperature > 0:
         raise UserError(f"config key rollout.temperature: must be > 0, got {r.temperature}")
     if not 0 < r.top_p <= 1:

@@ -291,18 +291,18 @@ def test_step_budgets_give_every_method_forward_kls_compute_by_hand(tmp_path):
     # paced: 30e6 + 77 x 0.9e6 = 99.3e6 <= B < 30e6 + 78 x 0.9e6 = 100.2e6
     assert plan["paced"]["steps"] == 77 and plan["paced"]["planned_flops"] == pytest.approx(99.3e6)
     assert plan["paced"]["fixed_flops"] == 30e6 and plan["paced"]["estimates"] == 1
-    # paced_refresh refreshes every ceil(S/4) steps: 3 times from 10 steps on (4 x 30e6 > B), twice at 9
-    # (every 3: at 3 and 6): 3 x 30e6 + 9 x 0.9e6 = 98.1e6, the longest run that fits.
-    assert plan["paced_refresh"]["steps"] == 9 and plan["paced_refresh"]["estimates"] == 3
-    assert plan["paced_refresh"]["planned_flops"] == pytest.approx(98.1e6)
+    # paced_refresh refreshes once, after step ceil(S/2): 2 x 30e6 + 44 x 0.9e6 = 99.6e6 <= B, and 45 steps
+    # would need 100.5e6, so 44 steps, re-estimating after step 22.
+    assert plan["paced_refresh"]["steps"] == 44 and plan["paced_refresh"]["estimates"] == 2
+    assert plan["paced_refresh"]["planned_flops"] == pytest.approx(99.6e6)
     assert plan["paced_adaptive"]["steps"] is None and plan["paced_adaptive"]["planned_flops"] == 101.9e6
     # two-stage switches at round(S / 2): 66 steps = 30e6 + 33 x 0.9e6 + 33 x 1.2e6 = 99.3e6; 67 steps
     # switch at 34 (round half to even), 30e6 + 34 x 0.9e6 + 33 x 1.2e6 = 100.2e6 > B
     assert plan["paced_two_stage"]["steps"] == 66 and plan["paced_two_stage"]["on_policy_steps"] == 33
     assert plan["paced_two_stage"]["planned_flops"] == pytest.approx(99.3e6)
-    assert cc.method_steps(budgets, args.methods) == {"forward_kl": 100, "paced": 77, "paced_refresh": 9,
+    assert cc.method_steps(budgets, args.methods) == {"forward_kl": 100, "paced": 77, "paced_refresh": 44,
                                                        "paced_two_stage": 66}
-    assert "curriculum.refresh_every=3" in cc.run_overrides(args, "paced_refresh", 0, 1e-3, 9, "comparison")
+    assert "curriculum.refresh_every=22" in cc.run_overrides(args, "paced_refresh", 0, 1e-3, 44, "comparison")
     results = report.summarize({"forward_kl": {0: run(0.6, [])}}, budgets)
     assert results["not_run"] == {"paced_adaptive": pytest.approx(1.019)}
     text = report.markdown(results)
@@ -322,7 +322,7 @@ def test_pilot_sweep_and_comparison_runs_score_differently(tmp_path):
     assert "data.eval=" in pilot and "logging.log_every=1" in pilot and "train.steps=16" in pilot
     assert f"train.output_dir={tmp_path}/pilot/paced_refresh" in pilot
     assert "curriculum.refresh_every=16" in pilot  # a pilot never refreshes
-    assert "curriculum.refresh_every=8" in cc.run_overrides(args, "paced_refresh", 0, 1e-3, 30, "sweep")  # 8, 16, 24
+    assert "curriculum.refresh_every=15" in cc.run_overrides(args, "paced_refresh", 0, 1e-3, 30, "sweep")  # after 15
     assert "data.eval=arith:val" in sweep and "data.retain=" in sweep and "eval.every=0" in sweep
     assert "data.eval=arith:eval" in final and "data.retain=arith:retain" in final and "eval.every=10" in final
     assert "train.lr=0.001" in sweep and "train.lr=0.003" in final and "train.seed=3" in final
@@ -344,9 +344,10 @@ def test_default_methods_are_those_this_config_can_express():
 
 
 # Step budgets of the default comparison, as its pilot planned them here (`--plan-only`): the K = 8
-# estimate costs 45% of B, and paced_refresh's four of them alone 180% (not run).
+# estimate costs 45% of B (paced_refresh: 15 steps between two adaptive estimates, as planned from the
+# adaptive estimate's 95% of fixed K's rollouts).
 DEFAULT_STEPS = {"forward_kl": 100, "hard_filter": 56, "akl": 100, "paced": 56, "paced_sample": 56,
-                 "paced_adaptive": 57, "paced_two_stage": 51}
+                 "paced_refresh": 15, "paced_adaptive": 57, "paced_two_stage": 51}
 
 
 def test_the_default_comparison_fits_the_hour_budget(tmp_path):

@@ -190,4 +190,5 @@ def test_estimate_command_writes_competence(tmp_path):
     rows = read_jsonl(tmp_path / "run" / "competence.jsonl")
     assert len(rows) == 5 * len(arith.LEVELS) and all(r["trials"] == 4 for r in rows)
     assert "mean pass rate" in result.stdout
-    assert re.search(r"rollouts in \d+\.\d s \(generation \d+\.\d s, answer checks \d+\.\d s[,)]", result.stdout)
+    assert re.search(r"\d+ rollouts \(K=4\), \d+k? generated tokens, \d+\.\d s \(generation \d+\.\d s, answer checks "
+                     r"\d+\.\d s[,)]", result.stdout)

@@ -185,13 +185,14 @@ def test_a_server_of_another_model_is_refused(served, hf):
 
 def test_a_run_generates_with_a_vllm_server_and_learns_from_a_served_teacher(served, smollm2, tmp_path):
     """The real-model recipe (self-distillation, on-policy reverse KL) on 2 ranks with its
-    estimates and evaluations from a vLLM server paced-ds starts, re-estimated after step 1 on
+    (adaptive) estimates and evaluations from a vLLM server paced-ds starts, re-estimated after step 1 on
     fresh weights, and its privileged teacher served (top-20 prompt log-probs)."""
     out = tmp_path / "run"
     result = paced_ds(
         "train", "--config", REPO / "ds_configs" / "recipes" / "words_self_distill_qwen0.5b.yaml", "--nproc", 2,
         f"model.student={smollm2}", f"model.teacher={smollm2}", f"train.output_dir={out}",
-        "data.arith_train_per_level=1", "data.arith_eval_per_level=1", "curriculum.rollouts=2",
+        "data.arith_train_per_level=1", "data.arith_eval_per_level=1", "curriculum.rollouts=4",
+        "curriculum.rollouts_min=2",  # the adaptive estimate's rounds, on the server
         "rollout.max_new_tokens=24", "eval.max_new_tokens=24", "logging.progress=false", "curriculum.posterior=true",
         "rollout.engine=vllm", "curriculum.refresh=every", "curriculum.refresh_every=1", "train.lr=1e-4",
         "teacher.backend=server", f"teacher.url={served.url}", f"teacher.topk={K}", timeout=1200)

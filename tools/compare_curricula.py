@@ -15,7 +15,7 @@ batch; what differs is how many optimizer steps that compute buys it:
     akl               adaptive KL, unweighted                curriculum.mode=uniform loss.kind=akl
     paced             w = p(1-p), support-only draw          curriculum.mode=paced (+ SNR probes at steps 0, S/2, S)
     paced_sample      the weights as sampling probabilities  + curriculum.apply=sample
-    paced_refresh     K fresh rollouts at each quarter       + curriculum.refresh=every refresh_every=ceil(S/4)
+    paced_refresh     adaptive estimates, again at mid-run   + curriculum.refresh=every refresh_every=ceil(S/2) rollouts_min=2
     paced_adaptive    the adaptive estimate (its own)        + curriculum.rollouts_min=2 (K = 8 at most)
     paced_two_stage   forward, then on-policy reverse KL     + loss.schedule=two_stage
     paced_posterior   E[w(p)] under Beta (only if named)     + curriculum.posterior=true
@@ -35,9 +35,9 @@ Three phases, each ONE deepspeed launch that pays for its imports once (a genera
    B is forward KL's compute per step times ``--steps``. A method's run of n steps plans its
    estimates (1; paced_refresh adds its refreshes, each costing what the step-0 one did) and
    its steps; it gets the most steps that fit in B (``<out>/budgets.json``), and is not run,
-   the report says so, when even its fewest (1; 4 for paced_refresh) do not. At the defaults
+   the report says so, when even its fewest (1; 2 for paced_refresh) do not. At the defaults
    the K = 8 estimate alone costs 45% of B: the PACED methods get 51-57 steps to forward KL's
-   100, and paced_refresh's four estimates 180% of B. ``--plan-only`` stops here.
+   100, and paced_refresh's two estimates most of B. ``--plan-only`` stops here.
 2. **Learning-rate sweep.** Every method trains its steps at every ``--lrs`` value
    (``--sweep-seeds`` seeds), scored on the reference task's *validation* split
    (``data.eval=arith:val``), disjoint from the held-out split that is reported. Each method
@@ -130,7 +130,10 @@ METHODS = {
     "akl": Method(("curriculum.mode=uniform", "loss.kind=akl")),
     "paced": Method(("curriculum.mode=paced",), shares_estimate=True),
     "paced_sample": Method(("curriculum.mode=paced", "curriculum.apply=sample"), shares_estimate=True),
-    "paced_refresh": Method(("curriculum.mode=paced", "curriculum.refresh=every"), refreshes=3),
+    # Refreshes cost what the adaptive estimate keeps small: one, at mid-run (four fixed-K estimates
+    # would cost 180% of forward KL's whole run here).
+    "paced_refresh": Method(("curriculum.mode=paced", "curriculum.refresh=every", "curriculum.rollouts_min=2"),
+                            refreshes=1),
     "paced_adaptive": Method(("curriculum.mode=paced", "curriculum.rollouts_min=2")),
     "paced_two_stage": Method(("curriculum.mode=paced", "loss.schedule=two_stage"), shares_estimate=True),
     "paced_posterior": Method(("curriculum.mode=paced", "curriculum.posterior=true"), shares_estimate=True,
@@ -296,8 +299,8 @@ def run_overrides(args, method: str, seed: int, lr: float, steps: int, phase: st
 
 def refresh_every(method: str, steps: int) -> int:
     """The refresh interval of a run of ``steps`` steps: a new estimate at each 1/(R + 1) of it,
-    R = the method's refreshes, while before its last step. For R = 3: 3 of them at 4, 7, 8 and
-    from 10 steps on, 2 at 5, 6 and 9 (the plan counts them as they are)."""
+    R = the method's refreshes, while before its last step (for R = 1: after step ceil(S/2),
+    from S = 3 on; the plan counts them as they are)."""
     return math.ceil(steps / (METHODS[method].refreshes + 1))
 
 

@@ -100,7 +100,8 @@ def evaluate(cfg: RunConfig) -> dict:
 
 
 def estimate_competence(cfg: RunConfig) -> dict:
-    """K rollouts per training problem from model.student; competence.jsonl in train.output_dir."""
+    """Rollouts per training problem from model.student (K each, or adaptive: curriculum.rollouts_min);
+    competence.jsonl in train.output_dir."""
     tokenizer, _, train_records, _ = preflight(cfg)
     dist.init(cfg.train.timeout_s)
     source, model = student_generation(cfg, tokenizer)
@@ -114,8 +115,7 @@ def estimate_competence(cfg: RunConfig) -> dict:
         curriculum.write(cfg.train.output_dir, weights)
     dist.barrier()
     summary = curriculum.summary(weights)
-    say(f"{result['rollouts']} rollouts in {estimate.describe_time(result)}; "
-        f"mean pass rate {result['pass_rate_mean']:.1%}; "
+    say(f"{estimate.describe(result)}; mean pass rate {result['pass_rate_mean']:.1%}; "
         + " ".join(f"{k.split('_')[-1]} {v:.2f}" for k, v in summary.items() if "pass_rate_" in k)
         + f"; written to {path}")
     return {"path": str(path), **result, **summary}

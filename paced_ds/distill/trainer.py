@@ -357,17 +357,18 @@ def update_curriculum(run: Run) -> None:
         say(f"competence read from {cfg.curriculum.competence}"
             + (f" ({unmatched} ids there are not in this run)" if unmatched else ""))
     else:
-        total = len(run.records) * cfg.curriculum.rollouts
-        progress = progress_bar(total // dist.world_size(), f"rollouts (K={cfg.curriculum.rollouts})",
+        total = len(run.records) * cfg.curriculum.rollouts  # the most an adaptive estimate rolls out
+        at_most = " at most" if cfg.curriculum.rollouts_min else ""
+        progress = progress_bar(total // dist.world_size(), f"rollouts (K={cfg.curriculum.rollouts}{at_most})",
                                 cfg.logging.progress)
         with run.generation.generator(run.student, run.step) as generator:
             result = estimate.estimate(generator, run.tokenizer, run.records, curriculum.table, cfg,
                                        seed=cfg.train.seed + 7 * curriculum.estimates + 1, progress=progress)
         progress.close()
-        say(f"competence estimated at step {run.step}: {result['rollouts']} rollouts, mean pass rate "
-            f"{result['pass_rate_mean']:.1%}, {estimate.describe_time(result)}")
+        say(f"competence estimated at step {run.step}: {estimate.describe(result)}, mean pass rate "
+            f"{result['pass_rate_mean']:.1%}")
         run.counters["forward_tokens"] += result["forward_tokens"]
-        run.compute.add("rollout", result["forward_tokens"], generated=result.get("generated_tokens", 0))
+        run.compute.add("rollout", result["forward_tokens"], generated=result["generated_tokens"])
     refresh_weights(run)
 
 
