@@ -133,7 +133,8 @@ def test_summarize_base_row_levels_budget_and_reaching():
     assert reach["steps"]["mean"] == 10 and reach["flops_share"]["mean"] == 0.5
     assert paced["curve"] == {"steps": [0, 10, 20], "flops": [0.0, 10 * STEP_FLOPS, 20 * STEP_FLOPS],
                               "mean": [0.5, 0.6, 0.625],
-                              "std": [0.0, pytest.approx(math.sqrt(0.02)), pytest.approx(math.sqrt(0.03125))]}
+                              "std": [0.0, pytest.approx(math.sqrt(0.02)), pytest.approx(math.sqrt(0.03125))],
+                              "start_flops": 0.0}  # synthetic runs: no estimate before the first step
 
 
 def test_summarize_without_the_baseline_has_no_budget():

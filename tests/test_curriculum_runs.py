@@ -102,9 +102,12 @@ def test_no_compute_on_weight_zero_and_every_flop_counted(runs):
     """Weight mode draws only problems of weight > 0: no step trains on a weight-0 problem and
     the teacher answers exactly the tokens the student trains on. The cumulative FLOP fields
     are the sums of the per-step ones, and the step-0 estimate is in the first row."""
-    out, _ = runs
+    out, result = runs
     rows = competence(out / "paced_weight")
     assert any(r["weight"] == 0 for r in rows)  # there were problems to skip
+    support = sum(r["weight"] > 0 for r in rows)
+    said = f"only {support} problems have weight > 0, fewer than a step's global batch of 16" in result.stdout
+    assert said == (support < 16)  # 2 ranks x 4 x 2
     metrics = read_jsonl(out / "paced_weight" / "metrics.jsonl")
     assert [m["zero_weight_problems"] for m in metrics] == [0] * len(metrics)
     assert metrics[-1]["tokens_teacher"] == metrics[-1]["tokens_student"] > 0

@@ -76,8 +76,11 @@ def load_runs(out: Path, methods: list[str], seeds: int | None = None) -> dict[s
             steps.add(run_steps)
             metrics, snr = read_jsonl(directory / "metrics.jsonl"), read_jsonl(directory / "snr.jsonl")
             params = params_of_run(metrics[-1])
+            charged = charged_flops(config, params)
             runs.setdefault(method, {})[seed] = {
-                "evals": evals, "snr": snr, "flops": training_flops(evals, snr, charged_flops(config, params), params)}
+                "evals": evals, "snr": snr, "flops": training_flops(evals, snr, charged, params),
+                # the compute spent before the first step (the step-0 estimate): still the base student
+                "start_flops": charged + metrics[0]["flops_rollout_step"]}
         if len(steps) > 1:
             raise UserError(f"{out / method} holds runs of different lengths ({sorted(steps)} steps); compare runs "
                             "of one plan: use separate --out directories")
@@ -204,7 +207,8 @@ def accuracy_curve(seed_runs: dict[int, dict]) -> dict:
     steps = sorted(set.intersection(*(set(points) for points in by_seed)))
     accuracy = [mean_std([points[step][0] for points in by_seed]) for step in steps]
     return {"steps": steps, "flops": [statistics.fmean(points[step][1] for points in by_seed) for step in steps],
-            "mean": [a["mean"] for a in accuracy], "std": [a["std"] or 0.0 for a in accuracy]}
+            "mean": [a["mean"] for a in accuracy], "std": [a["std"] or 0.0 for a in accuracy],
+            "start_flops": statistics.fmean(run.get("start_flops", 0.0) for run in seed_runs.values())}
 
 
 def snr_at(seed_runs: dict[int, dict], step: int = 0) -> dict:
@@ -464,9 +468,14 @@ def plot_accuracy(results: dict, path: Path, x: str = "compute") -> None:
     styles, markers = ["-", "--", "-.", ":"], "osD^vP*X"  # overlapping curves stay distinguishable
     for i, (method, r) in enumerate(results["methods"].items()):
         curve = r["curve"]
-        xs = curve["flops"] if x == "compute" else curve["steps"]
+        xs = list(curve["flops"] if x == "compute" else curve["steps"])
         mean = [100 * m for m in curve["mean"]]
         std = [100 * s for s in curve["std"]]
+        if x == "compute" and curve.get("start_flops") and curve["steps"][:1] == [0]:
+            # the estimate before the first step buys no accuracy yet: flat until training starts
+            xs.insert(1, curve["start_flops"])
+            mean.insert(1, mean[0])
+            std.insert(1, std[0])
         line, = ax.plot(xs, mean, styles[i % len(styles)], marker=markers[i % len(markers)],
                         markersize=4, lw=1.6, color=f"C{i}", label=f"{method} ({len(r['seeds'])} seeds)")
         ax.fill_between(xs, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)],
