@@ -27,6 +27,8 @@ class Curriculum:
         self.probing = cfg.snr.every > 0  # the SNR probe buckets problems by pass rate
         self.table = CompetenceTable([r["id"] for r in records])
         self.difficulties = [str(r.get("difficulty", "all")) for r in records]
+        self.level_members = {level: torch.tensor([d == level for d in self.difficulties])  # level -> problem mask
+                              for level in sorted(set(self.difficulties))}
         # per estimate: (step, pass-rate histogram, {level: (mean pass rate, share of the weight)})
         self.history: list[tuple[int, torch.Tensor, dict]] = []
         self.estimates = 0
@@ -126,11 +128,9 @@ class Curriculum:
 
     def level_weight_shares(self, weights: torch.Tensor) -> dict[str, float]:
         """Each difficulty level's share of the weight mass."""
-        total, shares = float(weights.sum()), {}
-        for level in sorted(set(self.difficulties)):
-            members = torch.tensor([difficulty == level for difficulty in self.difficulties])
-            shares[level] = float(weights[members].sum()) / total if total > 0 else 0.0
-        return shares
+        total = float(weights.sum())
+        return {level: float(weights[members].sum()) / total if total > 0 else 0.0
+                for level, members in self.level_members.items()}
 
     def record_estimate(self, step: int, weights: torch.Tensor) -> None:
         """Keep what the curriculum picture shows of this estimate (its ``weights``)."""

@@ -390,7 +390,7 @@ def refresh_weights(run: Run, new_estimate: bool = True) -> None:
     if dist.is_main():
         curriculum.write(run.cfg.train.output_dir, weights)
     curriculum.log(run.tracker, run.step, weights)
-    run.scalars.update(curriculum.summary(run.sampler.weights))
+    run.scalars.update(summary)
 
 
 def run_probe(run: Run) -> None:
