@@ -95,8 +95,11 @@ class LossConfig:
     stage2_kind: str = _f("reverse_kl", "divergence of the second (on-policy) stage of loss.schedule=two_stage",
                           DIVERGENCE_KINDS)
     switch_at: float = _f(0.5, "two_stage: the switch, as a share of train.steps (< 1) or a step number (>= 1)")
-    chunk_tokens: int = _f(0, "tokens per chunk of the divergence, bounding fp32 [tokens, vocab] memory "
+    chunk_tokens: int = _f(0, "tokens per chunk (tile) of the divergence, bounding fp32 [tokens, vocab] memory "
                               "(0 = chosen from the vocabulary size and device)")
+    fused: bool = _f(True, "the student's output layer runs inside the divergence, on the response positions "
+                           "only, a tile of loss.chunk_tokens at a time: its [tokens, vocab] logits never exist "
+                           "whole (false = whole logits, then the chunked divergence)")
 
 
 @dataclass
@@ -111,7 +114,13 @@ class CurriculumConfig:
                               "in proportion to w, loss unweighted (w = 0 costs nothing)", ("weight", "sample"))
     alpha: float = _f(1.0, "Beta kernel exponent of p")
     beta: float = _f(1.0, "Beta kernel exponent of 1 - p")
-    posterior: bool = _f(False, "use E[w(p)] under p ~ Beta(correct+1, wrong+1) instead of w(correct/trials)")
+    posterior: bool = _f(False, "use E[w(p)] under p's posterior, Beta(correct + a0, wrong + b0), instead of "
+                                "w(correct/trials)")
+    prior: str = _f("uniform", "posterior weights' prior Beta(a0, b0): uniform = Beta(1, 1); fitted = fitted to the "
+                               "counts of each difficulty level (empirical Bayes; what the adaptive estimate wants)",
+                    ("uniform", "fitted"))
+    weight_floor: float = _f(0.0, "paced weights below this share of the kernel's peak are 0 (not drawn in weight "
+                                  "mode); 0 = off")
     band_lo: float = _f(0.0, "hard_filter: lower pass-rate bound (exclusive)")
     band_hi: float = _f(1.0, "hard_filter: upper pass-rate bound (exclusive)")
     normalize: str = _f("dataset_mean", "weight normalisation: none, batch_mean (each step's weights average 1) "
@@ -123,7 +132,7 @@ class CurriculumConfig:
                               "the problems whose weight could still move, up to curriculum.rollouts (0 = off: "
                               "curriculum.rollouts each; docs/curriculum.md measures 2)")
     rollouts_round: int = _f(2, "adaptive estimate: rollouts added per round to each problem still sampling")
-    rollouts_tol: float = _f(0.12, "adaptive estimate: a problem stops once its remaining rollouts would change its "
+    rollouts_tol: float = _f(0.4, "adaptive estimate: a problem stops once its remaining rollouts would change its "
                                    "weight by at most this share of the kernel's peak (root mean square, under its "
                                    "posterior pass rate)")
     refresh: str = _f("static", "when pass rates are re-estimated: static (once, before training), every "
@@ -429,6 +438,8 @@ def validate(cfg: RunConfig) -> None:
     for key, value in (("curriculum.alpha", c.alpha), ("curriculum.beta", c.beta)):
         if value < 0:
             raise UserError(f"config key {key}: must be >= 0, got {value}")
+    if not 0 <= c.weight_floor < 1:
+        raise UserError(f"config key curriculum.weight_floor: must be in [0, 1), got {c.weight_floor}")
     if not 0 <= c.band_lo < c.band_hi <= 1:
         raise UserError(f"config key curriculum.band_lo: the band needs 0 <= band_lo < band_hi <= 1, "
                         f"got ({c.band_lo}, {c.band_hi})")

@@ -78,9 +78,12 @@ def stand_ins(monkeypatch):
                         lambda pairs, workers=None: [text == answer for text, answer in pairs])
 
 
-def run(patterns: list[str], *overrides: str):
-    """An estimate over ``patterns`` (K = 8 unless overridden): the result, the table, the stand-in."""
+def run(patterns: list[str], *overrides: str, levels: list[str] | None = None):
+    """An estimate over ``patterns`` (K = 8 unless overridden; problem i of difficulty ``levels[i]``
+    if given): the result, the table, the stand-in."""
     records = [{"id": f"p{i}", "answer": str(i)} for i in range(len(patterns))]
+    for record, level in zip(records, levels or []):
+        record["difficulty"] = level
     cfg = load_config(RECIPE, ["curriculum.rollouts=8", *overrides])
     table = CompetenceTable([r["id"] for r in records])
     rollouts = PatternRollouts(patterns)
@@ -143,12 +146,28 @@ def test_unanimous_problems_stop_first_and_split_ones_once_their_weight_has_sett
     assert result["rollouts"] == 40 * 2 + 4 + 6 and result["fixed_rollouts"] == 42 * 8 and result["rounds"] == 3
 
 
-def test_at_the_default_tolerance_unanimous_problems_stop_after_the_second_round():
-    # 0/4: rms 0.109 of the peak <= 0.12; "10" goes on at 2/4 (0.139) and stops at 3/6 (0.047), "1000" at 2/6.
+def test_the_default_tolerance_and_a_tighter_one():
+    # The prior fitted here is piled up at 0 and 1 (Beta(0.053, 0.053)). At the default, 0.4 of the peak, the
+    # first round settles every problem: 0/2 and 2/2 would move by 0.19 of it (rms), 1/2 by 0.33.
     _, table, rollouts, cfg = run(MOSTLY_UNANIMOUS, "curriculum.rollouts_min=2")
-    assert cfg.curriculum.rollouts_tol == 0.12 and cfg.curriculum.rollouts_round == 2
+    assert cfg.curriculum.rollouts_tol == 0.4 and cfg.curriculum.rollouts_round == 2
+    assert table.trials.tolist() == [2] * 42 and [call["n"] for call in rollouts.calls] == [2]
+    # At 0.12: 0/4 moves by 0.109 and stops; "10" goes on at 2/4 (0.139) and stops at 3/6 (0.047), "1000" at 2/6.
+    _, table, rollouts, cfg = run(MOSTLY_UNANIMOUS, "curriculum.rollouts_min=2", "curriculum.rollouts_tol=0.12")
     assert table.trials.tolist() == [4] * 40 + [6, 6]
     assert [call["n"] for call in rollouts.calls] == [2, 2, 2]
+
+
+def test_each_difficulty_level_has_its_own_prior():
+    """The same first round, 0/2, settles a problem of a level that is never solved and not one of a
+    level whose problems are split: the prior is fitted per level (``stopping.fit_priors``)."""
+    patterns = ["0"] * 20 + ["0"] * 4 + ["10", "01", "1", "1"] * 4
+    levels = ["hard"] * 20 + ["mixed"] * 20
+    _, table, _, _ = run(patterns, "curriculum.rollouts_min=2", "curriculum.rollouts_tol=0.3", levels=levels)
+    assert table.trials[:20].tolist() == [2] * 20  # the hard level's prior is piled up at 0: settled
+    assert (table.trials[20:24] > 2).all()  # the mixed level's 0/2 could still be anything
+    _, pooled, _, _ = run(patterns, "curriculum.rollouts_min=2", "curriculum.rollouts_tol=0.3")
+    assert not torch.equal(pooled.trials, table.trials)  # one prior for all problems decides otherwise
 
 
 def test_the_table_holds_exactly_what_was_generated():
@@ -240,13 +259,50 @@ def test_fit_prior_by_hand():
     # Half never right, half always: as U-shaped as allowed.
     a0, b0 = stopping.fit_prior(torch.tensor([0.0, 0.0, 3.0, 3.0]), torch.full((4,), 3.0))
     assert a0 + b0 == pytest.approx(stopping.PRIOR_STRENGTH_RANGE[0]) and a0 == pytest.approx(b0)
+    # Unequal trials (an adaptive estimate's final counts): 0/2, 2/2, 3/4, and a problem never rolled out,
+    # which is left out. m = 5/8; mean (r - m)^2 = (25 + 9 + 1) / 64 / 3 = 35/192; mean 1/n = 5/12;
+    # Var p = (35/192 - (15/64)(5/12)) / (7/12) = 65/448; a0 + b0 = (15/64) / (65/448) - 1 = 8/13.
+    prior = stopping.fit_prior(torch.tensor([0.0, 2.0, 3.0, 0.0]), torch.tensor([2.0, 2.0, 4.0, 0.0]))
+    assert prior == pytest.approx((5 / 13, 3 / 13))
     with pytest.raises(ValueError):
-        stopping.fit_prior(torch.tensor([0.0, 1.0]), torch.tensor([2.0, 3.0]))  # unequal trials
+        stopping.fit_prior(torch.tensor([0.0, 1.0]), torch.tensor([1.0, 1.0]))  # one trial each: no spread to fit
+
+
+def test_fit_priors_fits_each_level_alone_and_falls_back_to_uniform():
+    correct, trials = torch.tensor([0.0, 1.0, 2.0, 2.0, 0.0, 0.0, 1.0]), torch.tensor([2.0] * 4 + [2.0, 2.0, 1.0])
+    groups = ["L1"] * 4 + ["L3", "L3", "L2"]
+    a0, b0 = stopping.fit_priors(correct, trials, groups)
+    assert (a0[:4].tolist(), b0[:4].tolist()) == (pytest.approx([5 / 7] * 4), pytest.approx([3 / 7] * 4))
+    # L3, 0/2 twice: the mean clamped to 1%, no spread beyond the binomial's, the strongest prior there.
+    assert a0[4].item() == pytest.approx(0.01 * stopping.PRIOR_STRENGTH_RANGE[1])
+    assert (a0[6].item(), b0[6].item()) == (1.0, 1.0)  # L2 has one trial: nothing to fit
+
+
+def test_fitted_posterior_weights_and_the_floor():
+    """Weights as a run computes them (curriculum.posterior, .prior, .weight_floor) against the
+    closed form by hand: E[p(1 - p)] under Beta(A, B) is AB / ((A + B)(A + B + 1))."""
+    from paced_ds.curriculum.curriculum import Curriculum
+    records = [{"id": str(i), "difficulty": "L1"} for i in range(4)]
+    cfg = load_config(RECIPE, ["curriculum.posterior=true", "curriculum.prior=fitted", "curriculum.normalize=none"])
+    curriculum = Curriculum(cfg, records)
+    curriculum.table.record([0, 1, 1, 2, 2, 3, 3], [0, 1, 0, 1, 1, 1, 1], [2, 1, 1, 1, 1, 1, 1])
+    curriculum.table.all_reduce_()
+    a, b = 5 / 7, 3 / 7  # the fit above: counts 0/2, 1/2, 2/2, 2/2
+    by_hand = [(a + c) * (b + 2 - c) / ((a + b + 2) * (a + b + 3)) for c in (0, 1, 2, 2)]
+    assert curriculum.weights().tolist() == pytest.approx(by_hand, rel=1e-6)
+    # A floor of 60% of the peak keeps only 1/2 (75% of it; 0/2 is at 53%, 2/2 at 36%).
+    cfg = load_config(RECIPE, ["curriculum.posterior=true", "curriculum.prior=fitted", "curriculum.normalize=none",
+                               "curriculum.weight_floor=0.6"])
+    floored = Curriculum(cfg, records)
+    floored.table.load_state_dict(curriculum.table.state_dict())
+    assert [w > 0 for w in floored.weights().tolist()] == [w >= 0.6 * 0.25 for w in by_hand] == [False, True,
+                                                                                                   False, False]
 
 
 # ---- configuration ----
 
 @pytest.mark.parametrize("override, allowed, got", [
+    ("curriculum.weight_floor=1", "must be in [0, 1)", "got 1.0"),
     ("curriculum.rollouts_min=1", "must be 0 (off) or in [2, curriculum.rollouts = 8]", "got 1"),
     ("curriculum.rollouts_min=9", "must be 0 (off) or in [2, curriculum.rollouts = 8]", "got 9"),
     ("curriculum.rollouts_min=-2", "must be 0 (off) or in [2, curriculum.rollouts = 8]", "got -2"),

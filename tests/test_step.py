@@ -212,3 +212,22 @@ def test_frozen_embeddings_stay_and_the_rest_learns(setup):
     assert not delta["model.embed_tokens.weight"].any()
     moved = [name for name, change in delta.items() if change.abs().max() > 0]
     assert "model.layers.0.self_attn.q_proj.weight" in moved and "model.norm.weight" in moved
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "whole_logits"])
+def test_every_parameter_partitioned_fused_or_not(setup, tmp_path, fused):
+    """With no parameter kept whole (stage3_param_persistence_threshold 0), ZeRO-3 gathers the
+    tied output layer for the fused loss through its own hooks, in forward and backward: the
+    update is still the formula's, fused (loss.fused, the default) or from whole logits."""
+    ds_json = json.loads(open(setup.cfg.train.ds_config).read())
+    ds_json["zero_optimization"]["stage3_param_persistence_threshold"] = 0
+    (tmp_path / "partitioned.json").write_text(json.dumps(ds_json))
+    saved = setup.cfg.train.ds_config
+    setup.cfg.train.ds_config = str(tmp_path / "partitioned.json")
+    try:
+        want, want_loss = expected_update(setup, WEIGHTS)
+        outcome, delta, _ = run_step(setup, 2, 2, loss__fused=fused)
+    finally:
+        setup.cfg.train.ds_config, setup.cfg.loss.fused = saved, True
+    assert outcome.loss == pytest.approx(want_loss, rel=1e-5)
+    assert_updates_equal(delta, want)

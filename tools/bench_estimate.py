@@ -36,6 +36,9 @@ from paced_ds.runtime.files import read_jsonl  # noqa: E402
 
 TARGET_SHARE = 0.5  # the issue's targets: at most half of fixed K's rollouts,
 TARGET_SPEARMAN_GAP = 0.02  # and weights that agree with fixed K's at most this much less than fixed K's own
+# The adaptive estimate's weights: posterior means under a prior fitted per difficulty level, those under 20% of
+# the kernel's peak 0 (the smallest nonzero plug-in weight at K = 8, w(1/8), is 44% of it).
+POSTERIOR = ["curriculum.posterior=true", "curriculum.prior=fitted", "curriculum.weight_floor=0.2"]
 
 
 def parse_args(argv=None):
@@ -49,6 +52,9 @@ def parse_args(argv=None):
     parser.add_argument("--rollouts-min", type=int, default=2, help="curriculum.rollouts_min (default 2)")
     parser.add_argument("--rollouts-round", type=int, help="curriculum.rollouts_round (default: the config's)")
     parser.add_argument("--tol", type=float, nargs="+", help="curriculum.rollouts_tol values (default: the config's)")
+    parser.add_argument("--weights", choices=("posterior", "plug-in"), default="posterior",
+                        help="the adaptive estimate's weights: posterior = " + " ".join(POSTERIOR) + " (default; "
+                             "docs/curriculum.md#adaptive-estimate), plug-in = w(correct / trials)")
     parser.add_argument("--fresh", action="store_true", help="redo estimates already in --out")
     parser.add_argument("overrides", nargs="*", help="key=value overrides for every estimate")
     return parser.parse_args(argv)
@@ -70,6 +76,18 @@ def run_estimate(out: Path, overrides: list[str], nproc: int, fresh: bool) -> tu
             sys.exit(f"bench_estimate: the estimate in {out} failed (exit {code}); the end of {log_path}:\n{tail}")
     weights = {row["id"]: row["weight"] for _, row in read_jsonl(out / "competence.jsonl")}
     return json.loads(result_path.read_text()), weights
+
+
+def posterior_weights(estimate_dir: Path, cfg) -> dict[str, float]:
+    """{id: weight} of an estimate's counts under ``cfg``'s curriculum (the adaptive estimate's
+    posterior weights, for a fixed-K estimate's counts)."""
+    from paced_ds.curriculum.curriculum import Curriculum
+    from paced_ds.data.sources import load_train
+
+    records = load_train(cfg.data)
+    curriculum = Curriculum(cfg, records)
+    curriculum.load_given(str(estimate_dir / "competence.jsonl"))
+    return dict(zip(curriculum.table.ids, curriculum.weights().tolist()))
 
 
 def spearman(x: list[float], y: list[float]) -> float:
@@ -113,12 +131,12 @@ def main(argv=None) -> int:
     base = [f"data.train={args.split}", *args.overrides]
     cfg = load_config(DEMO_RECIPE, base)
     k, out = cfg.curriculum.rollouts, Path(args.out).resolve()
-    settings = [f"curriculum.rollouts_min={args.rollouts_min}"]
+    settings = [f"curriculum.rollouts_min={args.rollouts_min}", *(POSTERIOR if args.weights == "posterior" else [])]
     if args.rollouts_round is not None:
         settings.append(f"curriculum.rollouts_round={args.rollouts_round}")
     resolved = load_config(DEMO_RECIPE, base + settings).curriculum
     tols = args.tol or [resolved.rollouts_tol]
-    label = f"m{args.rollouts_min}_r{resolved.rollouts_round}"
+    label = f"m{args.rollouts_min}_r{resolved.rollouts_round}" + ("_posterior" if args.weights == "posterior" else "")
 
     fixed = [run_estimate(out / f"fixed_k{k}_seed{seed}", base + [f"train.seed={seed}"], args.nproc, args.fresh)
              for seed in args.fixed_seeds]
@@ -134,9 +152,14 @@ def main(argv=None) -> int:
     floors = [agreement(weights) for _, weights in fixed[1:]]
     lines += [row(f"fixed K={k}", str(seed), result, f"{floor:.3f} (noise floor)")
               for seed, (result, _), floor in zip(args.fixed_seeds[1:], fixed[1:], floors)]
+    if args.weights == "posterior" and len(fixed) > 1:  # what the weights alone do: fixed K's counts, reweighted
+        reweighted = posterior_weights(out / f"fixed_k{k}_seed{args.fixed_seeds[1]}", load_config(
+            DEMO_RECIPE, base + settings))
+        lines.append(row(f"fixed K={k}, {args.weights} weights", str(args.fixed_seeds[1]), fixed[1][0],
+                         f"{agreement(reweighted):.3f}"))
     summaries = []
     for tol in tols:
-        name = (f"adaptive min={args.rollouts_min} round={resolved.rollouts_round} tol={tol:g}")
+        name = f"adaptive min={args.rollouts_min} round={resolved.rollouts_round} tol={tol:g} {args.weights}"
         runs = [run_estimate(out / f"adaptive_{label}_tol{tol:g}_seed{seed}",
                              base + settings + [f"curriculum.rollouts_tol={tol}", f"train.seed={seed}"],
                              args.nproc, args.fresh) for seed in args.adaptive_seeds]

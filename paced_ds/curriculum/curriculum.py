@@ -13,6 +13,7 @@ import torch
 from paced_ds.curriculum.calibrate import fit_kernel
 from paced_ds.curriculum.competence import CompetenceTable, level_pass_rates
 from paced_ds.curriculum.kernel import curriculum_weights, normalize, weight_summary
+from paced_ds.curriculum.stopping import fit_priors
 from paced_ds.errors import UserError
 from paced_ds.runtime import dist
 from paced_ds.runtime.rundir import RunDir
@@ -92,9 +93,12 @@ class Curriculum:
         the problems the sampler draws from (those of weight > 0), so that a step has the
         loss scale of unweighted distillation.
         """
+        prior = (1.0, 1.0)
+        if self.cfg.posterior and self.cfg.prior == "fitted":
+            prior = fit_priors(self.table.correct, self.table.trials, self.difficulties)
         weights = curriculum_weights(self.table.correct, self.table.trials, mode=self.cfg.mode,
-                                     alpha=self.alpha, beta=self.beta, posterior=self.cfg.posterior,
-                                     band=(self.cfg.band_lo, self.cfg.band_hi))
+                                     alpha=self.alpha, beta=self.beta, posterior=self.cfg.posterior, prior=prior,
+                                     floor=self.cfg.weight_floor, band=(self.cfg.band_lo, self.cfg.band_hi))
         if not weights.sum() > 0:
             raise UserError(f"curriculum.mode={self.cfg.mode}: every problem has weight 0 (are all pass rates "
                             "0 or 1?); try curriculum.posterior=true, another band, or curriculum.mode=uniform")

@@ -112,7 +112,7 @@ def beta_weight(p, alpha=1.0, beta=1.0):
     return p.pow(alpha) * (1 - p).pow(beta)  # torch.pow(0., 0.) is 1
 
 
-def expected_beta_weight(correct, trials, alpha=1.0, beta=1.0):
+def expected_beta_weight(correct, trials, alpha=1.0, beta=1.0, prior=(1.0, 1.0)):
     """E[w(p)] for p ~ Beta(c + 1, n - c + 1): the kernel averaged over the pass-rate posterior.
 
     With c = ``correct`` successes in n = ``trials`` rollouts and a uniform prior on p,
@@ -131,18 +131,26 @@ def expected_beta_weight(correct, trials, alpha=1.0, beta=1.0):
     c/n is a biased estimate of E[p(1 - p)] (by a factor (n - 1)/n for the binomial), which
     the closed form avoids. For large n the two agree.
 
+    ``prior = (a0, b0)`` replaces the uniform prior Beta(1, 1) with Beta(a0, b0) (numbers, or
+    tensors that broadcast with the counts: one prior per problem, e.g. fitted per difficulty
+    level by ``stopping.fit_priors``); the posterior is then Beta(c + a0, n - c + b0).
+
     Elementwise with broadcasting; the result's kind follows ``beta_weight``: a float for
     Python numbers, numpy if either input is numpy, a tensor (on the input's device) if
     either is a tensor, in the inputs' floating dtype or the default one for integer counts.
     """
     alpha, beta = _exponent("alpha", alpha), _exponent("beta", beta)
     kind = _kind(correct, trials)
+    a0, b0 = prior
     if kind == "float":
-        c, n = float(correct), float(trials)
+        c, n, a0, b0 = float(correct), float(trials), float(a0), float(b0)
         if not (math.isfinite(c) and math.isfinite(n) and 0 <= c <= n):
             raise ValueError(f"competence counts: correct={c:g}, trials={n:g}; need 0 <= correct <= trials")
-        log_ratio = (math.lgamma(c + 1 + alpha) + math.lgamma(n - c + 1 + beta) - math.lgamma(n + 2 + alpha + beta)
-                     - math.lgamma(c + 1) - math.lgamma(n - c + 1) + math.lgamma(n + 2))
+        if not (a0 > 0 and b0 > 0):
+            raise ValueError(f"a Beta prior needs a0, b0 > 0, got ({a0:g}, {b0:g})")
+        log_ratio = (math.lgamma(c + a0 + alpha) + math.lgamma(n - c + b0 + beta)
+                     - math.lgamma(n + a0 + b0 + alpha + beta)
+                     - math.lgamma(c + a0) - math.lgamma(n - c + b0) + math.lgamma(n + a0 + b0))
         return math.exp(log_ratio)
 
     if kind == "tensor":
@@ -158,12 +166,23 @@ def expected_beta_weight(correct, trials, alpha=1.0, beta=1.0):
     c, n = torch.broadcast_tensors(_as_float_tensor(correct, device=device),
                                    _as_float_tensor(trials, device=device))
     _check_counts(c, n)
-    log_ratio = (torch.lgamma(c + 1 + alpha) + torch.lgamma(n - c + 1 + beta) - torch.lgamma(n + 2 + alpha + beta)
-                 - torch.lgamma(c + 1) - torch.lgamma(n - c + 1) + torch.lgamma(n + 2))
+    a0 = torch.as_tensor(a0, dtype=torch.float64, device=c.device)
+    b0 = torch.as_tensor(b0, dtype=torch.float64, device=c.device)
+    if not ((a0 > 0).all() and (b0 > 0).all()):
+        raise ValueError("a Beta prior needs a0, b0 > 0")
+    log_ratio = (torch.lgamma(c + a0 + alpha) + torch.lgamma(n - c + b0 + beta) - torch.lgamma(n + a0 + b0 + alpha + beta)
+                 - torch.lgamma(c + a0) - torch.lgamma(n - c + b0) + torch.lgamma(n + a0 + b0))
     expected = torch.exp(log_ratio)
     if kind == "tensor":
         return expected.to(out_dtype)
     return expected.numpy().astype(out_dtype)[()]
+
+
+def kernel_peak(alpha=1.0, beta=1.0) -> float:
+    """The kernel's largest value, w at p = alpha / (alpha + beta) (0.25 for w = p(1 - p)); 1 for
+    alpha = beta = 0, where w is 1 everywhere."""
+    alpha, beta = _exponent("alpha", alpha), _exponent("beta", beta)
+    return beta_weight(alpha / (alpha + beta), alpha, beta) if alpha + beta > 0 else 1.0
 
 
 def prior_beta_weight(alpha=1.0, beta=1.0) -> float:
@@ -173,8 +192,8 @@ def prior_beta_weight(alpha=1.0, beta=1.0) -> float:
 
 # ---- per-problem weights ----
 
-def curriculum_weights(correct, trials, *, mode="paced", alpha=1.0, beta=1.0, posterior=False,
-                       band=(0.0, 1.0), band_inclusive=False) -> torch.Tensor:
+def curriculum_weights(correct, trials, *, mode="paced", alpha=1.0, beta=1.0, posterior=False, prior=(1.0, 1.0),
+                       floor=0.0, band=(0.0, 1.0), band_inclusive=False) -> torch.Tensor:
     """One loss weight per problem (float32 tensor, on the counts' device) from its competence counts.
 
     ``correct`` and ``trials`` are tensors (or arrays / sequences) of the same shape;
@@ -183,7 +202,10 @@ def curriculum_weights(correct, trials, *, mode="paced", alpha=1.0, beta=1.0, po
     - ``uniform``: 1 for every problem (plain distillation).
     - ``paced``: w(p) = p^alpha (1 - p)^beta (``beta_weight``); with ``posterior=True`` the
       posterior expectation E[w(p) | correct, trials] (``expected_beta_weight``), which
-      gives problems seen 0/K or K/K a small nonzero weight instead of 0.
+      gives problems seen 0/K or K/K a small nonzero weight instead of 0; ``prior = (a0, b0)``
+      (numbers or per-problem tensors) is the Beta prior of that posterior, uniform by default.
+      A weight below ``floor`` times the kernel's peak (``kernel_peak``) is 0: a problem
+      the run would draw for almost no signal is not drawn at all.
     - ``hard_filter``: 1 if lo < p < hi for ``band = (lo, hi)`` (lo <= p <= hi with
       ``band_inclusive``), else 0. The default band (0, 1) keeps the problems the student
       solves sometimes but not always, the paper's "keep mid pass rates" baseline.
@@ -213,9 +235,11 @@ def curriculum_weights(correct, trials, *, mode="paced", alpha=1.0, beta=1.0, po
     pass_rate = torch.where(estimated, correct / torch.where(estimated, trials, 1.0), 0.0)
     if mode == "paced":
         if posterior:
-            weights = expected_beta_weight(correct, trials, alpha, beta)
+            weights = expected_beta_weight(correct, trials, alpha, beta, prior=prior)
         else:
             weights = torch.where(estimated, beta_weight(pass_rate, alpha, beta), prior_beta_weight(alpha, beta))
+        if floor > 0:
+            weights = torch.where(weights < floor * kernel_peak(alpha, beta), 0.0, weights)
     else:  # hard_filter
         if band_inclusive:
             inside = (pass_rate >= lo) & (pass_rate <= hi)

@@ -86,10 +86,11 @@ def estimate(generator, tokenizer, records: list[dict], table: CompetenceTable, 
         if trials >= cur.rollouts:
             break
         if prior is None:  # the first round's counts: every problem, rollouts_min trials each
-            prior = stopping.fit_prior(table.correct, table.trials)
+            prior = stopping.fit_priors(table.correct, table.trials,
+                                        [str(record.get("difficulty", "all")) for record in records])
         index = torch.tensor(active)
-        done = stopping.settled(table.correct[index], table.trials[index], cur.rollouts, prior, cur.alpha, cur.beta,
-                                cur.rollouts_tol)
+        done = stopping.settled(table.correct[index], table.trials[index], cur.rollouts,
+                                (prior[0][index], prior[1][index]), cur.alpha, cur.beta, cur.rollouts_tol)
         active = [problem for problem, stop in zip(active, done.tolist()) if not stop]
         n = min(cur.rollouts_round, cur.rollouts - trials)
         trials += n

@@ -405,6 +405,25 @@ class _TeacherRows:
         return TopKRows(ids[start:end], logprobs[start:end], tail[start:end], self.vocab)
 
 
+def chunk_gradient(divergence, params: dict, student_chunk: torch.Tensor, teacher_chunk, chunk_weights: torch.Tensor,
+                   with_divergence: bool = False):
+    """(div, d sum_i w_i div_i / d student_chunk) for one chunk of student logits [rows, V]: the
+    closed form where ``_STUDENT_GRADS`` has one, autograd on the chunk otherwise. ``div`` (the
+    per-row divergence, detached) only ``with_divergence`` or when autograd computes it anyway,
+    else None."""
+    closed_form_grad = _STUDENT_GRADS.get(divergence)
+    if closed_form_grad is not None:
+        grad = closed_form_grad(student_chunk, teacher_chunk, **params)
+        grad *= chunk_weights.to(grad.dtype)[:, None]
+        div = divergence(student_chunk, teacher_chunk, **params) if with_divergence else None
+        return div, grad
+    with torch.enable_grad():
+        student_chunk = student_chunk.detach().to(_compute_dtype(student_chunk)).requires_grad_(True)
+        div = divergence(student_chunk, teacher_chunk, **params)
+        (grad,) = torch.autograd.grad(div, student_chunk, grad_outputs=chunk_weights.to(div.dtype))
+    return div.detach(), grad
+
+
 class _ChunkedDivergenceSum(torch.autograd.Function):
     """(sum_i w_i * div(row_i), sum_i div(row_i)) over the selected rows, chunk by chunk.
 
@@ -447,20 +466,11 @@ class _ChunkedDivergenceSum(torch.autograd.Function):
             (batch_size * tokens, vocab), dtype=student_logits.dtype, device=student_logits.device
         )
         grad_row_ids = rows_b * tokens + rows_t
-        closed_form_grad = _STUDENT_GRADS.get(ctx.divergence)
         for start in range(0, rows_b.numel(), ctx.chunk_tokens):
             end = start + ctx.chunk_tokens
             student_chunk = student_rows.index_select(0, student_row_ids[start:end])
-            teacher_chunk = teacher.chunk(start, end)
-            chunk_weights = row_weights[start:end] * grad_weighted_sum
-            if closed_form_grad is not None:
-                grad_chunk = closed_form_grad(student_chunk, teacher_chunk, **ctx.params)
-                grad_chunk *= chunk_weights.to(grad_chunk.dtype)[:, None]
-            else:
-                with torch.enable_grad():
-                    student_chunk = student_chunk.to(_compute_dtype(student_chunk)).requires_grad_(True)
-                    div = ctx.divergence(student_chunk, teacher_chunk, **ctx.params)
-                    (grad_chunk,) = torch.autograd.grad(div, student_chunk, grad_outputs=chunk_weights.to(div.dtype))
+            _, grad_chunk = chunk_gradient(ctx.divergence, ctx.params, student_chunk, teacher.chunk(start, end),
+                                           row_weights[start:end] * grad_weighted_sum)
             grad_student.index_copy_(0, grad_row_ids[start:end], grad_chunk.to(grad_student.dtype))
         return (grad_student.view(batch_size, tokens, vocab),) + (None,) * (n_inputs - 1)
 
@@ -542,51 +552,60 @@ def distillation_loss(
     ``weighted_divergence_sum`` (the numerator), ``divergence_sum`` (unweighted),
     ``tokens`` (masked-in tokens here) and ``weight_sum`` (sum of their weights).
     """
-    divergence = get_divergence(kind)
-    accepted = [
-        name
-        for name, param in inspect.signature(divergence).parameters.items()
-        if param.kind is param.KEYWORD_ONLY and name != "temperature"
-    ]
-    for name in params:
-        if name not in accepted:
-            raise UserError(
-                f"loss.kind={kind} has no parameter {name!r}; its parameters: {', '.join(accepted) or 'none'}"
-            )
     if student_logits.dim() != 3:
         raise UserError(f"distillation_loss: student logits {tuple(student_logits.shape)} must be "
                         "[batch, tokens, vocab]")
-    if response_mask.shape != student_logits.shape[:2]:
-        raise UserError(
-            f"distillation_loss: response_mask {tuple(response_mask.shape)} must be "
-            f"{tuple(student_logits.shape[:2])}, the logits' [batch, tokens]"
-        )
-    _check_temperature(temperature)
-    batch_size = student_logits.shape[0]
-    if sample_weights is None:
-        sample_weights = torch.ones(batch_size, device=student_logits.device)
-    if sample_weights.shape != (batch_size,):
-        raise UserError(f"distillation_loss: sample_weights {tuple(sample_weights.shape)} must be ({batch_size},)")
-    if chunk_tokens is None:
-        chunk_tokens = default_chunk_tokens(student_logits.shape[-1], student_logits.device)
-    if chunk_tokens < 1:
-        raise UserError(f"distillation_loss: chunk_tokens must be >= 1, got {chunk_tokens}")
-    if isinstance(normalizer, (int, float)) and not normalizer > 0:
-        raise UserError(f"distillation_loss: normalizer must be > 0 (a token count), got {normalizer}")
-
-    rows_b, rows_t = (response_mask != 0).nonzero(as_tuple=True)
-    sparse, teacher_tensors = _teacher_tensors(teacher, response_mask, student_logits.shape)
-    row_weights = sample_weights.detach().to(_compute_dtype(student_logits))[rows_b]
-    params = dict(params, temperature=temperature)
+    step = LossStep(student_logits.shape, student_logits.dtype, student_logits.device, teacher, response_mask,
+                    sample_weights, kind, temperature, normalizer, chunk_tokens, params)
     weighted_sum, plain_sum = _ChunkedDivergenceSum.apply(
-        student_logits, rows_b, rows_t, row_weights, divergence, params, chunk_tokens, sparse, *teacher_tensors
+        student_logits, step.rows_b, step.rows_t, step.row_weights, step.divergence, step.params, step.chunk_tokens,
+        step.sparse, *step.teacher_tensors
     )
-    tokens = rows_b.numel()
-    loss = weighted_sum / (max(tokens, 1) if normalizer is None else normalizer)
-    stats = {
-        "weighted_divergence_sum": weighted_sum.detach(),
-        "divergence_sum": plain_sum,
-        "tokens": torch.tensor(float(tokens), device=student_logits.device),
-        "weight_sum": row_weights.sum(),
-    }
-    return loss, stats
+    return step.result(weighted_sum, plain_sum)
+
+
+class LossStep:
+    """What ``distillation_loss`` and ``fused_distillation_loss`` (``distill/fused.py``) share:
+    their arguments checked, the response tokens as (rows_b, rows_t), each one's weight, the
+    teacher's tensors and the divergence; ``result`` turns the two sums into (loss, stats)."""
+
+    def __init__(self, shape, dtype, device, teacher, response_mask, sample_weights, kind, temperature,
+                 normalizer, chunk_tokens, params):
+        self.divergence = get_divergence(kind)
+        accepted = [name for name, param in inspect.signature(self.divergence).parameters.items()
+                    if param.kind is param.KEYWORD_ONLY and name != "temperature"]
+        for name in params:
+            if name not in accepted:
+                raise UserError(f"loss.kind={kind} has no parameter {name!r}; its parameters: "
+                                f"{', '.join(accepted) or 'none'}")
+        if response_mask.shape != shape[:2]:
+            raise UserError(f"distillation_loss: response_mask {tuple(response_mask.shape)} must be "
+                            f"{tuple(shape[:2])}, the logits' [batch, tokens]")
+        _check_temperature(temperature)
+        batch_size = shape[0]
+        if sample_weights is None:
+            sample_weights = torch.ones(batch_size, device=device)
+        if sample_weights.shape != (batch_size,):
+            raise UserError(f"distillation_loss: sample_weights {tuple(sample_weights.shape)} must be ({batch_size},)")
+        self.chunk_tokens = default_chunk_tokens(shape[-1], device) if chunk_tokens is None else chunk_tokens
+        if self.chunk_tokens < 1:
+            raise UserError(f"distillation_loss: chunk_tokens must be >= 1, got {self.chunk_tokens}")
+        if isinstance(normalizer, (int, float)) and not normalizer > 0:
+            raise UserError(f"distillation_loss: normalizer must be > 0 (a token count), got {normalizer}")
+        self.normalizer, self.device = normalizer, device
+        self.rows_b, self.rows_t = (response_mask != 0).nonzero(as_tuple=True)
+        self.sparse, self.teacher_tensors = _teacher_tensors(teacher, response_mask, shape)
+        compute = torch.float64 if dtype == torch.float64 else torch.float32
+        self.row_weights = sample_weights.detach().to(compute)[self.rows_b]
+        self.params = dict(params, temperature=temperature)
+
+    def result(self, weighted_sum: torch.Tensor, plain_sum: torch.Tensor):
+        tokens = self.rows_b.numel()
+        loss = weighted_sum / (max(tokens, 1) if self.normalizer is None else self.normalizer)
+        stats = {
+            "weighted_divergence_sum": weighted_sum.detach(),
+            "divergence_sum": plain_sum,
+            "tokens": torch.tensor(float(tokens), device=self.device),
+            "weight_sum": self.row_weights.sum(),
+        }
+        return loss, stats

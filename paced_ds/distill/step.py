@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 import torch
 
 from paced_ds.config import RunConfig
+from paced_ds.distill.fused import student_loss
 from paced_ds.distill.losses import distillation_loss
 from paced_ds.distill.teachers import Teacher, TeacherBatch, requests_for
 from paced_ds.errors import UserError
@@ -102,12 +103,17 @@ def optimizer_step(cfg: RunConfig, student, teacher: Teacher, examples: list[dic
         teacher_s += time.time() - started
         for start in range(0, len(request.examples), mb):
             rows = slice(start, start + mb)
-            student_logits = student(input_ids=batch["input_ids"][rows],
-                                     attention_mask=batch["attention_mask"][rows]).logits[..., :vocab]
-            loss, stats = distillation_loss(student_logits, answer.samples(rows), batch["loss_mask"][rows],
-                                            request_weights[rows], kind=kind, temperature=cfg.loss.temperature,
-                                            normalizer=global_tokens, chunk_tokens=cfg.loss.chunk_tokens or None,
-                                            **params)
+            loss_args = dict(kind=kind, temperature=cfg.loss.temperature, normalizer=global_tokens,
+                             chunk_tokens=cfg.loss.chunk_tokens or None, **params)
+            if cfg.loss.fused:
+                loss, stats = student_loss(student, batch["input_ids"][rows], batch["attention_mask"][rows],
+                                           answer.samples(rows), batch["loss_mask"][rows], request_weights[rows],
+                                           vocab=vocab, **loss_args)
+            else:
+                student_logits = student(input_ids=batch["input_ids"][rows],
+                                         attention_mask=batch["attention_mask"][rows]).logits[..., :vocab]
+                loss, stats = distillation_loss(student_logits, answer.samples(rows), batch["loss_mask"][rows],
+                                                request_weights[rows], **loss_args)
             loss = spoil(loss)
             finite &= torch.isfinite(loss.detach())
             student.backward(loss * world, scale_wrt_gas=False)
