@@ -200,9 +200,9 @@ class TeacherConfig:
     address: str = _f("", "teacher.backend=pipelined: HOST:PORT of a teacher job started with `paced-ds "
                           "teacher-serve` (empty: `paced-ds train` starts one on this node)")
     cache: str = _f("", "teacher cache directory (teacher.backend=cache, and where `paced-ds cache-teacher` writes)")
-    topk: int = _f(0, "teacher log-probs kept per token by the cache, sent by a pipelined teacher or asked of a "
-                      "served one, read sparse by the loss (0 = the full distribution; server: 1..its "
-                      "--max-logprobs)")
+    topk: int = _f(0, "teacher log-probs kept per token: by the cache, the co-located engine teacher (a tile of "
+                      "positions at a time) and a pipelined one, or asked of a served one; read sparse by the loss "
+                      "(0 = the full distribution; server: 1..its --max-logprobs)")
     offload: str = _f("none", "where the teacher's partitioned parameters live", ("none", "cpu", "nvme"))
     nvme_path: str = _f("", "directory for teacher.offload=nvme")
     ds_config: str = _f("auto", "DeepSpeed JSON for the teacher; auto = ds_configs/teacher_zero3[_offload_*].json")

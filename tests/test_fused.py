@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from paced_ds.distill.answers import compress
-from paced_ds.distill.fused import fused_distillation_loss, student_loss
+from paced_ds.distill.fused import fused_distillation_loss, student_loss, teacher_answer
 from paced_ds.distill.losses import DIVERGENCES, distillation_loss
 from paced_ds.errors import UserError
 
@@ -114,3 +114,52 @@ def test_a_model_that_changes_its_logits_is_refused():
     with pytest.raises(UserError, match="loss.fused=false"):
         student_loss(model, ids, torch.ones_like(ids), teacher, mask, weights, vocab=VOCAB)
     assert "forward" not in model.lm_head.__dict__  # the output layer is itself again
+
+
+def scored_batch(seed: int = 3):
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, VOCAB, (BATCH, TOKENS), generator=generator)
+    attention = torch.ones(BATCH, TOKENS, dtype=torch.long)
+    attention[1, -3:] = 0
+    loss_mask = (torch.arange(TOKENS) >= 4) & attention.bool()
+    return {"input_ids": ids, "attention_mask": attention, "loss_mask": loss_mask}
+
+
+def test_teacher_top_k_from_tiles_is_top_k_of_the_whole_logits():
+    teacher, batch = tiny_llama(tied=False, seed=1).eval(), scored_batch()
+    with torch.no_grad():
+        logits = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[..., :VOCAB]
+    want = compress(logits, batch["loss_mask"], 6)
+    got = teacher_answer(teacher, batch, vocab=VOCAB, topk=6, tile_tokens=4)
+    assert torch.equal(got.per_sample, want.per_sample) and torch.equal(got.ids, want.ids)
+    torch.testing.assert_close(got.logprobs, want.logprobs, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got.tail, want.tail, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused_student", "whole_student_logits"])
+def test_a_dense_teacher_answered_from_hidden_states_is_the_dense_teacher(fused):
+    """The ``HiddenAnswer`` (logits computed a tile at a time in the loss) gives the loss and the
+    student's gradient of the whole teacher logits, micro-batch by micro-batch (``samples``)."""
+    teacher, student, batch = tiny_llama(tied=True, seed=1).eval(), tiny_llama(tied=False, seed=2), scored_batch()
+    with torch.no_grad():
+        logits = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[..., :VOCAB]
+    answer = teacher_answer(teacher, batch, vocab=VOCAB)
+    assert answer.hidden.shape == (int(batch["loss_mask"].sum()), WIDTH) and answer.vocab == VOCAB
+    weights = torch.tensor([1.0, 0.5, 2.0])
+    for rows in (slice(0, 1), slice(1, 3)):
+        results = []
+        for given in (logits[rows], answer.samples(rows)):
+            student.zero_grad()
+            args = dict(kind="akl", temperature=2.0, normalizer=9.0, chunk_tokens=2)
+            sub = {key: value[rows] for key, value in batch.items()}
+            if fused:
+                loss, _ = student_loss(student, sub["input_ids"], sub["attention_mask"], given, sub["loss_mask"],
+                                       weights[rows], vocab=VOCAB, **args)
+            else:
+                out = student(input_ids=sub["input_ids"], attention_mask=sub["attention_mask"]).logits[..., :VOCAB]
+                loss, _ = distillation_loss(out, given, sub["loss_mask"], weights[rows], **args)
+            loss.backward()
+            results.append((loss.detach(), [p.grad.clone() for p in student.parameters()]))
+        torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-5, atol=1e-7)
+        for got, want in zip(results[1][1], results[0][1]):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)

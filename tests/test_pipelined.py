@@ -44,7 +44,7 @@ def in_threads(teacher_ranks: int, students: list, *, topk: int = 0, teacher_con
         try:
             bridge = pipeline.Bridge(address, side="teacher", rank=rank, ranks=teacher_ranks,
                                      contract=teacher_contract or {**CONTRACT, "topk": topk}, timeout_s=timeout_s)
-            results[f"teacher{rank}"] = pipeline.serve(bridge, bigram, vocab=VOCAB, topk=topk)
+            results[f"teacher{rank}"] = pipeline.serve(bridge, pipeline.logits_scorer(bigram), vocab=VOCAB, topk=topk)
         except Exception as err:  # reported to the test
             results[f"teacher{rank}"] = err
 

@@ -296,12 +296,21 @@ def test_a_teacher_padded_past_the_tokenizer_is_scored_on_the_shared_rows(qwen_d
     assert shared == QWEN_EMBEDDING_ROWS > len(tokenizer) == QWEN_TOKENS
     assert engines.shared_vocab_size(_run_config(qwen_dir, qwen_dir), tokenizer) == QWEN_EMBEDDING_ROWS
 
-    class Engine:  # the teacher engine's module, answering logits over all its rows
-        def module(self, input_ids, attention_mask):
-            return SimpleNamespace(logits=torch.randn(*input_ids.shape, 152_064))
+    class Model(torch.nn.Module):  # the teacher engine's module: an output layer of all its rows
+        def __init__(self):
+            super().__init__()
+            self.lm_head = torch.nn.Linear(4, 152_064, bias=False)
 
-    batch = {"input_ids": torch.zeros(1, 3, dtype=torch.long), "attention_mask": torch.ones(1, 3, dtype=torch.long)}
-    assert EngineTeacher(Engine(), shared).forward(batch).shape == (1, 3, QWEN_EMBEDDING_ROWS)
+        def get_output_embeddings(self):
+            return self.lm_head
+
+        def forward(self, input_ids, attention_mask):
+            return SimpleNamespace(logits=self.lm_head(torch.randn(*input_ids.shape, 4)))
+
+    batch = {"input_ids": torch.zeros(1, 3, dtype=torch.long), "attention_mask": torch.ones(1, 3, dtype=torch.long),
+             "loss_mask": torch.tensor([[False, True, True]])}
+    answer = EngineTeacher(SimpleNamespace(module=Model()), shared).answer(batch)
+    assert answer.vocab == QWEN_EMBEDDING_ROWS and answer.hidden.shape == (2, 4)  # the scored positions only
 
 
 def test_smollm2_and_qwen_tokenizers_cannot_be_distilled_token_by_token(smollm2_dir, qwen_dir):

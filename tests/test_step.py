@@ -231,3 +231,32 @@ def test_every_parameter_partitioned_fused_or_not(setup, tmp_path, fused):
         setup.cfg.train.ds_config, setup.cfg.loss.fused = saved, True
     assert outcome.loss == pytest.approx(want_loss, rel=1e-5)
     assert_updates_equal(delta, want)
+
+
+def test_a_partitioned_teacher_engine_answers_from_its_hidden_states(setup, tmp_path):
+    """A ZeRO-3 teacher with every parameter partitioned: its dense answer (hidden states and a
+    copy of the gathered output weight) and its top-k answer are those of its whole logits."""
+    from paced_ds.distill.answers import compress
+    from paced_ds.data.collate import collate_train
+
+    ds_json = json.loads((REPO / "ds_configs" / "teacher_zero3.json").read_text())
+    ds_json["zero_optimization"]["stage3_param_persistence_threshold"] = 0
+    (tmp_path / "teacher.json").write_text(json.dumps(ds_json))
+    saved = setup.cfg.teacher.ds_config
+    setup.cfg.teacher.ds_config = str(tmp_path / "teacher.json")
+    try:
+        engine = engines.build_teacher(setup.cfg, name=str(ASSETS / "tiny-teacher"))
+    finally:
+        setup.cfg.teacher.ds_config = saved
+    assert engine.module.lm_head.weight.numel() == 0  # partitioned between forwards
+    batch = collate_train(setup.examples, setup.tokenizer.pad_token_id)
+    with torch.no_grad():
+        logits = setup.teacher_model(input_ids=batch["input_ids"],
+                                     attention_mask=batch["attention_mask"]).logits[..., :setup.vocab]
+    dense = EngineTeacher(engine, setup.vocab).answer(batch)
+    torch.testing.assert_close(torch.nn.functional.linear(dense.hidden, dense.weight), logits[batch["loss_mask"]],
+                               rtol=1e-5, atol=1e-5)
+    sparse = EngineTeacher(engine, setup.vocab, topk=5).answer(batch)
+    want = compress(logits, batch["loss_mask"], 5)
+    assert torch.equal(sparse.ids, want.ids)
+    torch.testing.assert_close(sparse.logprobs, want.logprobs, rtol=1e-5, atol=1e-5)

@@ -15,8 +15,9 @@ batch; what differs is how many optimizer steps that compute buys it:
     akl               adaptive KL, unweighted                curriculum.mode=uniform loss.kind=akl
     paced             w = p(1-p), support-only draw          curriculum.mode=paced (+ SNR probes at steps 0, S/2, S)
     paced_sample      the weights as sampling probabilities  + curriculum.apply=sample
-    paced_refresh     adaptive estimates, again at mid-run   + curriculum.refresh=every refresh_every=ceil(S/2) rollouts_min=2
-    paced_adaptive    the adaptive estimate (its own)        + curriculum.rollouts_min=2 (K = 8 at most)
+    paced_refresh     adaptive estimates, again at mid-run   + curriculum.refresh=every refresh_every=ceil(S/2), ADAPTIVE
+    paced_adaptive    the adaptive estimate (its own)        + ADAPTIVE: curriculum.rollouts_min=2 posterior=true
+                                                               prior=fitted weight_floor=0.2 (K = 8 at most)
     paced_two_stage   forward, then on-policy reverse KL     + loss.schedule=two_stage
     paced_posterior   E[w(p)] under Beta (only if named)     + curriculum.posterior=true
 
@@ -121,6 +122,10 @@ class Method:
     default: bool = True  # in the comparison unless --methods says otherwise
 
 
+# The adaptive estimate as docs/curriculum.md#adaptive-estimate measures it: posterior weights, a prior per level.
+ADAPTIVE = ("curriculum.rollouts_min=2", "curriculum.posterior=true", "curriculum.prior=fitted",
+            "curriculum.weight_floor=0.2")
+
 # The order is the order of the tables and of the runs within a seed. paced_refresh and
 # paced_adaptive cannot share the K = 8 estimate: a given competence file is static, and the
 # adaptive estimate is another estimate; each makes its own during the run (its flops_rollout).
@@ -132,9 +137,8 @@ METHODS = {
     "paced_sample": Method(("curriculum.mode=paced", "curriculum.apply=sample"), shares_estimate=True),
     # Refreshes cost what the adaptive estimate keeps small: one, at mid-run (four fixed-K estimates
     # would cost 180% of forward KL's whole run here).
-    "paced_refresh": Method(("curriculum.mode=paced", "curriculum.refresh=every", "curriculum.rollouts_min=2"),
-                            refreshes=1),
-    "paced_adaptive": Method(("curriculum.mode=paced", "curriculum.rollouts_min=2")),
+    "paced_refresh": Method(("curriculum.mode=paced", "curriculum.refresh=every", *ADAPTIVE), refreshes=1),
+    "paced_adaptive": Method(("curriculum.mode=paced", *ADAPTIVE)),
     "paced_two_stage": Method(("curriculum.mode=paced", "loss.schedule=two_stage"), shares_estimate=True),
     "paced_posterior": Method(("curriculum.mode=paced", "curriculum.posterior=true"), shares_estimate=True,
                               default=False),

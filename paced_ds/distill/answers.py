@@ -49,9 +49,7 @@ class TopKAnswer:
         return self.ids.shape[-1]
 
     def samples(self, rows: slice) -> TopKAnswer:
-        offsets = torch.cat([self.per_sample.new_zeros(1), self.per_sample.cumsum(0)]).tolist()
-        first, last, _ = rows.indices(len(self.per_sample))
-        start, stop = offsets[first], offsets[max(first, last)]
+        start, stop = _scored_rows(self.per_sample, rows)
         return TopKAnswer(self.ids[start:stop], self.logprobs[start:stop], self.tail[start:stop],
                           self.per_sample[rows], self.vocab)
 
@@ -70,12 +68,50 @@ class TopKAnswer:
                           parts[0].vocab)
 
 
+@dataclass
+class HiddenAnswer:
+    """A dense answer the loss computes a tile at a time: the teacher's final hidden states at
+    its scored positions (rows in row-major order of the batch's loss mask, as a
+    ``TopKAnswer``'s) and its output layer cut to the shared vocabulary. The logits of rows
+    ``start:end`` are ``linear(hidden[start:end], weight, bias)``; no [tokens, V] teacher tensor
+    is ever built (``distill/fused.py``'s ``teacher_answer`` makes it)."""
+
+    hidden: torch.Tensor  # [N, H]
+    weight: torch.Tensor  # [V, H], V = the shared vocabulary
+    bias: torch.Tensor | None  # [V] or None
+    per_sample: torch.Tensor  # [B] scored positions per sample (int64, on the CPU); they sum to N
+
+    @property
+    def vocab(self) -> int:
+        return self.weight.shape[0]
+
+    def samples(self, rows: slice) -> HiddenAnswer:
+        start, stop = _scored_rows(self.per_sample, rows)
+        return HiddenAnswer(self.hidden[start:stop], self.weight, self.bias, self.per_sample[rows])
+
+    def to(self, device) -> HiddenAnswer:
+        return HiddenAnswer(self.hidden.to(device), self.weight.to(device),
+                            None if self.bias is None else self.bias.to(device), self.per_sample)
+
+    def counts(self) -> torch.Tensor:
+        return self.per_sample
+
+
+def _scored_rows(per_sample: torch.Tensor, rows: slice) -> tuple[int, int]:
+    """The [start, stop) of the scored rows of samples ``rows`` (each sample ``per_sample[i]``)."""
+    offsets = torch.cat([per_sample.new_zeros(1), per_sample.cumsum(0)]).tolist()
+    first, last, _ = rows.indices(len(per_sample))
+    return offsets[first], offsets[max(first, last)]
+
+
+def top_k(log_probs: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(ids int32, log-probs, tail mass) of the k most likely tokens of each row of ``log_probs``."""
+    top_logp, top_ids = log_probs.topk(min(k, log_probs.shape[-1]), dim=-1)
+    return top_ids.to(torch.int32), top_logp, (1.0 - top_logp.exp().sum(-1)).clamp(min=0.0)
+
+
 def compress(logits: torch.Tensor, mask: torch.Tensor, k: int) -> TopKAnswer:
     """The top-k answer of dense teacher ``logits`` [B, T, V] at the ``mask`` positions
     (temperature 1; k >= V keeps the whole distribution)."""
-    rows = logits[mask.bool()].float()
-    log_probs = torch.log_softmax(rows, dim=-1)
-    top_logp, top_ids = log_probs.topk(min(k, rows.shape[-1]), dim=-1)
-    tail = (1.0 - top_logp.exp().sum(-1)).clamp(min=0.0)
-    return TopKAnswer(top_ids.to(torch.int32), top_logp, tail, mask.bool().sum(1).to(torch.int64).cpu(),
-                      logits.shape[-1])
+    ids, logprobs, tail = top_k(torch.log_softmax(logits[mask.bool()].float(), dim=-1), k)
+    return TopKAnswer(ids, logprobs, tail, mask.bool().sum(1).to(torch.int64).cpu(), logits.shape[-1])

@@ -35,6 +35,7 @@ import contextlib
 
 import torch
 
+from paced_ds.distill.answers import HiddenAnswer, TopKAnswer, top_k
 from paced_ds.distill.losses import LossStep, _TeacherRows, chunk_gradient
 from paced_ds.errors import UserError
 
@@ -56,14 +57,14 @@ class _FusedDivergenceSum(torch.autograd.Function):
     states, tile by tile, with the gradients of the first sum computed on the way (module doc)."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, rows_b, rows_t, row_weights, divergence, params, tile_tokens, sparse,
+    def forward(ctx, hidden, weight, bias, rows_b, rows_t, row_weights, divergence, params, tile_tokens, form,
                 vocab, *teacher_tensors):
         batch_size, tokens, width = hidden.shape
         flat = hidden.reshape(batch_size * tokens, width)
         row_ids = rows_b * tokens + rows_t
         ctx_weight, ctx_bias = weight, bias
         weight, bias = weight[:vocab], None if bias is None else bias[:vocab]
-        teacher = _TeacherRows(sparse, teacher_tensors, vocab, rows_b, rows_t)
+        teacher = _TeacherRows(form, teacher_tensors, vocab, rows_b, rows_t)
         want_hidden, want_weight, want_bias = ctx.needs_input_grad[:3]
         accumulate = torch.float32 if weight.dtype in (torch.float16, torch.bfloat16) else weight.dtype
         grad_flat = torch.zeros_like(flat) if want_hidden else None
@@ -147,7 +148,7 @@ def fused_distillation_loss(hidden: torch.Tensor, weight: torch.Tensor, teacher,
                     kind, temperature, normalizer, chunk_tokens, params)
     weighted_sum, plain_sum = _FusedDivergenceSum.apply(
         hidden, weight, bias, step.rows_b, step.rows_t, step.row_weights, step.divergence, step.params,
-        step.chunk_tokens, step.sparse, vocab, *step.teacher_tensors)
+        step.chunk_tokens, step.form, vocab, *step.teacher_tensors)
     return step.result(weighted_sum, plain_sum)
 
 
@@ -190,3 +191,43 @@ def student_loss(student, input_ids: torch.Tensor, attention_mask: torch.Tensor,
         raise UserError(f"loss.fused=true: {type(model).__name__} changes its output layer's result (scaling or "
                         "soft-capping the logits), which the fused loss cannot follow: set loss.fused=false")
     return returned, stats
+
+
+def teacher_answer(teacher, batch: dict, *, vocab: int, topk: int = 0, tile_tokens: int | None = None):
+    """The teacher's answer for ``batch`` (input_ids, attention_mask, loss_mask), from its final
+    hidden states at the scored positions only: the output layer never runs on a prompt position.
+
+    ``topk`` > 0: a ``TopKAnswer`` whose top-k log-probabilities are taken a tile of
+    ``tile_tokens`` rows at a time (``default_tile_tokens``), so no dense teacher tensor exists
+    beyond a tile. 0: a ``HiddenAnswer``, the loss computing each tile's logits as it consumes
+    them; under ZeRO-3 it holds a copy of the output layer's weight (gathered once per answer,
+    [V, H]), as a dense answer of more than H positions would take more.
+    ``teacher``: a DeepSpeed engine (``.module``) or a Hugging Face causal LM; no gradient.
+    """
+    model = getattr(teacher, "module", teacher)
+    device = batch["input_ids"].device
+    mask = batch["loss_mask"].to(device).bool()
+    per_sample = mask.sum(1).to(torch.int64).cpu()
+    tile = tile_tokens or default_tile_tokens(vocab, device)
+    result = {}
+
+    def answer(hidden, layer):
+        rows = hidden[mask]
+        weight, bias = layer.weight[:vocab], None if getattr(layer, "bias", None) is None else layer.bias[:vocab]
+        if topk:
+            parts = [top_k(torch.log_softmax(torch.nn.functional.linear(rows[start:start + tile], weight, bias)
+                                             .float(), dim=-1), topk) for start in range(0, len(rows), tile)]
+            ids, logprobs, tail = (torch.cat([part[j] for part in parts]) if parts else None for j in range(3))
+            if not parts:  # no scored position: empty rows of the answer's shape
+                ids, logprobs = torch.zeros(0, min(topk, vocab), dtype=torch.int32), torch.zeros(0, min(topk, vocab))
+                tail = torch.zeros(0)
+            result["value"] = TopKAnswer(ids, logprobs, tail, per_sample, vocab)
+        else:
+            if hasattr(layer.weight, "ds_id"):  # ZeRO-3 releases the gathered weight after this call: keep a copy
+                weight, bias = weight.clone(), None if bias is None else bias.clone()
+            result["value"] = HiddenAnswer(rows, weight, bias, per_sample)
+        return rows.new_zeros(())
+
+    with torch.no_grad(), _output_layer_returns(model, answer):
+        model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"].to(device))
+    return result["value"]

@@ -36,7 +36,7 @@ from dataclasses import dataclass
 
 import torch
 
-from paced_ds.distill.answers import DenseAnswer, TopKAnswer
+from paced_ds.distill.answers import DenseAnswer, HiddenAnswer, TopKAnswer
 from paced_ds.errors import UserError
 
 # exp(-1e4) is exactly 0 in float32 and float64, so flooring changes no probability; it
@@ -389,18 +389,22 @@ def _row_view(logits: torch.Tensor, rows_b: torch.Tensor, rows_t: torch.Tensor):
 
 
 class _TeacherRows:
-    """The teacher's side of the selected tokens, chunk by chunk: rows of dense logits
-    (their own rows, or the student's when the two share a layout), or slices of a sparse
-    top-k answer (ids, log-probs, tail)."""
+    """The teacher's side of the selected tokens, chunk by chunk, by the answer's ``form``:
+    "dense", rows of dense logits (their own rows, or the student's when the two share a
+    layout); "sparse", slices of a top-k answer (ids, log-probs, tail); "hidden", the logits of
+    a ``HiddenAnswer``'s rows, computed for the chunk (hidden states, output weight, bias)."""
 
-    def __init__(self, sparse: bool, tensors: tuple, vocab: int, rows_b, rows_t):
-        self.sparse, self.tensors, self.vocab = sparse, tensors, vocab
-        if not sparse:
+    def __init__(self, form: str, tensors: tuple, vocab: int, rows_b, rows_t):
+        self.form, self.tensors, self.vocab = form, tensors, vocab
+        if form == "dense":
             self.view, self.row_ids = _row_view(tensors[0], *(tensors[1:] or (rows_b, rows_t)))
 
     def chunk(self, start: int, end: int):
-        if not self.sparse:
+        if self.form == "dense":
             return self.view.index_select(0, self.row_ids[start:end])
+        if self.form == "hidden":
+            hidden, weight, *bias = self.tensors
+            return torch.nn.functional.linear(hidden[start:end], weight, *bias)
         ids, logprobs, tail = self.tensors
         return TopKRows(ids[start:end], logprobs[start:end], tail[start:end], self.vocab)
 
@@ -434,12 +438,12 @@ class _ChunkedDivergenceSum(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, student_logits, rows_b, rows_t, row_weights, divergence, params, chunk_tokens, sparse,
+    def forward(ctx, student_logits, rows_b, rows_t, row_weights, divergence, params, chunk_tokens, form,
                 *teacher_tensors):
         ctx.save_for_backward(student_logits, rows_b, rows_t, row_weights, *teacher_tensors)
-        ctx.divergence, ctx.params, ctx.chunk_tokens, ctx.sparse = divergence, params, chunk_tokens, sparse
+        ctx.divergence, ctx.params, ctx.chunk_tokens, ctx.form = divergence, params, chunk_tokens, form
         student_rows, student_row_ids = _row_view(student_logits, rows_b, rows_t)
-        teacher = _TeacherRows(sparse, teacher_tensors, student_logits.shape[-1], rows_b, rows_t)
+        teacher = _TeacherRows(form, teacher_tensors, student_logits.shape[-1], rows_b, rows_t)
         weighted_sum = torch.zeros((), dtype=torch.float64, device=student_logits.device)
         plain_sum = torch.zeros((), dtype=torch.float64, device=student_logits.device)
         for start in range(0, rows_b.numel(), chunk_tokens):
@@ -448,7 +452,7 @@ class _ChunkedDivergenceSum(torch.autograd.Function):
                              **params)
             weighted_sum += (div * row_weights[start:end]).sum()
             plain_sum += div.sum()
-        dtype = _compute_dtype(student_logits, teacher_tensors[1 if sparse else 0])
+        dtype = _compute_dtype(student_logits, teacher_tensors[1 if form == "sparse" else 0])
         plain_sum = plain_sum.to(dtype)
         ctx.mark_non_differentiable(plain_sum)
         return weighted_sum.to(dtype), plain_sum
@@ -460,7 +464,7 @@ class _ChunkedDivergenceSum(torch.autograd.Function):
             return (None,) * n_inputs
         student_logits, rows_b, rows_t, row_weights, *teacher_tensors = ctx.saved_tensors
         student_rows, student_row_ids = _row_view(student_logits, rows_b, rows_t)
-        teacher = _TeacherRows(ctx.sparse, tuple(teacher_tensors), student_logits.shape[-1], rows_b, rows_t)
+        teacher = _TeacherRows(ctx.form, tuple(teacher_tensors), student_logits.shape[-1], rows_b, rows_t)
         batch_size, tokens, vocab = student_logits.shape
         grad_student = torch.zeros(
             (batch_size * tokens, vocab), dtype=student_logits.dtype, device=student_logits.device
@@ -491,14 +495,14 @@ def default_chunk_tokens(vocab_size: int, device: torch.device | str) -> int:
 
 
 def _teacher_tensors(teacher, response_mask: torch.Tensor, student_shape) -> tuple[bool, tuple]:
-    """(sparse, the teacher's tensors) for ``_ChunkedDivergenceSum``, its rows paired with
-    the student's response tokens (in order, sample by sample)."""
+    """(form, the teacher's tensors) for ``_TeacherRows``, its rows paired with the student's
+    response tokens (in order, sample by sample)."""
     student_counts = (response_mask != 0).sum(1).cpu()
     if isinstance(teacher, torch.Tensor):
         if teacher.shape != student_shape:
             raise UserError(f"distillation_loss: student logits {tuple(student_shape)} and teacher logits "
                             f"{tuple(teacher.shape)} must both be [batch, tokens, vocab]")
-        return False, (teacher.detach(),)
+        return "dense", (teacher.detach(),)
     if not torch.equal(teacher.counts().cpu(), student_counts):
         raise UserError(f"distillation_loss: the teacher scores {teacher.counts().tolist()} tokens per sample, the "
                         f"student {student_counts.tolist()}: they must score the same response tokens")
@@ -507,12 +511,18 @@ def _teacher_tensors(teacher, response_mask: torch.Tensor, student_shape) -> tup
             raise UserError(f"distillation_loss: teacher logits {tuple(teacher.logits.shape)} must be "
                             f"[batch, tokens, {student_shape[-1]}]")
         teacher_b, teacher_t = (teacher.mask != 0).nonzero(as_tuple=True)
-        return False, (teacher.logits.detach(), teacher_b, teacher_t)
+        return "dense", (teacher.logits.detach(), teacher_b, teacher_t)
     if isinstance(teacher, TopKAnswer):
         if teacher.vocab != student_shape[-1]:
             raise UserError(f"student vocabulary ({student_shape[-1]}) != teacher vocabulary ({teacher.vocab}): "
                             "slice the logits to the shared tokenizer's size")
-        return True, (teacher.ids.detach(), teacher.logprobs.detach(), teacher.tail.detach())
+        return "sparse", (teacher.ids.detach(), teacher.logprobs.detach(), teacher.tail.detach())
+    if isinstance(teacher, HiddenAnswer):
+        if teacher.vocab != student_shape[-1]:
+            raise UserError(f"student vocabulary ({student_shape[-1]}) != teacher vocabulary ({teacher.vocab}): "
+                            "slice the logits to the shared tokenizer's size")
+        bias = () if teacher.bias is None else (teacher.bias.detach(),)
+        return "hidden", (teacher.hidden.detach(), teacher.weight.detach(), *bias)
     raise UserError(f"distillation_loss: unknown teacher answer {type(teacher).__name__}")
 
 
@@ -559,7 +569,7 @@ def distillation_loss(
                     sample_weights, kind, temperature, normalizer, chunk_tokens, params)
     weighted_sum, plain_sum = _ChunkedDivergenceSum.apply(
         student_logits, step.rows_b, step.rows_t, step.row_weights, step.divergence, step.params, step.chunk_tokens,
-        step.sparse, *step.teacher_tensors
+        step.form, *step.teacher_tensors
     )
     return step.result(weighted_sum, plain_sum)
 
@@ -594,7 +604,7 @@ class LossStep:
             raise UserError(f"distillation_loss: normalizer must be > 0 (a token count), got {normalizer}")
         self.normalizer, self.device = normalizer, device
         self.rows_b, self.rows_t = (response_mask != 0).nonzero(as_tuple=True)
-        self.sparse, self.teacher_tensors = _teacher_tensors(teacher, response_mask, shape)
+        self.form, self.teacher_tensors = _teacher_tensors(teacher, response_mask, shape)
         compute = torch.float64 if dtype == torch.float64 else torch.float32
         self.row_weights = sample_weights.detach().to(compute)[self.rows_b]
         self.params = dict(params, temperature=temperature)

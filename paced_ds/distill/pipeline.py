@@ -228,10 +228,22 @@ class StudentClient:
             self._fail(err)
 
 
-def serve(bridge: Bridge, forward, *, vocab: int, topk: int, all_reduce=None) -> dict:
+def logits_scorer(forward):
+    """A ``serve`` scorer from a forward that returns logits: ``forward(input_ids, attention_mask)``'s
+    logits, or their top-k at the scored positions (``compress``, from the whole logits)."""
+    def score(input_ids, attention_mask, loss_mask, vocab: int, topk: int):
+        logits = forward(input_ids, attention_mask)[..., :vocab].float()
+        return logits if topk == 0 else compress(logits, loss_mask, topk)
+    return score
+
+
+def serve(bridge: Bridge, score, *, vocab: int, topk: int, all_reduce=None) -> dict:
     """The teacher side: answer this teacher rank's students until every one has said stop.
 
-    ``forward(input_ids, attention_mask)`` is the (collective, ZeRO-3) teacher forward;
+    ``score(input_ids, attention_mask, loss_mask, vocab, topk)`` is the (collective, ZeRO-3) teacher
+    forward: logits [B, T, >= vocab] with ``topk`` = 0, else a ``TopKAnswer`` of the
+    ``loss_mask`` positions (``teacher-serve`` takes it from the hidden states a tile at a time,
+    ``fused.teacher_answer``; ``logits_scorer`` makes one from a logits forward);
     ``all_reduce`` sums a small tensor over the teacher job's ranks, so that a rank with
     no request in a round still joins the forward its peers make.
     """
@@ -259,7 +271,7 @@ def serve(bridge: Bridge, forward, *, vocab: int, topk: int, all_reduce=None) ->
         if pending.item() == 0:
             break
         started = time.time()
-        answers = answer(forward, requests, vocab=vocab, topk=topk)
+        answers = answer(score, requests, vocab=vocab, topk=topk)
         busy_s += time.time() - started
         for work_list in sending:
             for work in work_list[0]:
@@ -277,31 +289,29 @@ def serve(bridge: Bridge, forward, *, vocab: int, topk: int, all_reduce=None) ->
     return {"requests": served, "forwards": batches, "forward_s": busy_s}
 
 
-def answer(forward, requests: list, *, vocab: int, topk: int) -> list[list[torch.Tensor]]:
+def answer(score, requests: list, *, vocab: int, topk: int) -> list[list[torch.Tensor]]:
     """One teacher forward for every request of the round (right-padded to the longest);
     a round with none here makes a one-token forward, so the ranks' ZeRO-3 gathers pair up."""
     if not requests:
-        forward(torch.zeros(1, 1, dtype=torch.int64), torch.ones(1, 1, dtype=torch.int64))
+        one = torch.ones(1, 1, dtype=torch.int64)
+        score(torch.zeros(1, 1, dtype=torch.int64), one, one.bool(), vocab, topk)
         return []
     length = max(int(header[3]) for _, header, _ in requests)
     rows = sum(int(header[2]) for _, header, _ in requests)
-    ids = torch.zeros(rows, length, dtype=torch.int64)
-    mask = torch.zeros(rows, length, dtype=torch.int64)
+    planes = torch.zeros(3, rows, length, dtype=torch.int64)  # ids, attention, loss mask
     row = 0
-    for _, header, planes in requests:
+    for _, header, request_planes in requests:
         count, width = int(header[2]), int(header[3])
-        ids[row:row + count, :width] = planes[0]
-        mask[row:row + count, :width] = planes[1]
+        planes[:, row:row + count, :width] = request_planes
         row += count
-    logits = forward(ids, mask)[..., :vocab].float().cpu()
+    scored = score(planes[0], planes[1], planes[2].bool(), vocab, topk)
     out, row = [], 0
-    for _, header, planes in requests:
+    for _, header, _ in requests:
         count, width = int(header[2]), int(header[3])
-        mine = logits[row:row + count, :width]
-        row += count
         if topk == 0:
-            out.append([mine.contiguous()])
+            out.append([scored[row:row + count, :width, :vocab].float().cpu().contiguous()])
         else:
-            sparse = compress(mine, planes[2].bool(), topk)
-            out.append([sparse.ids, sparse.logprobs, sparse.tail])
+            mine = scored.samples(slice(row, row + count))
+            out.append([mine.ids.cpu(), mine.logprobs.float().cpu(), mine.tail.float().cpu()])
+        row += count
     return out

@@ -16,7 +16,7 @@ from paced_ds.curriculum.curriculum import Curriculum
 from paced_ds.data import sources
 from paced_ds.data.collate import collate_train
 from paced_ds.distill import cache, estimate, pipeline, probe
-from paced_ds.distill.answers import compress
+from paced_ds.distill.fused import teacher_answer
 from paced_ds.distill.inputs import generate_responses, preflight, tokenize_problems, with_teacher_responses
 from paced_ds.distill.step import divergence_params
 from paced_ds.distill.teachers import EngineTeacher, Started, start, teacher_contract, teacher_path
@@ -159,20 +159,18 @@ def cache_teacher(cfg: RunConfig) -> dict:
     batch_size = cfg.eval.batch_size
     batches = math.ceil(math.ceil(len(examples) / dist.world_size()) / batch_size)
     k = cfg.teacher.topk or vocab
-    forward = EngineTeacher(teacher, vocab).forward
+    engine_teacher = EngineTeacher(teacher, vocab, k)
     parts, offsets, ids = [], [0], []
     for b in range(batches):  # every rank makes the same number of (collective) teacher forwards
         chunk = mine[b * batch_size:(b + 1) * batch_size]
         batch = {key: value.to(dist.device()) for key, value in
                  collate_train([examples[i] for i in chunk] or [examples[0]], tokenizer.pad_token_id).items()}
-        logits = forward(batch)
+        answer = engine_teacher.answer(batch)  # top-k taken a tile of response rows at a time
         if not chunk:
             continue
+        parts.append((answer.ids.cpu(), answer.logprobs.cpu(), answer.tail.cpu()))
         for row, index in enumerate(chunk):
-            mask = batch["loss_mask"][row:row + 1]
-            answer = compress(logits[row:row + 1], mask, k)
-            parts.append((answer.ids, answer.logprobs, answer.tail))
-            offsets.append(offsets[-1] + int(mask.sum()))
+            offsets.append(offsets[-1] + int(answer.per_sample[row]))
             ids.append(records[index]["id"])
     directory = Path(cfg.teacher.cache)
     empty = (torch.zeros(0, k, dtype=torch.int32), torch.zeros(0, k), torch.zeros(0))
@@ -204,11 +202,15 @@ def teacher_serve(cfg: RunConfig) -> dict:
     say(f"serving {bridge.students} student ranks")
     device = dist.device()
 
-    def forward(input_ids, attention_mask):
-        with torch.no_grad():
-            return teacher.module(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device)).logits
+    def score(input_ids, attention_mask, loss_mask, vocab, topk):
+        batch = {"input_ids": input_ids.to(device), "attention_mask": attention_mask.to(device),
+                 "loss_mask": loss_mask.to(device)}
+        if topk:  # from the hidden states of the scored positions, a tile at a time
+            return teacher_answer(teacher, batch, vocab=vocab, topk=topk)
+        with torch.no_grad():  # dense answers travel whole, prompt positions included
+            return teacher.module(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
 
-    result = pipeline.serve(bridge, forward, vocab=vocab, topk=cfg.teacher.topk,
+    result = pipeline.serve(bridge, score, vocab=vocab, topk=cfg.teacher.topk,
                             all_reduce=dist.all_reduce_sum if dist.world_size() > 1 else None)
     say(f"teacher job done: {result['requests']} requests in {result['forwards']} forwards "
         f"({result['forward_s']:.1f} s computing)")

@@ -33,7 +33,8 @@ from paced_ds.data import sources
 from paced_ds.data.collate import collate_train
 from paced_ds.data.prompts import privileged_prompt
 from paced_ds.distill import cache, pipeline
-from paced_ds.distill.answers import DenseAnswer, TopKAnswer
+from paced_ds.distill.answers import TopKAnswer
+from paced_ds.distill.fused import teacher_answer
 from paced_ds.errors import UserError
 from paced_ds.models import engines, generation, generators, server
 from paced_ds.runtime import dist
@@ -74,22 +75,21 @@ class Teacher:
 
 
 class EngineTeacher(Teacher):
-    """The co-located teacher: each answer is one (collective, ZeRO-3) forward of its engine."""
+    """The co-located teacher: each answer is one (collective, ZeRO-3) forward of its engine,
+    from its hidden states at the scored positions (``fused.teacher_answer``): top-k with
+    ``topk`` > 0, else dense logits the loss computes a tile at a time."""
 
-    def __init__(self, engine, vocab: int):
-        self.engine, self.vocab = engine, vocab
+    def __init__(self, engine, vocab: int, topk: int = 0):
+        self.engine, self.vocab, self.topk = engine, vocab, topk
 
-    def forward(self, batch: dict) -> torch.Tensor:
-        """The teacher's logits over the shared vocabulary for ``batch``."""
+    def answer(self, batch: dict):
         device = dist.device()
-        with torch.no_grad():
-            logits = self.engine.module(input_ids=batch["input_ids"].to(device),
-                                        attention_mask=batch["attention_mask"].to(device)).logits
-        return logits[..., :self.vocab]
+        return teacher_answer(self.engine, {key: value.to(device) for key, value in batch.items()},
+                              vocab=self.vocab, topk=self.topk)
 
     def answers(self, requests):
         for request in requests:
-            yield DenseAnswer(self.forward(request.batch), request.batch["loss_mask"].to(dist.device()))
+            yield self.answer(request.batch)
 
 
 class CachedTeacher(Teacher):
@@ -263,7 +263,7 @@ def open_teacher(cfg: RunConfig, tokenizer, vocab: int, started: Started, record
     elif cfg.teacher.backend == "server":
         teacher = ServerTeacher(started.server, cfg.teacher.topk, vocab)
     else:
-        teacher = EngineTeacher(started.engine, vocab)
+        teacher = EngineTeacher(started.engine, vocab, cfg.teacher.topk)
     if cfg.teacher.self_distill:
         shown = [{**r, "prompt": privileged_prompt(r["prompt"], verify.reference_answer(r["answer"]),
                                                          cfg.teacher.privileged_template)}
