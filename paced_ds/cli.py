@@ -418,6 +418,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gpu-mem", default="80GB", help="memory per GPU, e.g. 80GB (10^9 B) or 80GiB (default 80GB)")
     p.add_argument("--cpu-mem", default="1TB", help="CPU memory per node (default 1TB)")
     p.add_argument("--seq-len", type=int, help="tokens per sequence (default: data.max_length, or 4096)")
+    p.add_argument("--response-len", type=int, help="tokens of it the loss scores, the response (default: all)")
+    p.add_argument("--sequence-parallel", type=int,
+                   help="ranks each sequence is split over (default: train.sequence_parallel, or 1)")
     p.add_argument("--micro-batch", type=int,
                    help="sequences per GPU per micro-step (default: train.micro_batch_size, or 1)")
     p.add_argument("--vocab", type=int, help="vocabulary of a model given as a size (default 152064, Qwen)")

@@ -42,6 +42,8 @@ class ModelConfig:
                     "without bf16 instructions, e.g. AVX2 only, is emulated and warns)",
                     ("auto", "fp32", "bf16"))
     gradient_checkpointing: bool = _f(False, "recompute student activations in backward (saves memory)")
+    tiled_mlp: bool = _f(False, "run the student's MLPs a slice of positions at a time (DeepSpeed's TiledMLP), "
+                                "recomputed in backward: for long sequences")
     freeze_embeddings: bool = _f(False, "keep the student's input and output embeddings fixed: no gradients or "
                                         "optimizer states for them (16 bytes a parameter saved; a 152k vocabulary "
                                         "is 43% of a 0.5B model)")
@@ -229,6 +231,9 @@ class TrainConfig:
     seed: int = _f(0, "seed of the sampler, rollouts and initialisation")
     ds_config: str = _f("ds_configs/student_zero3.json", "DeepSpeed JSON for the student")
     zero_stage: int = _f(3, "student ZeRO stage (the teacher is always stage 3)", (1, 2, 3))
+    sequence_parallel: int = _f(1, "Ulysses sequence parallelism: each sequence split over this many ranks, for "
+                                   "the student and the engine teacher (its ranks share their problems; the ranks "
+                                   "are a multiple of it)")
     offload_optimizer: str = _f("none", "where the student's optimizer states live", ("none", "cpu"))
     save_every: int = _f(0, "checkpoint every N steps (0 = only at the end)")
     resume: str = _f("never", "never | auto (newest checkpoint in output_dir) | PATH of a checkpoint directory")
@@ -515,6 +520,7 @@ def validate(cfg: RunConfig) -> None:
             parse_address(cfg.teacher.address)
     if cfg.teacher.offload == "nvme" and not cfg.teacher.nvme_path:
         raise UserError("config key teacher.nvme_path: required when teacher.offload=nvme")
+    check_sequence_parallel(cfg)
     if cfg.train.offload_optimizer == "cpu" and cfg.train.zero_stage == 1:
         raise UserError("config key train.offload_optimizer: cpu offload needs train.zero_stage 2 or 3")
     if "{prompt}" not in cfg.data.prompt_template:
@@ -556,3 +562,20 @@ def describe() -> list[tuple[str, str, str, str]]:
             help_text = spec.metadata["help"] + (f" ({' | '.join(map(str, choices))})" if choices else "")
             rows.append((f"{section.name}.{spec.name}", kind, json.dumps(default), help_text))
     return rows
+
+
+def check_sequence_parallel(cfg: RunConfig) -> None:
+    """train.sequence_parallel > 1 splits the student's and the engine teacher's sequences; what
+    it does not split yet is refused here, before any rank starts."""
+    size = cfg.train.sequence_parallel
+    if size < 1:
+        raise UserError(f"config key train.sequence_parallel: must be >= 1, got {size}")
+    if size == 1:
+        return
+    for key, value, needed in (("teacher.backend", cfg.teacher.backend, "engine"),
+                               ("loss.schedule", cfg.loss.schedule, "off_policy"),
+                               ("teacher.self_distill", cfg.teacher.self_distill, False),
+                               ("snr.every", cfg.snr.every, 0)):
+        if value != needed:
+            raise UserError(f"config key {key}: train.sequence_parallel={size} needs {key}={needed} for now "
+                            f"(got {value}); sequence parallelism splits off-policy steps of the co-located teacher")

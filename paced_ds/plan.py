@@ -30,8 +30,11 @@ def cmd_plan(args) -> int:
                         "or --config RECIPE")
     seq_len = args.seq_len or (cfg.data.max_length if cfg else 4096)
     micro_batch = args.micro_batch or (cfg.train.micro_batch_size if cfg else 1)
+    split = args.sequence_parallel or (cfg.train.sequence_parallel if cfg else 1)
+    response_len = args.response_len or seq_len
     for flag, value in (("--nodes", args.nodes), ("--gpus-per-node", args.gpus_per_node),
-                        ("--seq-len", seq_len), ("--micro-batch", micro_batch)):
+                        ("--seq-len", seq_len), ("--micro-batch", micro_batch), ("--sequence-parallel", split),
+                        ("--response-len", response_len)):
         if value < 1:
             raise UserError(f"{flag} must be >= 1, got {value}")
     if args.vocab is not None and args.vocab < 1:
@@ -60,18 +63,31 @@ def cmd_plan(args) -> int:
         teacher_gpus = cfg.teacher.ranks
     teacher_batch = per_request(cfg) if cfg else None
     checkpointing = cfg.model.gradient_checkpointing if cfg else True
+    fused = cfg.loss.fused if cfg else True
+    if response_len > seq_len:
+        raise UserError(f"--response-len {response_len}: at most --seq-len ({seq_len})")
+    if (args.nodes * args.gpus_per_node) % split:
+        raise UserError(f"--sequence-parallel {split}: must divide the {args.nodes * args.gpus_per_node} GPUs")
     rows = memory.plan(student, teacher, args.nodes, args.gpus_per_node, gpu_mem, cpu_mem, seq_len, micro_batch,
-                       teacher_gpus, teacher_batch, checkpointing)
+                       teacher_gpus, teacher_batch, checkpointing, fused=fused, sequence_parallel=split,
+                       response_len=response_len)
     world = args.nodes * args.gpus_per_node
     print(f"teacher {teacher.params / 1e9:.1f}B params (hidden {teacher.hidden}, {teacher.layers} layers), "
           f"student {student.params / 1e9:.1f}B (hidden {student.hidden}, {student.layers} layers); "
           f"{args.nodes} x {args.gpus_per_node} GPUs of {gpu_mem / memory.GIB:.1f} GiB (fits: total <= "
           f"{memory.GPU_FIT_FRACTION:.0%}), {cpu_mem / memory.GIB:.0f} GiB CPU per node; "
-          f"micro-batch {micro_batch} x {seq_len} tokens, {args.dtype}; GiB per GPU / per node\n")
+          f"micro-batch {micro_batch} x {seq_len} tokens ({response_len} scored)"
+          + (f", each split over {split} GPUs (sequence parallel)" if split > 1 else "")
+          + f", {'fused' if fused else 'whole'} logits, {args.dtype}; GiB per GPU / per node\n")
     print(memory.render_markdown(rows))
     best = memory.recommend(rows)
     if best is None:
-        print(f"\nnothing fits on {world} GPUs: add nodes, or shorten --seq-len / --micro-batch")
+        larger = next((size for size in (2, 4, 8, 16) if size > split and world % size == 0 and memory.recommend(
+            memory.plan(student, teacher, args.nodes, args.gpus_per_node, gpu_mem, cpu_mem, seq_len, micro_batch,
+                        teacher_gpus, teacher_batch, checkpointing, fused=fused, sequence_parallel=size,
+                        response_len=response_len))), None)
+        hint = f"train.sequence_parallel={larger} fits; or " if larger else ""
+        print(f"\nnothing fits on {world} GPUs: {hint}add nodes, or shorten --seq-len / --micro-batch")
     else:
         optimizer = "offload_optimizer=cpu" if best.optimizer == "cpu" else "optimizer on the GPU"
         print(f"\nrecommended: {best.placement} teacher ({placement_setting(best)}), student {optimizer}")

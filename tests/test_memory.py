@@ -111,12 +111,27 @@ def test_what_does_not_fit_is_said():
 
 def test_activations_grow_with_the_batch():
     student, teacher = memory.model_shape("7B"), memory.model_shape("70B")
-    one = memory.activations(student, teacher, seq_len=4096, micro_batch=1)
-    two = memory.activations(student, teacher, seq_len=4096, micro_batch=2)
+    one = memory.activations(student, teacher, seq_len=4096, micro_batch=1, fused=False)
+    two = memory.activations(student, teacher, seq_len=4096, micro_batch=2, fused=False)
     loss_chunk = 2**25 * 4 * 4
     assert two - loss_chunk == 2 * (one - loss_chunk)
     # Three [B, L, V] bf16 tensors (student logits, their grad, teacher logits) dominate.
     assert one > 3 * 4096 * 152064 * 2
+
+
+def test_long_traces_fused_and_split():
+    """At 32k tokens the whole-logits path needs three [32k, V] tensors; fused, only tiles and
+    the output weights stay; S = 2 halves what grows with the length."""
+    student, teacher = memory.model_shape("Qwen/Qwen3-1.7B"), memory.model_shape("Qwen/Qwen3-8B")
+    whole = memory.activations(student, teacher, seq_len=32768, micro_batch=1, fused=False)
+    fused = memory.activations(student, teacher, seq_len=32768, micro_batch=1)
+    split = memory.activations(student, teacher, seq_len=32768, micro_batch=1, sequence_parallel=2)
+    logits = 3 * 32768 * 151936 * 2  # student logits, their gradient, teacher logits, bf16
+    assert whole > logits and whole - fused > 0.85 * logits  # less the weights and hidden rows it keeps
+    fixed = memory.activations(student, teacher, seq_len=2, micro_batch=1)  # the tiles and the weights
+    assert split - fixed == pytest.approx((fused - fixed) / 2, rel=0.01)
+    # Scoring only a 30k-token response of the 32k: less of the output side.
+    assert memory.activations(student, teacher, seq_len=32768, micro_batch=1, response_len=30000) < fused
 
 
 def test_a_model_directory_counts_its_parameters(tmp_path):

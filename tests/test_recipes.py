@@ -32,7 +32,8 @@ from paced_ds.data import arith
 from paced_ds.runtime import memory
 
 RECIPES = REPO / "ds_configs" / "recipes"
-GPU_RECIPES = ["qwen3_8b_to_1.7b.yaml", "llama70b_to_8b.yaml", "qwen2.5_math_7b_self_distill.yaml"]
+GPU_RECIPES = ["qwen3_8b_to_1.7b.yaml", "qwen3_8b_to_1.7b_16k.yaml", "qwen3_8b_to_1.7b_32k.yaml",
+               "llama70b_to_8b.yaml", "qwen2.5_math_7b_self_distill.yaml"]
 PIPELINED = ["teacher.backend=pipelined", "teacher.ranks=3", "teacher.offload=none", "teacher.topk=64",
              "eval.batch_size=6"]  # the 70B recipe's documented variant: the teacher on GPUs of its own
 TOKENIZER = REPO / "paced_ds" / "assets" / "tiny-student"
@@ -75,6 +76,8 @@ def test_every_shipped_architecture_builds_on_the_meta_device():
 
 @pytest.mark.parametrize("name, overrides, placement", [
     ("qwen3_8b_to_1.7b.yaml", [], "teacher.offload=none"),
+    ("qwen3_8b_to_1.7b_16k.yaml", [], "teacher.offload=none"),
+    ("qwen3_8b_to_1.7b_32k.yaml", [], "teacher.offload=none"),
     ("llama70b_to_8b.yaml", [], "teacher.offload=cpu"),
     ("llama70b_to_8b.yaml", PIPELINED, "teacher.backend=pipelined teacher.ranks=3"),
     ("qwen2.5_math_7b_self_distill.yaml", [], "teacher.offload=none"),
@@ -198,3 +201,14 @@ def test_recipe_trains_two_steps_on_cpu_at_tiny_width(name, on_policy, tmp_path)
         (memory.architecture_dir(cfg.model.student) / "config.json").read_text())["model_type"]
     evals = read_jsonl(tmp_path / "run" / "eval.jsonl")
     assert [e["step"] for e in evals] == [0, 2]
+
+
+def test_plan_names_the_sequence_parallel_size_that_fits(capsys):
+    """Traces too long for one GPU a sequence: the planner says which train.sequence_parallel fits."""
+    code = cli.main(["plan", "--teacher", "Qwen/Qwen3-8B", "--student", "Qwen/Qwen3-1.7B", "--seq-len", "524288",
+                     "--gpu-mem", "80GB"])
+    out = capsys.readouterr().out
+    assert code == 0 and "nothing fits on 8 GPUs: train.sequence_parallel=2 fits" in out
+    cli.main(["plan", "--teacher", "Qwen/Qwen3-8B", "--student", "Qwen/Qwen3-1.7B", "--seq-len", "524288",
+              "--gpu-mem", "80GB", "--sequence-parallel", "2"])
+    assert "each split over 2 GPUs (sequence parallel)" in capsys.readouterr().out

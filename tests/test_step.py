@@ -260,3 +260,15 @@ def test_a_partitioned_teacher_engine_answers_from_its_hidden_states(setup, tmp_
     want = compress(logits, batch["loss_mask"], 5)
     assert torch.equal(sparse.ids, want.ids)
     torch.testing.assert_close(sparse.logprobs, want.logprobs, rtol=1e-5, atol=1e-5)
+
+
+def test_tiled_mlps_under_zero3_are_the_formula(setup):
+    """model.tiled_mlp on the ZeRO-3 student (DeepSpeed's TiledMLP, its weights gathered by
+    ZeRO-3 a slice at a time): the update is the formula's."""
+    want, want_loss = expected_update(setup, WEIGHTS)
+    try:
+        outcome, delta, _ = run_step(setup, 2, 2, model__tiled_mlp=True)
+    finally:
+        setup.cfg.model.tiled_mlp = False
+    assert outcome.loss == pytest.approx(want_loss, rel=1e-5)
+    assert_updates_equal(delta, want)

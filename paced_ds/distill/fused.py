@@ -168,10 +168,11 @@ def _output_layer_returns(model, fn):
 
 
 def student_loss(student, input_ids: torch.Tensor, attention_mask: torch.Tensor, teacher, response_mask,
-                 sample_weights, *, vocab: int, **loss_args):
+                 sample_weights, *, vocab: int, position_ids: torch.Tensor | None = None, **loss_args):
     """Run the student (a DeepSpeed engine or a Hugging Face causal LM) on one micro-batch with
     its output layer fused into the divergence: ``fused_distillation_loss``'s (loss, stats).
-    ``loss_args``: kind, temperature, normalizer, chunk_tokens and the divergence's parameters."""
+    ``loss_args``: kind, temperature, normalizer, chunk_tokens and the divergence's parameters;
+    ``position_ids``: the positions of a sequence-parallel shard (``models/ulysses.py``)."""
     model = getattr(student, "module", student)
     result = {}
 
@@ -180,8 +181,9 @@ def student_loss(student, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                                                   bias=getattr(layer, "bias", None), vocab=vocab, **loss_args)
         return result["value"][0]
 
+    positions = {} if position_ids is None else {"position_ids": position_ids}
     with _output_layer_returns(model, fused):
-        output = student(input_ids=input_ids, attention_mask=attention_mask)
+        output = student(input_ids=input_ids, attention_mask=attention_mask, **positions)
     loss, stats = result["value"]
     # The model's own result, not `loss`: under ZeRO-3 the layer's hooks wrap its output (a new tensor of the
     # same value) to gather the layer's weight again in backward.
@@ -203,6 +205,7 @@ def teacher_answer(teacher, batch: dict, *, vocab: int, topk: int = 0, tile_toke
     them; under ZeRO-3 it holds a copy of the output layer's weight (gathered once per answer,
     [V, H]), as a dense answer of more than H positions would take more.
     ``teacher``: a DeepSpeed engine (``.module``) or a Hugging Face causal LM; no gradient.
+    ``batch["position_ids"]``, if given, goes to the model (a sequence-parallel shard's positions).
     """
     model = getattr(teacher, "module", teacher)
     device = batch["input_ids"].device
@@ -228,6 +231,7 @@ def teacher_answer(teacher, batch: dict, *, vocab: int, topk: int = 0, tile_toke
             result["value"] = HiddenAnswer(rows, weight, bias, per_sample)
         return rows.new_zeros(())
 
+    positions = {"position_ids": batch["position_ids"]} if "position_ids" in batch else {}
     with torch.no_grad(), _output_layer_returns(model, answer):
-        model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"].to(device))
+        model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"].to(device), **positions)
     return result["value"]

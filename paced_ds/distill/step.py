@@ -17,6 +17,7 @@ reports it, with the ranks whose loss was not finite, and the trainer counts it.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass, field
 
@@ -27,6 +28,7 @@ from paced_ds.distill.fused import student_loss
 from paced_ds.distill.losses import distillation_loss
 from paced_ds.distill.teachers import Teacher, TeacherBatch, requests_for
 from paced_ds.errors import UserError
+from paced_ds.models.ulysses import SequenceParallel
 from paced_ds.runtime import dist, faults
 
 
@@ -57,7 +59,8 @@ def per_request(cfg: RunConfig) -> int:
 
 def optimizer_step(cfg: RunConfig, student, teacher: Teacher, examples: list[dict], problems: list[int],
                    weights: torch.Tensor, *, kind: str, vocab: int, pad_id: int, generated: bool = False,
-                   ahead: list[TeacherBatch] | None = None, number: int = 0) -> StepOutcome:
+                   ahead: list[TeacherBatch] | None = None, number: int = 0,
+                   sequence_parallel: SequenceParallel | None = None) -> StepOutcome:
     """Train ``student`` on this rank's share of one optimizer step. Collective.
 
     examples, problems: this rank's sequences (``input_ids``, ``response_start``) and the
@@ -68,18 +71,26 @@ def optimizer_step(cfg: RunConfig, student, teacher: Teacher, examples: list[dic
         more forward over them).
     ahead: the next step's requests, for a teacher that looks ahead to start on now.
     number: the step's number (1 for the first), for the faults ``PACED_DS_FAULT`` injects.
+    sequence_parallel: this rank's group (``train.sequence_parallel`` > 1): its ranks were given
+        the same sequences, and each trains on its shard of their positions, the teacher
+        answering that shard (``models/ulysses.py``).
     """
     world, rank, device = dist.world_size(), dist.rank(), dist.device()
     mb = cfg.train.micro_batch_size
     if len(examples) != len(problems) or len(examples) != len(weights) or len(examples) % mb:
         raise UserError(f"optimizer_step: {len(examples)} sequences, {len(problems)} problems, {len(weights)} weights: "
                         f"they must be equal, a multiple of train.micro_batch_size ({mb})")
-    local_tokens = sum(len(e["input_ids"]) - e["response_start"] for e in examples)
-    local_sequence = sum(len(e["input_ids"]) for e in examples)
+    sp = sequence_parallel
+    split = sp.split if sp is not None else contextlib.nullcontext
     requests = requests_for(examples, problems, per_request(cfg), pad_id)
+    shards = [sp.shard(request.batch) for request in requests] if sp is not None else None
+    local_tokens = sum(int(shard["loss_mask"].sum()) for shard in shards) if sp is not None else \
+        sum(len(e["input_ids"]) - e["response_start"] for e in examples)
+    local_sequence = sum(len(e["input_ids"]) for e in examples)
+    share = 1.0 / sp.size if sp is not None else 1.0  # a group's ranks hold the same sequences: count them once
     global_tokens, global_weight, global_count, global_sequence, global_teacher = dist.all_reduce_sum(torch.tensor(
-        [float(local_tokens), weights.sum().item(), float(len(examples)), float(local_sequence),
-         float(teacher.scored_tokens(requests))], dtype=torch.float64)).tolist()
+        [float(local_tokens), weights.sum().item() * share, len(examples) * share, local_sequence * share,
+         teacher.scored_tokens(requests) * share], dtype=torch.float64)).tolist()
     if global_weight == 0:
         return StepOutcome("zero_weight")
     # curriculum.normalize=batch_mean: this step's weights average 1 over all ranks.
@@ -87,17 +98,21 @@ def optimizer_step(cfg: RunConfig, student, teacher: Teacher, examples: list[dic
     params = divergence_params(cfg, kind)
     spoil = faults.loss_fault(number, rank)  # the identity, but under PACED_DS_FAULT
 
-    answers = teacher.answers(requests)
+    if sp is not None:  # the teacher answers this rank's positions
+        answers = teacher.answers([TeacherBatch(shard, r.examples, r.problems) for shard, r in zip(shards, requests)])
+    else:
+        answers = teacher.answers(requests)
     if ahead is not None:
         teacher.ask_ahead(ahead)
     loss_sum, teacher_s = torch.zeros((), dtype=torch.float64, device=device), 0.0
     finite = torch.ones((), dtype=torch.bool, device=device)  # a tensor: no sync per micro-batch
     skipped_before = student.skipped_steps
-    for first, request in zip(range(0, len(examples), per_request(cfg)), requests):
-        batch = {key: value.to(device) for key, value in request.batch.items()}
+    for index, (first, request) in enumerate(zip(range(0, len(examples), per_request(cfg)), requests)):
+        batch = {key: value.to(device) for key, value in (shards[index] if sp is not None else request.batch).items()}
         request_weights = (weights[first:first + len(request.examples)] * scale).to(device)
         started = time.time()
-        answer = next(answers)
+        with split():
+            answer = next(answers)
         if device.type == "cuda":  # time the forward, not its kernel launches
             torch.cuda.synchronize(device)
         teacher_s += time.time() - started
@@ -105,18 +120,20 @@ def optimizer_step(cfg: RunConfig, student, teacher: Teacher, examples: list[dic
             rows = slice(start, start + mb)
             loss_args = dict(kind=kind, temperature=cfg.loss.temperature, normalizer=global_tokens,
                              chunk_tokens=cfg.loss.chunk_tokens or None, **params)
-            if cfg.loss.fused:
-                loss, stats = student_loss(student, batch["input_ids"][rows], batch["attention_mask"][rows],
-                                           answer.samples(rows), batch["loss_mask"][rows], request_weights[rows],
-                                           vocab=vocab, **loss_args)
-            else:
-                student_logits = student(input_ids=batch["input_ids"][rows],
-                                         attention_mask=batch["attention_mask"][rows]).logits[..., :vocab]
-                loss, stats = distillation_loss(student_logits, answer.samples(rows), batch["loss_mask"][rows],
-                                                request_weights[rows], **loss_args)
-            loss = spoil(loss)
-            finite &= torch.isfinite(loss.detach())
-            student.backward(loss * world, scale_wrt_gas=False)
+            positions = {"position_ids": batch["position_ids"][rows]} if sp is not None else {}
+            with split():  # Ulysses attention in the forward, and in a checkpointed layer's recomputation
+                if cfg.loss.fused:
+                    loss, stats = student_loss(student, batch["input_ids"][rows], batch["attention_mask"][rows],
+                                               answer.samples(rows), batch["loss_mask"][rows], request_weights[rows],
+                                               vocab=vocab, **positions, **loss_args)
+                else:
+                    student_logits = student(input_ids=batch["input_ids"][rows], attention_mask=batch["attention_mask"]
+                                             [rows], **positions).logits[..., :vocab]
+                    loss, stats = distillation_loss(student_logits, answer.samples(rows), batch["loss_mask"][rows],
+                                                    request_weights[rows], **loss_args)
+                loss = spoil(loss)
+                finite &= torch.isfinite(loss.detach())
+                student.backward(loss * world, scale_wrt_gas=False)
             student.step()
             loss_sum += stats["weighted_divergence_sum"].double()
         del answer

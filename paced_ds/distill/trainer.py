@@ -30,6 +30,7 @@ from paced_ds.distill.retention import Retention
 from paced_ds.distill.step import StepOutcome, divergence_params, optimizer_step, per_request
 from paced_ds.errors import UserError
 from paced_ds.models import engines, generation, generators
+from paced_ds.models.ulysses import SequenceParallel
 from paced_ds.runtime import checkpoint, dist, faults
 from paced_ds.runtime.log import progress_bar, say
 from paced_ds.runtime.memory import model_shape
@@ -85,11 +86,19 @@ def train(cfg: RunConfig) -> dict:
         examples = tokenize_problems(cfg, tokenizer, records)
     teacher = teachers.open_teacher(cfg, tokenizer, vocab, started, records, examples)
     student, _ = engines.build_student(cfg)
-    say(f"{len(records)} training problems, {len(eval_records)} held-out; {dist.world_size()} ranks; "
+    sequence_parallel = SequenceParallel.create(cfg.train.sequence_parallel)
+    if sequence_parallel is not None:
+        sequence_parallel.check(student.module, "model.student")
+        sequence_parallel.check(started.engine.module, "model.teacher")
+    groups = dist.world_size() // cfg.train.sequence_parallel  # data-parallel: the ranks of a group share problems
+    say(f"{len(records)} training problems, {len(eval_records)} held-out; {dist.world_size()} ranks"
+        + (f" in {groups} sequence-parallel groups of {cfg.train.sequence_parallel}" if sequence_parallel else "")
+        + "; "
         f"student ZeRO-{cfg.train.zero_stage}, teacher {teachers.describe(cfg)}; "
         f"loss {cfg.loss.kind} ({cfg.loss.schedule})")
     switch_step = schedule_switch(cfg)
-    sampler = ProblemSampler(len(records), seed=cfg.train.seed, world_size=dist.world_size(), rank=dist.rank(),
+    sampler = ProblemSampler(len(records), seed=cfg.train.seed, world_size=groups,
+                             rank=dist.rank() // cfg.train.sequence_parallel,
                              micro_batch_size=cfg.train.micro_batch_size, grad_accum=cfg.train.grad_accum,
                              apply=cfg.curriculum.apply)
     fresh = checkpoint.find_resume(cfg.train.output_dir, cfg.train.resume) is None
@@ -134,7 +143,8 @@ def train(cfg: RunConfig) -> dict:
         outcome = optimizer_step(cfg, student, teacher, step_examples, indices, sampler.loss_weights(indices),
                                  kind=cfg.loss.stage2_kind if on_policy and cfg.loss.schedule == "two_stage"
                                  else cfg.loss.kind, vocab=vocab, pad_id=tokenizer.pad_token_id, generated=on_policy,
-                                 ahead=requests_ahead(run), number=run.step + 1)
+                                 ahead=requests_ahead(run), number=run.step + 1,
+                                 sequence_parallel=sequence_parallel)
         run.compute.add("student", outcome.student_tokens)  # spent even when the update is skipped
         run.compute.add("teacher", outcome.teacher_tokens)
         if outcome.status != "applied":

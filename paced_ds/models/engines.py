@@ -216,6 +216,12 @@ def build_student(cfg: RunConfig):
     model = _from_pretrained(name, ds_config, compute_dtype(cfg), cfg.model.trust_remote_code, "model.student")
     if cfg.model.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if cfg.model.tiled_mlp:
+        from paced_ds.models.ulysses import tile_mlps
+
+        if not tile_mlps(model):
+            raise UserError(f"config key model.tiled_mlp: {type(model).__name__} has no gated MLP (gate_proj, "
+                            "up_proj, down_proj) to tile")
     model.config.use_cache = False
     if cfg.model.freeze_embeddings:
         for embedding in (model.get_input_embeddings(), model.get_output_embeddings()):

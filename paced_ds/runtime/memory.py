@@ -43,6 +43,8 @@ NVME_BUFFER_PARAMS = 100_000_000
 # buffers of that size alive (two log-softmaxes, their difference, the grad).
 LOSS_CHUNK_LOGITS = 2**25
 LOSS_CHUNK_BUFFERS = 4
+# The fused output layer's tile on a GPU (distill/fused.py, GPU_TILE_ELEMENTS), as many buffers.
+FUSED_TILE_LOGITS = 2**25
 # Activations of one transformer layer in bf16: 34 * batch * seq * hidden bytes without the
 # attention-score term, which flash attention does not materialise (Korthikanti et al.
 # 2022, "Reducing Activation Recomputation in Large Transformer Models", eq. 1).
@@ -222,10 +224,20 @@ def logits_bytes(micro_batch: int, seq_len: int, vocab: int) -> int:
 
 
 def activations(student: Shape, teacher: Shape, seq_len: int, micro_batch: int,
-                teacher_batch: int | None = None, checkpointing: bool = True) -> int:
+                teacher_batch: int | None = None, checkpointing: bool = True, *, fused: bool = True,
+                sequence_parallel: int = 1, response_len: int | None = None) -> int:
     """Peak activation and logit bytes on a student rank for one micro-batch; the teacher's
-    logits are those of ``teacher_batch`` sequences (one teacher forward; default a micro-batch)."""
-    tokens = micro_batch * seq_len
+    answer is for ``teacher_batch`` sequences (one teacher forward; default a micro-batch).
+
+    ``sequence_parallel`` = S: each rank holds a 1/S share of every sequence's positions
+    (Ulysses; the attention's all-to-all buffers are a layer's q, k, v, inside the layer factor).
+    ``fused`` (loss.fused): only the ``response_len`` positions (default all) go through the
+    output layers, a tile of ``FUSED_TILE_LOGITS`` logits at a time; what stays is the tile's
+    buffers, the student's fp32 output-weight gradient, the teacher's hidden states at those
+    positions and its gathered output weight. Unfused: the student's logits and their gradient,
+    and the teacher's logits, of every position."""
+    local = -(-seq_len // sequence_parallel)
+    tokens = micro_batch * local
     if checkpointing:
         # Each layer's bf16 input is kept; backward recomputes one layer at a time.
         checkpoints = BF16_BYTES * tokens * student.hidden * student.layers
@@ -233,11 +245,17 @@ def activations(student: Shape, teacher: Shape, seq_len: int, micro_batch: int,
     else:  # every layer's activations are kept for backward
         checkpoints, student_layer = 0, LAYER_ACTIVATION_FACTOR * tokens * student.hidden * student.layers
     # The teacher's forward (no grad) finishes before the student's, so only the larger of
-    # the two working sets is alive at once; the teacher's logits stay for the loss.
+    # the two working sets is alive at once; the teacher's answer stays for the loss.
     teacher_batch = teacher_batch or micro_batch
-    teacher_layer = LAYER_ACTIVATION_FACTOR * teacher_batch * seq_len * teacher.hidden
-    student_logits_and_grad = 2 * logits_bytes(micro_batch, seq_len, student.vocab)
-    teacher_logits = logits_bytes(teacher_batch, seq_len, teacher.vocab)
+    teacher_layer = LAYER_ACTIVATION_FACTOR * teacher_batch * local * teacher.hidden
+    if fused:
+        scored = -(-(response_len or seq_len) // sequence_parallel)
+        output = (FUSED_TILE_LOGITS * 4 * LOSS_CHUNK_BUFFERS + 4 * student.vocab * student.hidden
+                  + BF16_BYTES * micro_batch * scored * student.hidden)
+        teacher_answer = BF16_BYTES * (teacher_batch * scored * teacher.hidden + teacher.vocab * teacher.hidden)
+        return max(checkpoints + student_layer, teacher_layer) + output + teacher_answer
+    student_logits_and_grad = 2 * logits_bytes(micro_batch, local, student.vocab)
+    teacher_logits = logits_bytes(teacher_batch, local, teacher.vocab)
     loss_chunk = LOSS_CHUNK_LOGITS * 4 * LOSS_CHUNK_BUFFERS
     return max(checkpoints + student_layer, teacher_layer) + student_logits_and_grad + teacher_logits + loss_chunk
 
@@ -269,12 +287,15 @@ PLACEMENT_ORDER = ("resident", "cpu", "dedicated", "nvme")
 
 def plan(student: Shape, teacher: Shape, nodes: int, gpus_per_node: int, gpu_mem_bytes: int,
          cpu_mem_bytes: int, seq_len: int, micro_batch: int, teacher_gpus: int | None = None,
-         teacher_batch: int | None = None, checkpointing: bool = True) -> list[Row]:
-    """One row per (teacher placement, student optimizer placement), in order of preference."""
+         teacher_batch: int | None = None, checkpointing: bool = True, *, fused: bool = True,
+         sequence_parallel: int = 1, response_len: int | None = None) -> list[Row]:
+    """One row per (teacher placement, student optimizer placement), in order of preference;
+    ``fused``, ``sequence_parallel`` and ``response_len`` as ``activations``'."""
     world = nodes * gpus_per_node
     teacher_gpus = teacher_gpus or min_teacher_gpus(teacher, gpu_mem_bytes)
     placements = teacher_placements(teacher, gpus_per_node, nodes, teacher_gpus)
-    student_acts = activations(student, teacher, seq_len, micro_batch, teacher_batch, checkpointing)
+    student_acts = activations(student, teacher, seq_len, micro_batch, teacher_batch, checkpointing, fused=fused,
+                               sequence_parallel=sequence_parallel, response_len=response_len)
     gpu_budget = gpu_mem_bytes * GPU_FIT_FRACTION
     rows = []
     for placement in PLACEMENT_ORDER:
