@@ -32,6 +32,6 @@ setup(
         "pyarrow>=15",
         "matplotlib>=3.8",
     ],
-    extras_require={"test": ["pytest>=8", "trl>=0.19", "gguf>=0.19"]},
+    extras_require={"test": ["pytest>=8", "trl>=0.19", "gguf>=0.19", "ruff==0.17.6"]},
     entry_points={"console_scripts": ["paced-ds=paced_ds.cli:main"]},
 )

@@ -429,7 +429,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="bf16", choices=("bf16", "fp16"),
                    help="16-bit mixed precision (the only kind modelled; default bf16)")
     p.add_argument("--problems", type=int, default=7500,
-                   help="--config: training problems, for the competence estimate's compute (default 7500, MATH's train)")
+                   help="--config: training problems, for the competence estimate's compute "
+                        "(default 7500, MATH's train)")
     p.add_argument("--mean-tokens", type=int, help="--config: mean tokens of a sequence (default: data.max_length)")
     p.add_argument("--zero-share", type=float, default=0.5,
                    help="--config: share of the problems at weight 0 (p = 0 or 1; default 0.5, the reference task "

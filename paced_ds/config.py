@@ -574,8 +574,7 @@ def check_sequence_parallel(cfg: RunConfig) -> None:
         return
     for key, value, needed in (("teacher.backend", cfg.teacher.backend, "engine"),
                                ("loss.schedule", cfg.loss.schedule, "off_policy"),
-                               ("teacher.self_distill", cfg.teacher.self_distill, False),
-                               ("snr.every", cfg.snr.every, 0)):
+                               ("teacher.self_distill", cfg.teacher.self_distill, False)):
         if value != needed:
             raise UserError(f"config key {key}: train.sequence_parallel={size} needs {key}={needed} for now "
                             f"(got {value}); sequence parallelism splits off-policy steps of the co-located teacher")

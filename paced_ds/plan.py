@@ -7,7 +7,6 @@ from __future__ import annotations
 from paced_ds.config import load_config
 from paced_ds.errors import UserError
 
-
 PLACEMENT_SETTINGS = {"resident": "teacher.offload=none", "cpu": "teacher.offload=cpu", "nvme": "teacher.offload=nvme"}
 
 
@@ -177,8 +176,8 @@ def print_compute(cfg, args, student, teacher, teacher_gpus: int) -> None:
         seconds = value / rate
         when = f"{seconds / 3600:,.1f} h" if seconds >= 3600 else f"{seconds / 60:.1f} min" if seconds >= 60 \
             else f"{seconds:.1f} s"
-        scale, unit = next((scale, unit) for scale, unit in ((1e18, "EFLOP"), (1e15, "PFLOP"), (1e12, "TFLOP"),
-                                                             (1e9, "GFLOP"), (1.0, "FLOP")) if value >= scale or scale == 1)
+        units = ((1e18, "EFLOP"), (1e15, "PFLOP"), (1e12, "TFLOP"), (1e9, "GFLOP"), (1.0, "FLOP"))
+        scale, unit = next((scale, unit) for scale, unit in units if value >= scale or scale == 1)
         return f"{value / scale:,.2f} {unit} ({when})"
 
     print(f"\ncompute (2N a token forward, 6N trained, attention left out; {args.problems} problems, "

@@ -14,8 +14,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from launch import RECIPE, REPO, cpu_env, run, write_problems
 from paced_ds import cli
+
+from launch import RECIPE, REPO, cpu_env, run, write_problems
 
 
 def train(tmp_path: Path, *overrides: str, capsys) -> tuple[int, str]:
@@ -108,7 +109,8 @@ def test_process_exit_code_and_single_line(tmp_path):
                   f"train.output_dir={tmp_path / 'run'}", "loss.kind=kl"], env=cpu_env(), timeout=120)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
-        "paced-ds: error: config key loss.kind: 'kl' is not one of forward_kl, reverse_kl, jsd, tvd, skew_kl, skew_reverse_kl, akl"]
+        "paced-ds: error: config key loss.kind: 'kl' is not one of forward_kl, reverse_kl, jsd, tvd, skew_kl, "
+        "skew_reverse_kl, akl"]
     assert not (tmp_path / "run").exists()
 
 

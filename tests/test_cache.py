@@ -7,11 +7,12 @@ import json
 import pytest
 import torch
 
-from launch import RECIPE, explain, paced_ds, read_jsonl, small_overrides
 from paced_ds.distill import cache
 from paced_ds.distill.answers import compress
 from paced_ds.distill.losses import TopKRows, forward_kl
 from paced_ds.errors import UserError
+
+from launch import RECIPE, explain, paced_ds, read_jsonl, small_overrides
 
 
 def test_sparse_top_k_approaches_the_full_forward_kl_as_k_grows():

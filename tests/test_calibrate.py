@@ -246,4 +246,5 @@ def test_fit_result_type():
 def test_fit_is_bit_for_bit_reproducible():
     pass_rates = [0.1, 0.3, 0.5, 0.7, 0.9]
     snr = snr_curve(pass_rates, 3.0, 0.5)
-    assert len({(f.alpha, f.beta, f.log_scale, f.residual) for f in (fit_kernel(pass_rates, snr) for _ in range(20))}) == 1
+    fits = [fit_kernel(pass_rates, snr) for _ in range(20)]
+    assert len({(f.alpha, f.beta, f.log_scale, f.residual) for f in fits}) == 1

@@ -13,12 +13,12 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
+from paced_ds.config import CurriculumConfig
+from paced_ds.errors import UserError
+
 import compare_curricula as cc  # noqa: E402
 import curricula_compute as compute  # noqa: E402
 import curricula_report as report  # noqa: E402
-
-from paced_ds.config import CurriculumConfig
-from paced_ds.errors import UserError
 
 # The hand-made runs: a student of N_S and a teacher of N_T matmul parameters; a step trains 100
 # tokens, which the teacher scores: 6 N_S + 2 N_T FLOPs a token, 1e6 a step.

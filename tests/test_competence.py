@@ -12,9 +12,9 @@ import torch
 import torch.distributed as torch_dist
 import torch.multiprocessing as torch_mp
 
-from paced_ds.runtime import files
 from paced_ds.curriculum.competence import CompetenceTable, level_pass_rates
 from paced_ds.errors import UserError
+from paced_ds.runtime import files
 
 IDS = ["p0", "p1", "p2", "p3", "p4", "p5"]
 
@@ -94,7 +94,8 @@ def test_state_dict_refuses_unmerged_counts():
     (["p0", "p1", "p2", "p3", "p4", "q9"], ["1 of this run's 6 ids are not in it (e.g. 'p5')",
                                             "1 of its 6 ids are not in this run (e.g. 'q9')"]),
     (["p0", "p1", "p2"], ["3 of this run's 6 ids are not in it (e.g. 'p3')"]),
-    (["p1", "p0", "p2", "p3", "p4", "p5"], ["2 ids are in another order (e.g. position 0 holds 'p1' there, 'p0' here)"]),
+    (["p1", "p0", "p2", "p3", "p4", "p5"],
+     ["2 ids are in another order (e.g. position 0 holds 'p1' there, 'p0' here)"]),
 ])
 def test_load_state_dict_refuses_other_problems(saved_ids, expected):
     state = merged(ids=saved_ids).state_dict()

@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import pytest
 
-from launch import REPO
 from paced_ds.distill.compute import ComputeMeter
 from paced_ds.distill.teachers import Privileged, Teacher, requests_for
 from paced_ds.runtime.memory import model_shape
+
+from launch import REPO
 
 ASSETS = REPO / "paced_ds" / "assets"
 

@@ -9,8 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from paced_ds.config import (REPO_ROOT, RunConfig, describe, load_config, load_ds_config,
-                             parse_override, validate)
+from paced_ds.config import REPO_ROOT, RunConfig, describe, load_config, load_ds_config, parse_override, validate
 from paced_ds.errors import UserError
 
 SHIPPED_RECIPE = REPO_ROOT / "ds_configs" / "recipes" / "tiny_arith.yaml"

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from paced_ds.data import arith
+
 from launch import RECIPE, explain, paced_ds, read_jsonl, run, small_overrides
 
 pytestmark = pytest.mark.distributed

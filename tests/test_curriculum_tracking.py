@@ -8,10 +8,11 @@ import re
 import pytest
 import torch
 
-from launch import RECIPE
 from paced_ds.config import load_config
 from paced_ds.curriculum.curriculum import Curriculum
 from paced_ds.runtime.tracking import CHARTS
+
+from launch import RECIPE
 
 RECORDS = [{"id": f"p{i}", "prompt": "", "answer": "", "difficulty": level}
            for i, level in enumerate(["L1"] * 4 + ["L2"] * 4 + ["Level 10"] * 2)]

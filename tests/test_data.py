@@ -13,8 +13,7 @@ from paced_ds.data import arith
 from paced_ds.data.collate import collate_prompts, collate_train, encode
 from paced_ds.data.prompts import format_prompt, privileged_prompt
 from paced_ds.data.records import CANONICAL_FIELDS, load_problems
-from paced_ds.data.responses import (attach_responses, load_responses, problems_sha256,
-                                     responses_path, save_responses)
+from paced_ds.data.responses import attach_responses, load_responses, problems_sha256, responses_path, save_responses
 from paced_ds.errors import UserError
 
 # Rows as a user's data might name them: question / final / solution / level.

@@ -84,7 +84,7 @@ def test_the_checker_workers_are_capped_and_at_least_one(rollouts, monkeypatch):
                         seen.append(workers) or real_many(pairs, workers))
     table = CompetenceTable([r["id"] for r in records])
     for cpus, ranks_here in ((64, "1"), (2, "8")):
-        monkeypatch.setattr(os, "cpu_count", lambda: cpus)
+        monkeypatch.setattr(os, "cpu_count", lambda cpus=cpus: cpus)
         monkeypatch.setenv("LOCAL_SIZE", ranks_here)
         estimate.estimate(Rollouts(), None, records, table, cfg, seed=0)
     assert seen == [verify.MAX_WORKERS, 1]

@@ -14,8 +14,9 @@ import sys
 import pytest
 import torch
 
-from launch import RECIPE, explain, gpu_env, read_jsonl, run, small_overrides
 from paced_ds.distill.losses import DIVERGENCES, distillation_loss
+
+from launch import RECIPE, explain, gpu_env, read_jsonl, run, small_overrides
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 

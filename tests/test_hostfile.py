@@ -9,9 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from launch import RECIPE, run
 from paced_ds import cli
 from paced_ds.errors import UserError
+
+from launch import RECIPE, run
 
 
 def refused(tmp_path: Path, command: str, hostfile: Path, *overrides: str) -> str:

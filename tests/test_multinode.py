@@ -8,6 +8,7 @@ import sys
 import pytest
 
 from paced_ds.data import arith
+
 from launch import RECIPE, REPO, cpu_env, read_jsonl, small_overrides
 
 pytestmark = pytest.mark.distributed

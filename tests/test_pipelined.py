@@ -10,11 +10,12 @@ import time
 import pytest
 import torch
 
-from launch import RECIPE, REPO, cpu_env, explain, paced_ds, read_jsonl, run, small_overrides
 from paced_ds.distill import pipeline
 from paced_ds.distill.answers import DenseAnswer, TopKAnswer, compress
 from paced_ds.errors import UserError
 from paced_ds.runtime.dist import free_port, parse_address
+
+from launch import RECIPE, REPO, cpu_env, explain, paced_ds, read_jsonl, run, small_overrides
 
 VOCAB = 11
 TABLE = torch.randn(VOCAB + 3, VOCAB + 3, generator=torch.Generator().manual_seed(0))  # a fake model: a bigram table
@@ -150,7 +151,8 @@ def test_pipelined_teacher_trains_exactly_like_the_colocated_engine(tmp_path):
     metrics = {name: read_jsonl(tmp_path / name / "metrics.jsonl") for name in ("engine", "piped")}
     assert [m["step"] for m in metrics["piped"]] == [1, 2, 3, 4]
     assert [m["loss"] for m in metrics["piped"]] == pytest.approx([m["loss"] for m in metrics["engine"]], rel=1e-5)
-    assert (tmp_path / "piped" / "competence.jsonl").read_text() == (tmp_path / "engine" / "competence.jsonl").read_text()
+    piped, engine = (tmp_path / name / "competence.jsonl" for name in ("piped", "engine"))
+    assert piped.read_text() == engine.read_text()
 
 
 @pytest.mark.distributed

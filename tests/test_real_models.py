@@ -180,7 +180,8 @@ def test_a_missing_converter_is_named_in_one_line(monkeypatch, tmp_path):
     import importlib.util
 
     real_find_spec = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "gguf" else real_find_spec(name, *a))
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "gguf" else real_find_spec(name, *a))
     with pytest.raises(UserError) as info:
         real_models.ensure(SMOLLM2, tmp_path)
     assert str(info.value) == "converting a GGUF checkpoint needs gguf: pip install gguf"

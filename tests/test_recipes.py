@@ -25,11 +25,12 @@ from pathlib import Path
 
 import pytest
 
-from launch import REPO, explain, paced_ds, read_jsonl
 from paced_ds import cli
 from paced_ds.config import load_config, resolve_path
 from paced_ds.data import arith
 from paced_ds.runtime import memory
+
+from launch import REPO, explain, paced_ds, read_jsonl
 
 RECIPES = REPO / "ds_configs" / "recipes"
 GPU_RECIPES = ["qwen3_8b_to_1.7b.yaml", "qwen3_8b_to_1.7b_16k.yaml", "qwen3_8b_to_1.7b_32k.yaml",

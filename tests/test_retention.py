@@ -83,13 +83,15 @@ def test_the_set_is_what_the_student_solves_first_and_forgetting_is_measured_on_
     (tmp_path / "retention.json").unlink()
     unsaved = Retention(records, tmp_path)
     unsaved.resume()
-    assert unsaved.measure(HFGenerator(worse, tokenizer, synced=False), tokenizer, DATA, EVAL) == {} and not (tmp_path / "retention.json").exists()
+    assert unsaved.measure(HFGenerator(worse, tokenizer, synced=False), tokenizer, DATA, EVAL) == {}
+    assert not (tmp_path / "retention.json").exists()
 
 
 def test_no_retention_problems_no_fields(student, tmp_path):
     model, tokenizer = student
     retention = Retention([], tmp_path)
-    assert not retention.active and retention.measure(HFGenerator(model, tokenizer, synced=False), tokenizer, DATA, EVAL) == {}
+    assert not retention.active
+    assert retention.measure(HFGenerator(model, tokenizer, synced=False), tokenizer, DATA, EVAL) == {}
     assert not (tmp_path / "retention.json").exists()
 
 

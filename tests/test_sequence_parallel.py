@@ -9,11 +9,12 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-import random_models
-from launch import RECIPE, REPO, paced_ds, read_jsonl, small_overrides
 from paced_ds.config import load_config
 from paced_ds.errors import UserError
 from paced_ds.models.ulysses import SequenceParallel
+
+import random_models
+from launch import RECIPE, REPO, paced_ds, read_jsonl, small_overrides
 
 TINY = REPO / "paced_ds" / "assets" / "tiny-student"
 
@@ -35,13 +36,14 @@ def test_two_ranks_splitting_each_sequence_train_as_one_rank(pair, tmp_path):
     split over the 2 ranks of the group: the per-step losses of 5 steps agree to 1e-4 (the
     student's and the teacher's attention computed on gathered heads, the divergence on each
     rank's own positions, normalised by the step's response tokens)."""
-    models = {}
+    models = {"model.gradient_checkpointing": "true"}  # the split attention recomputed in backward too
     if pair == "qwen3":
         teacher = random_models.save(tmp_path / "teacher", "qwen3", TINY, vocab_rows=320, seed=1)
         student = random_models.save(tmp_path / "student", "qwen3", TINY, vocab_rows=320, seed=2)
         # A random teacher's responses are wrong, and as long as generation allows: kept.
-        models = {"model.teacher": teacher, "model.student": student, "data.keep_incorrect": "true",
-                  "data.generate_max_new_tokens": 40}
+        models.update({"model.teacher": teacher, "model.student": student, "data.keep_incorrect": "true",
+                       "data.generate_max_new_tokens": 40,
+                       "snr.every": 3})  # the SNR probe alongside, on whole sequences
     whole, split = losses(tmp_path, 1, 1, models), losses(tmp_path, 2, 2, models)
     assert len(whole) == len(split) == 5
     assert split == pytest.approx(whole, abs=1e-4, rel=1e-4)
@@ -74,7 +76,8 @@ def test_heads_it_cannot_split_and_other_attention_are_one_line_errors():
 
 @pytest.mark.parametrize("override, key", [("teacher.backend=cache", "teacher.backend"),
                                            ("loss.schedule=two_stage", "loss.schedule"),
-                                           ("snr.every=5", "snr.every"), ("train.sequence_parallel=0", None)])
+                                           ("teacher.self_distill=true", "teacher.self_distill"),
+                                           ("train.sequence_parallel=0", None)])
 def test_what_it_does_not_split_yet_is_refused_before_any_rank_starts(override, key):
     extra = ["teacher.cache=/tmp/nowhere"] if "cache" in override else []
     size = [] if "sequence_parallel" in override else ["train.sequence_parallel=2"]
@@ -85,9 +88,8 @@ def test_what_it_does_not_split_yet_is_refused_before_any_rank_starts(override, 
 def test_tiled_mlps_give_the_gradients_of_whole_ones(monkeypatch):
     """model.tiled_mlp: 40 positions at width 16 run in 3 slices, recomputed slice by slice in
     backward; every gradient is the untiled model's. Out of training the MLP runs whole."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     from deepspeed.runtime.sequence_parallel.ulysses_sp import TiledMLP
+    from transformers import LlamaConfig, LlamaForCausalLM
 
     from paced_ds.models.ulysses import tile_mlps
 

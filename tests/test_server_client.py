@@ -15,9 +15,9 @@ import pytest
 import torch
 
 from paced_ds.config import load_config
+from paced_ds.data.collate import collate_train
 from paced_ds.distill.answers import compress
 from paced_ds.distill.teachers import ServerTeacher, TeacherBatch
-from paced_ds.data.collate import collate_train
 from paced_ds.errors import UserError
 from paced_ds.models import server
 from paced_ds.models.generation import Completions

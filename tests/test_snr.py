@@ -67,8 +67,8 @@ def brute_force(data, pass_rates: list[float], per_bucket: int) -> dict:
     from paced_ds.config import load_config
     from paced_ds.curriculum import snr
     from paced_ds.curriculum.calibrate import bucket_edges
-    from paced_ds.data.collate import collate_train
     from paced_ds.data import sources
+    from paced_ds.data.collate import collate_train
     from paced_ds.distill.inputs import tokenize_problems
     from paced_ds.distill.losses import distillation_loss
     from paced_ds.models import engines

@@ -11,7 +11,6 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from launch import REPO
 from paced_ds.config import load_config
 from paced_ds.data import arith
 from paced_ds.distill.inputs import tokenize_problems
@@ -21,6 +20,8 @@ from paced_ds.distill.teachers import EngineTeacher
 from paced_ds.models import engines
 from paced_ds.models.generation import plain_copy
 from paced_ds.runtime import dist
+
+from launch import REPO
 
 ASSETS = REPO / "paced_ds" / "assets"
 LR = 0.5
@@ -236,8 +237,8 @@ def test_every_parameter_partitioned_fused_or_not(setup, tmp_path, fused):
 def test_a_partitioned_teacher_engine_answers_from_its_hidden_states(setup, tmp_path):
     """A ZeRO-3 teacher with every parameter partitioned: its dense answer (hidden states and a
     copy of the gathered output weight) and its top-k answer are those of its whole logits."""
-    from paced_ds.distill.answers import compress
     from paced_ds.data.collate import collate_train
+    from paced_ds.distill.answers import compress
 
     ds_json = json.loads((REPO / "ds_configs" / "teacher_zero3.json").read_text())
     ds_json["zero_optimization"]["stage3_param_persistence_threshold"] = 0

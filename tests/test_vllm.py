@@ -31,7 +31,7 @@ sys.path.insert(0, str(HERE.parent / "tools"))
 sys.path.insert(0, str(HERE))
 import random_models  # noqa: E402
 import real_models  # noqa: E402
-from launch import REPO, RECIPE, explain, paced_ds, read_jsonl  # noqa: E402
+from launch import RECIPE, REPO, explain, paced_ds, read_jsonl  # noqa: E402
 
 transformers = pytest.importorskip("transformers")
 pytestmark = [pytest.mark.vllm, pytest.mark.real_model]

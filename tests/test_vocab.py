@@ -8,8 +8,8 @@ import pytest
 
 from paced_ds.config import RunConfig
 from paced_ds.data import arith
-from paced_ds.models.engines import ASSETS, load_tokenizer, resolve_model, shared_vocab_size
 from paced_ds.errors import UserError
+from paced_ds.models.engines import ASSETS, load_tokenizer, resolve_model, shared_vocab_size
 
 transformers = pytest.importorskip("transformers")
 

@@ -112,7 +112,8 @@ def measure(args) -> None:
     if unknown:
         raise SystemExit(f"bench_generate: unknown engine {unknown[0]} (choose from {', '.join(ENGINES)})")
     cfg = load_config(REPO / "ds_configs" / "recipes" / "tiny_arith.yaml",
-                      [f"model.student={args.model}", "data.max_length=512", f"rollout.max_new_tokens={args.max_new_tokens}",
+                      [f"model.student={args.model}", "data.max_length=512",
+                       f"rollout.max_new_tokens={args.max_new_tokens}",
                        f"train.output_dir={args.output_dir}", f"model.dtype={args.dtype}"])
     dist.init(cfg.train.timeout_s)
     tokenizer = engines.load_tokenizer(cfg)

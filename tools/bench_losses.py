@@ -37,8 +37,9 @@ their ids) through the ordinary dense divergence. (The same in float32 is itself
 ~1.5e-5 at 152k: its log-softmax over ~152k near-equal tail entries rounds; and AKL's head
 can flip at a token whose cumulative mass is within rounding of mu.) Columns: times,
 speed = dense time / sparse time, the teacher's bytes (dense logits' nbytes vs the
-answer's ids + logprobs + tail), peak extra RSS of each case, and |sparse loss - reference loss|. Targets per row: teacher
-bytes <= 2% of dense, loss difference <= 1e-5, and neither sparse case slower than dense.
+answer's ids + logprobs + tail), peak extra RSS of each case, and |sparse loss - reference loss|.
+Targets per row: teacher bytes <= 2% of dense, loss difference <= 1e-5, and neither sparse case
+slower than dense.
 Times on a shared 2-core machine carry ~5% noise, so a speed of 0.95-1.0x counts as a tie
 (no slower) in the "meets" column.
 """

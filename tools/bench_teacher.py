@@ -55,7 +55,8 @@ def main(argv=None) -> int:
              *args.extra]
     if "cache" in args.variants and not (store / "manifest.json").is_file():
         cmd = [sys.executable, "-m", "paced_ds.cli", "cache-teacher", "--config", bench_step.RECIPE,
-               "--nproc", str(args.nproc), f"data.responses_dir={responses}", f"train.output_dir={work_dir / 'cache-run'}",
+               "--nproc", str(args.nproc), f"data.responses_dir={responses}",
+               f"train.output_dir={work_dir / 'cache-run'}",
                *bench_step.BENCH_OVERRIDES, *extra]
         print(f"bench_teacher: {shlex.join(cmd)}", flush=True)
         code = subprocess.call(cmd, cwd=REPO_ROOT)

@@ -15,7 +15,8 @@ batch; what differs is how many optimizer steps that compute buys it:
     akl               adaptive KL, unweighted                curriculum.mode=uniform loss.kind=akl
     paced             w = p(1-p), support-only draw          curriculum.mode=paced (+ SNR probes at steps 0, S/2, S)
     paced_sample      the weights as sampling probabilities  + curriculum.apply=sample
-    paced_refresh     adaptive estimates, again at mid-run   + curriculum.refresh=every refresh_every=ceil(S/2), ADAPTIVE
+    paced_refresh     adaptive estimates, again at mid-run   + curriculum.refresh=every refresh_every=ceil(S/2),
+                                                               ADAPTIVE
     paced_adaptive    the adaptive estimate (its own)        + ADAPTIVE: curriculum.rollouts_min=2 posterior=true
                                                                prior=fitted weight_floor=0.2 (K = 8 at most)
     paced_two_stage   forward, then on-policy reverse KL     + loss.schedule=two_stage
@@ -100,16 +101,29 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
-from paced_ds.data.arith import LEVELS as ARITH_LEVELS  # after the checkout is on the path
-from paced_ds.errors import UserError
+from paced_ds.data.arith import LEVELS as ARITH_LEVELS  # noqa: E402 (after the checkout is on the path)
+from paced_ds.errors import UserError  # noqa: E402
 
 LEVELS = len(ARITH_LEVELS)
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from curricula_compute import params_of_run, pilot_costs, planned_flops, steps_within  # noqa: E402
-from curricula_report import (BASELINE, best_lrs, charged_flops, competence_dir, load_runs,  # noqa: E402
-                              markdown, pilot_dir, plot_accuracy, plot_snr, read_jsonl, run_dir, summarize,
-                              sweep_dir, sweep_results)
+from curricula_report import (  # noqa: E402
+    BASELINE,
+    best_lrs,
+    charged_flops,
+    competence_dir,
+    load_runs,
+    markdown,
+    pilot_dir,
+    plot_accuracy,
+    plot_snr,
+    read_jsonl,
+    run_dir,
+    summarize,
+    sweep_dir,
+    sweep_results,
+)
 
 RECIPE = REPO_ROOT / "ds_configs" / "recipes" / "tiny_arith.yaml"
 

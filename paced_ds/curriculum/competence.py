@@ -23,8 +23,8 @@ from pathlib import Path
 import torch
 
 from paced_ds.errors import UserError
-from paced_ds.runtime.files import read_jsonl, write_jsonl_atomic
 from paced_ds.runtime.dist import all_reduce_sum, is_main
+from paced_ds.runtime.files import read_jsonl, write_jsonl_atomic
 
 Counts = list[int] | list[float] | torch.Tensor
 
@@ -137,7 +137,7 @@ class CompetenceTable:
         return write_jsonl_atomic(path, rows)
 
     @classmethod
-    def read_jsonl(cls, path, ids: list[str]) -> "CompetenceTable":
+    def read_jsonl(cls, path, ids: list[str]) -> CompetenceTable:
         """A table for ``ids`` from counts produced elsewhere (``curriculum.competence=PATH``).
 
         Each line: ``id``, ``trials`` and ``correct``, or ``pass_rate`` in place of

@@ -142,7 +142,8 @@ class Curriculum:
         rates = self.table.pass_rates()
         counts = torch.histc(rates[~torch.isnan(rates)].float(), bins=PICTURE_BINS, min=0.0, max=1.0)
         shares = self.level_weight_shares(weights)
-        levels = {level: (rate, shares[level]) for level, rate in level_pass_rates(self.table, self.difficulties).items()}
+        rates = level_pass_rates(self.table, self.difficulties)
+        levels = {level: (rate, shares[level]) for level, rate in rates.items()}
         self.history.append((step, counts / counts.sum().clamp(min=1), levels))
 
     def write(self, output_dir: str | Path, weights: torch.Tensor) -> Path:

@@ -170,7 +170,8 @@ def expected_beta_weight(correct, trials, alpha=1.0, beta=1.0, prior=(1.0, 1.0))
     b0 = torch.as_tensor(b0, dtype=torch.float64, device=c.device)
     if not ((a0 > 0).all() and (b0 > 0).all()):
         raise ValueError("a Beta prior needs a0, b0 > 0")
-    log_ratio = (torch.lgamma(c + a0 + alpha) + torch.lgamma(n - c + b0 + beta) - torch.lgamma(n + a0 + b0 + alpha + beta)
+    log_ratio = (torch.lgamma(c + a0 + alpha) + torch.lgamma(n - c + b0 + beta)
+                 - torch.lgamma(n + a0 + b0 + alpha + beta)
                  - torch.lgamma(c + a0) - torch.lgamma(n - c + b0) + torch.lgamma(n + a0 + b0))
     expected = torch.exp(log_ratio)
     if kind == "tensor":

@@ -21,8 +21,8 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import random
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 from paced_ds.runtime.files import write_jsonl_atomic
 

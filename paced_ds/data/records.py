@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 from paced_ds.errors import UserError
 from paced_ds.runtime.files import read_jsonl

@@ -15,8 +15,14 @@ from pathlib import Path
 
 from paced_ds.data import arith, word_problems
 from paced_ds.data.records import load_problems
-from paced_ds.data.responses import (attach_responses, load_responses, problems_sha256, responses_path,
-                                     save_responses, teacher_key)
+from paced_ds.data.responses import (
+    attach_responses,
+    load_responses,
+    problems_sha256,
+    responses_path,
+    save_responses,
+    teacher_key,
+)
 from paced_ds.errors import UserError
 
 ARITH_PREFIX = "arith:"

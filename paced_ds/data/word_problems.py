@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import hashlib
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 from paced_ds.data.arith import SPLITS
 

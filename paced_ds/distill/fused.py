@@ -62,7 +62,7 @@ class _FusedDivergenceSum(torch.autograd.Function):
         batch_size, tokens, width = hidden.shape
         flat = hidden.reshape(batch_size * tokens, width)
         row_ids = rows_b * tokens + rows_t
-        ctx_weight, ctx_bias = weight, bias
+        full_weight, full_bias = weight, bias  # the padded vocabulary's rows: the gradients' shape
         weight, bias = weight[:vocab], None if bias is None else bias[:vocab]
         teacher = _TeacherRows(form, teacher_tensors, vocab, rows_b, rows_t)
         want_hidden, want_weight, want_bias = ctx.needs_input_grad[:3]
@@ -94,7 +94,7 @@ class _FusedDivergenceSum(torch.autograd.Function):
             plain_sum += div.detach().sum()
             del logits
         ctx.grads = (None if grad_flat is None else grad_flat.view_as(hidden), grad_weight, grad_bias)
-        ctx.full = [None if full is None else (full.shape[0], full.dtype) for full in (ctx_weight, ctx_bias)]
+        ctx.full = [None if full is None else (full.shape[0], full.dtype) for full in (full_weight, full_bias)]
         ctx.teacher_inputs = len(teacher_tensors)
         dtype = torch.float64 if torch.float64 in (hidden.dtype, row_weights.dtype) else torch.float32
         plain_sum = plain_sum.to(dtype)

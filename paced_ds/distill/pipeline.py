@@ -18,8 +18,8 @@ Because the sampler's plan is deterministic, students send the next optimizer st
 batches before they train on the current one (``StudentClient.ask``); the teacher
 computes while they train. If the plan changed meanwhile on any rank, every student drops
 those answers and asks again, so that the students' requests stay in step. At most one step
-is in flight per student, so memory stays fixed. A dead peer closes its sockets and the other side stops at once with an error
-naming it; a silent one is given up on after ``train.timeout_s``.
+is in flight per student, so memory stays fixed. A dead peer closes its sockets and the other
+side stops at once with an error naming it; a silent one is given up on after ``train.timeout_s``.
 """
 
 from __future__ import annotations

@@ -195,7 +195,8 @@ def teacher_serve(cfg: RunConfig) -> dict:
                         "connects to (e.g. teacher.address=node0:29600)")
     # Missing responses are generated and stored here, before the students look for them.
     tokenizer, vocab, teacher, _ = open_teacher(cfg, responses=cfg.loss.schedule != "on_policy")
-    say(f"teacher job ({dist.world_size()} rank{'s' if dist.world_size() > 1 else ''}, ZeRO-3 offload={cfg.teacher.offload}) waiting for the "
+    ranks = dist.world_size()
+    say(f"teacher job ({ranks} rank{'s' if ranks > 1 else ''}, ZeRO-3 offload={cfg.teacher.offload}) waiting for the "
         f"students at {cfg.teacher.address}")
     bridge = pipeline.Bridge(cfg.teacher.address, side="teacher", rank=dist.rank(), ranks=dist.world_size(),
                              contract=teacher_contract(cfg, tokenizer, vocab), timeout_s=cfg.train.timeout_s)

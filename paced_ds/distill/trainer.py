@@ -104,8 +104,8 @@ def train(cfg: RunConfig) -> dict:
     fresh = checkpoint.find_resume(cfg.train.output_dir, cfg.train.resume) is None
     run = Run(cfg, tokenizer, vocab, records, eval_records, examples,
               generation.prompt_ids(tokenizer, records, cfg.data) if switch_step is not None else None,
-              teacher, student, generators.StudentGeneration(cfg, tokenizer, engines.resolve_model(cfg.model.student, "model.student"),
-                                                        fresh),
+              teacher, student, generators.StudentGeneration(
+                  cfg, tokenizer, engines.resolve_model(cfg.model.student, "model.student"), fresh),
               Curriculum(cfg, records), sampler, None, None, switch_step)
     run.compute = compute_meter(cfg)
     resumed_rng = resume(run)
@@ -288,7 +288,8 @@ def requests_ahead(run: Run) -> list[teachers.TeacherBatch] | None:
     cfg, next_step = run.cfg, run.step + 1
     if not run.teacher.looks_ahead or next_step >= cfg.train.steps:
         return None
-    if (run.switch_step is not None and next_step >= run.switch_step) or (cfg.snr.every and next_step % cfg.snr.every == 0):
+    if ((run.switch_step is not None and next_step >= run.switch_step)
+            or (cfg.snr.every and next_step % cfg.snr.every == 0)):
         return None
     upcoming = [i for part in run.sampler.peek_step() for i in part]
     return teachers.requests_for([run.examples[i] for i in upcoming], upcoming, per_request(cfg),

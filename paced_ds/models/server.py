@@ -20,7 +20,6 @@ import json
 import os
 import shlex
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -32,7 +31,8 @@ from pathlib import Path
 
 from paced_ds.errors import UserError
 from paced_ds.models.generation import Completions
-from paced_ds.runtime import dist, exit as exit_hooks
+from paced_ds.runtime import dist
+from paced_ds.runtime import exit as exit_hooks
 
 VLLM_VENV = Path("~/.cache/paced_ds/vllm-venv").expanduser()
 CONCURRENT_REQUESTS = 4  # requests in flight per rank: enough for the server to batch across them
@@ -62,11 +62,12 @@ class Client:
         except urllib.error.HTTPError as err:
             detail = err.read().decode(errors="replace")
             try:
-                detail = json.loads(detail).get("error", {}).get("message", detail) if detail.startswith("{") else detail
+                if detail.startswith("{"):
+                    detail = json.loads(detail).get("error", {}).get("message", detail)
             except (ValueError, AttributeError):
                 pass
             raise self.fail(f"{path} answered HTTP {err.code}: {str(detail).strip()[:300]}") from None
-        except (socket.timeout, TimeoutError):
+        except TimeoutError:
             raise self.fail(f"no answer to {path} within {timeout_s:.0f} s (train.timeout_s)") from None
         except (urllib.error.URLError, ConnectionError, OSError) as err:
             reason = getattr(err, "reason", err)
@@ -80,7 +81,7 @@ class Client:
             try:
                 urllib.request.urlopen(self.url + "/health", timeout=5).read()
                 return
-            except (urllib.error.URLError, ConnectionError, OSError, socket.timeout):
+            except (TimeoutError, urllib.error.URLError, ConnectionError, OSError):
                 pass
             if self.process is not None and self.process.exited():
                 raise self.fail(f"the server stopped while starting; the end of its log:\n{self.process.log_tail()}")
@@ -284,9 +285,9 @@ def start_local(model: str, cfg, *, role: str, log_dir: Path, max_logprobs: int 
     if dist.is_main():
         try:
             dtype = {"torch.bfloat16": "bfloat16", "torch.float16": "float16"}.get(str(compute_dtype(cfg)), "float32")
+            longest = max(rollout.max_new_tokens, cfg.eval.max_new_tokens, cfg.data.generate_max_new_tokens)
             process = VllmServer(model, python=vllm_python(rollout.vllm_python), log_path=log_dir / f"{role}.log",
-                                 max_model_len=cfg.data.max_length + max(rollout.max_new_tokens, cfg.eval.max_new_tokens,
-                                                                         cfg.data.generate_max_new_tokens),
+                                 max_model_len=cfg.data.max_length + longest,
                                  dtype=dtype, seed=cfg.train.seed, max_logprobs=max_logprobs,
                                  devices=rollout.server_devices, extra_args=rollout.server_args)
             client = Client(process.url, cfg.train.timeout_s, what=f"{role} server (vLLM, started by paced-ds)",

@@ -28,8 +28,8 @@ import sys
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from multiprocessing.connection import Connection, wait
-from typing import Callable
 
 from paced_ds.runtime.exit import on_exit
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import atexit
 import threading
-from typing import Callable
+from collections.abc import Callable
 
 _HOOKS: list[tuple[Callable, tuple, dict]] = []
 _LOCK = threading.Lock()

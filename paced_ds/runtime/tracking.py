@@ -15,7 +15,6 @@ from paced_ds.runtime import dist
 from paced_ds.runtime.files import write_jsonl_atomic
 from paced_ds.runtime.rundir import RunDir
 
-
 # TensorBoard's "Custom scalars" tab: the per-level curves of the curriculum in one chart each, so
 # that the frontier is seen moving (each level's own card holds one line).
 CHARTS = {
