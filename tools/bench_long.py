@@ -15,12 +15,12 @@ each --lengths tokens (random ids), forward KL. Three paths:
                time; the teacher's answer from its hidden states (loss.fused=true, the default)
     fused_s2   fused, each sequence split over the 2 ranks (train.sequence_parallel=2)
 
-Each (path, length) is one launch of --steps steps after one warm-up step. Peak memory is this
-rank's resident set, sampled every 2 ms during the measured steps, less its resident set just
-before them (the models, optimizer state and buffers of the warm-up stay out of it): what the
-step adds, logits and activations. A length whose projection exceeds --machine-gb over both
-ranks is not run; its row says so. "Longest in budget" fits peak = a + b * length to each path's
-measured lengths and solves for --budget-gb per rank.
+Each (path, length) is one launch of --steps steps after one warm-up step; a result already in
+--out for the same settings is reused (--fresh measures again). Peak memory is the largest
+resident set of a rank, sampled every 2 ms during the measured steps: models, optimizer state,
+the allocator's caches and what the step adds. Fitted as a + b x length per path, b x length is
+what a length costs (logits and activations); "longest" solves a + b x length = --budget-gb. A
+length whose projection exceeds --machine-gb over both ranks is not run; its row says so.
 """
 
 from __future__ import annotations
@@ -56,6 +56,7 @@ def parse_args(argv=None):
                         help="what both ranks together may take here (default 22 of this machine's 24)")
     parser.add_argument("--gradient-checkpointing", action="store_true", help="model.gradient_checkpointing=true")
     parser.add_argument("--out", default="runs/bench_long")
+    parser.add_argument("--fresh", action="store_true", help="measure again what --out already holds")
     parser.add_argument("--worker", help=argparse.SUPPRESS)  # a JSON job: run by the launcher on each rank
     parser.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)  # the launcher's
     return parser.parse_args(argv)
@@ -133,7 +134,7 @@ def worker(job: dict) -> None:
     before = PeakSampler.resident()
     with PeakSampler() as sampler:
         measured = [step(n + 2) for n in range(job["steps"])]
-    mine = {"rank": dist.rank(), "peak_extra": sampler.peak - before, "resident_before": before,
+    mine = {"rank": dist.rank(), "job": job, "peak_extra": sampler.peak - before, "resident_before": before,
             "seconds": [s for s, _ in measured], "losses": [loss for _, loss in measured]}
     everyone = dist.all_gather_objects(mine)
     if dist.is_main():
@@ -219,28 +220,36 @@ def main(argv=None) -> int:
             job = {"path": path, "length": length, "steps": args.steps,
                    "overrides": overrides(student, teacher, length, path, args.gradient_checkpointing),
                    "result": str(out / f"{path}_{length}.result.json")}
-            print(f"bench_long: {path} at {length} tokens ...", file=sys.stderr, flush=True)
-            result = launch(job, out)
+            done = Path(job["result"])
+            if done.is_file() and not args.fresh and json.loads(done.read_text())[0].get("job") == job:
+                result = json.loads(done.read_text())  # measured before, with these settings
+            else:
+                print(f"bench_long: {path} at {length} tokens ...", file=sys.stderr, flush=True)
+                result = launch(job, out)
             if isinstance(result, str):
                 rows.append((path, length, result, "", ""))
                 continue
-            peak = max(rank["peak_extra"] for rank in result)
+            peak = max(rank["resident_before"] + rank["peak_extra"] for rank in result)
             seconds = sum(sum(rank["seconds"]) for rank in result) / sum(len(rank["seconds"]) for rank in result)
             measured[path].append((length, peak))
             rows.append((path, length, f"{peak / gib:.2f}", f"{seconds:.1f}",
                          " ".join(f"{loss:.4f}" for loss in result[0]["losses"])))
     print(f"\n{len(args.lengths)} lengths, 2 CPU ranks, vocabulary {VOCAB}, fp32, "
           f"{'with' if args.gradient_checkpointing else 'no'} gradient checkpointing\n")
-    print("| path | response tokens | peak extra memory per rank (GiB) | step time (s) | losses |")
+    print("| path | response tokens | peak memory per rank (GiB) | step time (s) | losses |")
     print("|---|---|---|---|---|")
     for row in rows:
         print("| " + " | ".join(str(cell) for cell in row) + " |")
-    print(f"\nlongest response within {args.budget_gb:g} GiB a rank (peak extra memory fitted linear in length):")
+    print(f"\npeak memory per rank fitted as a + b x length; what the length adds at 8k (b x 8192) and the longest "
+          f"response within {args.budget_gb:g} GiB a rank:")
     for path, points in measured.items():
         line = fit(points)
-        longest = (args.budget_gb * gib - line[0]) / line[1] if line and line[1] > 0 else None
-        print(f"- {path}: " + (f"{longest:,.0f} tokens ({line[1] * 1024 / 2 ** 20:.1f} MiB per 1k tokens)"
-                               if longest else "too few lengths measured"))
+        if not line or line[1] <= 0:
+            print(f"- {path}: no growth measured over {[x for x, _ in points]}")
+            continue
+        longest = (args.budget_gb * gib - line[0]) / line[1]
+        print(f"- {path}: a = {line[0] / gib:.2f} GiB, b = {line[1] * 1024 / 2 ** 20:.1f} MiB per 1k tokens; "
+              f"{line[1] * 8192 / gib:.2f} GiB at 8k; longest {longest:,.0f} tokens")
     return 0
 
 
