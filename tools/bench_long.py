@@ -144,8 +144,8 @@ def worker(job: dict) -> None:
 
 # ---- the driver -------------------------------------------------------------------------------
 
-def make_models(out: Path) -> tuple[Path, Path]:
-    """The random student and teacher (seeds 2 and 1), saved once."""
+def make_models(out: Path, **shape) -> tuple[Path, Path]:
+    """The random student and teacher (seeds 2 and 1), saved once; ``shape`` overrides ``SHAPE``."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -155,7 +155,7 @@ def make_models(out: Path) -> tuple[Path, Path]:
         if not (path / "config.json").is_file():
             torch.manual_seed(seed)
             config = AutoConfig.for_model("qwen3", vocab_size=VOCAB, bos_token_id=0, eos_token_id=1, pad_token_id=0,
-                                          **SHAPE)
+                                          **{**SHAPE, **shape})
             AutoModelForCausalLM.from_config(config, dtype=torch.float32).save_pretrained(path)
         paths.append(path)
     return paths[0], paths[1]
