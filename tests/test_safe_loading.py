@@ -40,11 +40,19 @@ def test_a_pickled_payload_in_a_checkpoint_is_refused_without_running(tmp_path):
     assert not marker.exists()
 
 
-def test_competence_and_responses_files_are_json(tmp_path):
-    """The other files a run reads back are JSON lines, parsed, never evaluated."""
+def test_competence_files_are_parsed_as_json_never_evaluated(tmp_path):
+    """The other files a run reads back are JSON lines, parsed, never evaluated: a line that is a
+    Python expression running a command (valid Python, not JSON) is refused, naming the file and
+    line, and the command never runs; an ``eval``-based reader would run it and accept the row."""
     from paced_ds.curriculum.competence import CompetenceTable
 
+    marker = tmp_path / "pwned"
     path = tmp_path / "competence.jsonl"
-    path.write_text('{"id": "a", "correct": 1, "trials": 2}\n')
+    path.write_text('{"id": "a", "correct": 1, "trials": 2}\n'
+                    f'{{"id": "b", "correct": __import__("os").system("touch {marker}") + 1, "trials": 2}}\n')
+    with pytest.raises(UserError, match=r"competence\.jsonl:2: not valid JSON"):
+        CompetenceTable.read_jsonl(path, ["a", "b"])
+    assert not marker.exists()
+    path.write_text('{"id": "a", "correct": 1, "trials": 2}\n')  # and a JSON row is read as it stands
     table = CompetenceTable.read_jsonl(path, ["a"])
     assert table.correct.tolist() == [1.0] and table.trials.tolist() == [2.0]
