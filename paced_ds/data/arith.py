@@ -131,7 +131,7 @@ def _draw_operands(rng: random.Random, level: Level) -> tuple[int, int]:
 def problems(level: Level, split: str, count: int, seed: int = 0) -> list[dict]:
     """``count`` distinct problems of ``level`` from ``split`` (one of ``SPLITS``).
 
-    Returns problem records (DESIGN.md): id, prompt, answer, response, difficulty.
+    Returns problem records (``data/records.py``): id, prompt, answer, response, difficulty.
     Fewer than ``count`` come back only when the split has fewer distinct problems.
     """
     if split not in SPLITS:

@@ -2,7 +2,7 @@
 validate them.
 
 A record is ``{"id": str, "prompt": str, "answer": str}`` with an optional ``"response"``
-(a reference solution) and an optional ``"difficulty"`` (DESIGN.md, "Contracts"). Data
+(a reference solution) and an optional ``"difficulty"`` (docs/real-models.md, "Data"). Data
 that names its fields differently is read through a field mapping (``data.fields.<name>``).
 A bad record stops the load with a one-line ``UserError`` naming the file, the line (jsonl)
 or row, and the field.

@@ -47,7 +47,7 @@ def field_mapping(data_cfg) -> dict[str, str]:
 
 
 def load(source: str, data_cfg, *, split: str, per_level: int) -> list[dict]:
-    """Problem records of ``source`` (validated; DESIGN.md record contract)."""
+    """Problem records of ``source`` (validated by ``records.load_problems``: its module doc)."""
     prefix = generated_prefix(source)
     if prefix:
         which = source[len(prefix):]

@@ -1,7 +1,7 @@
 """What a run reports: TensorBoard events and JSON lines, written by rank 0 only.
 
 ``metrics.jsonl`` holds one object per logged optimizer step and ``eval.jsonl`` one per
-held-out evaluation (DESIGN.md contracts); the same numbers go to TensorBoard scalars.
+held-out evaluation (docs/real-models.md, "Run directory"); the same numbers go to TensorBoard scalars.
 """
 
 from __future__ import annotations
