@@ -51,7 +51,7 @@ def test_fused_equals_whole_logits(kind, temperature, sparse):
         assert not grads[1][VOCAB:].any() and not grads[0][~mask].any()  # padding rows, prompt positions
 
 
-def test_no_gradient_asked_no_gradient_computed():
+def test_under_no_grad_the_loss_is_the_same_and_carries_no_graph():
     hidden, weight, _, teacher, mask, weights = inputs()
     with torch.no_grad():
         got, _ = fused_distillation_loss(hidden, weight, teacher, mask, weights, vocab=VOCAB)

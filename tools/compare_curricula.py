@@ -107,6 +107,7 @@ from paced_ds.errors import UserError  # noqa: E402
 LEVELS = len(ARITH_LEVELS)
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_estimate import POSTERIOR  # noqa: E402 (the adaptive estimate's weights, as measured there)
 from curricula_compute import params_of_run, pilot_costs, planned_flops, steps_within  # noqa: E402
 from curricula_report import (  # noqa: E402
     BASELINE,
@@ -136,9 +137,9 @@ class Method:
     default: bool = True  # in the comparison unless --methods says otherwise
 
 
-# The adaptive estimate as docs/curriculum.md#adaptive-estimate measures it: posterior weights, a prior per level.
-ADAPTIVE = ("curriculum.rollouts_min=2", "curriculum.posterior=true", "curriculum.prior=fitted",
-            "curriculum.weight_floor=0.2")
+# The adaptive estimate as docs/curriculum.md#adaptive-estimate measures it (tools/bench_estimate.py): posterior
+# weights, a prior per level.
+ADAPTIVE = ("curriculum.rollouts_min=2", *POSTERIOR)
 
 # The order is the order of the tables and of the runs within a seed. paced_refresh and
 # paced_adaptive cannot share the K = 8 estimate: a given competence file is static, and the

@@ -218,13 +218,11 @@ def teacher_answer(teacher, batch: dict, *, vocab: int, topk: int = 0, tile_toke
         rows = hidden[mask]
         weight, bias = layer.weight[:vocab], None if getattr(layer, "bias", None) is None else layer.bias[:vocab]
         if topk:
+            k = min(topk, vocab)
             parts = [top_k(torch.log_softmax(torch.nn.functional.linear(rows[start:start + tile], weight, bias)
                                              .float(), dim=-1), topk) for start in range(0, len(rows), tile)]
-            ids, logprobs, tail = (torch.cat([part[j] for part in parts]) if parts else None for j in range(3))
-            if not parts:  # no scored position: empty rows of the answer's shape
-                ids, logprobs = torch.zeros(0, min(topk, vocab), dtype=torch.int32), torch.zeros(0, min(topk, vocab))
-                tail = torch.zeros(0)
-            result["value"] = TopKAnswer(ids, logprobs, tail, per_sample, vocab)
+            parts = parts or [(torch.zeros(0, k, dtype=torch.int32), torch.zeros(0, k), torch.zeros(0))]  # none scored
+            result["value"] = TopKAnswer(*(torch.cat([part[j] for part in parts]) for j in range(3)), per_sample, vocab)
         else:
             if hasattr(layer.weight, "ds_id"):  # ZeRO-3 releases the gathered weight after this call: keep a copy
                 weight, bias = weight.clone(), None if bias is None else bias.clone()

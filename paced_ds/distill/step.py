@@ -83,9 +83,11 @@ def optimizer_step(cfg: RunConfig, student, teacher: Teacher, examples: list[dic
     sp = sequence_parallel
     split = sp.split if sp is not None else contextlib.nullcontext
     requests = requests_for(examples, problems, per_request(cfg), pad_id)
-    shards = [sp.shard(request.batch) for request in requests] if sp is not None else None
-    local_tokens = sum(int(shard["loss_mask"].sum()) for shard in shards) if sp is not None else \
-        sum(len(e["input_ids"]) - e["response_start"] for e in examples)
+    if sp is not None:  # this rank's positions of every request, which the teacher answers too
+        requests = [TeacherBatch(sp.shard(r.batch), r.examples, r.problems) for r in requests]
+        local_tokens = sum(int(request.batch["loss_mask"].sum()) for request in requests)
+    else:
+        local_tokens = sum(len(e["input_ids"]) - e["response_start"] for e in examples)
     local_sequence = sum(len(e["input_ids"]) for e in examples)
     share = 1.0 / sp.size if sp is not None else 1.0  # a group's ranks hold the same sequences: count them once
     global_tokens, global_weight, global_count, global_sequence, global_teacher = dist.all_reduce_sum(torch.tensor(
@@ -95,20 +97,18 @@ def optimizer_step(cfg: RunConfig, student, teacher: Teacher, examples: list[dic
         return StepOutcome("zero_weight")
     # curriculum.normalize=batch_mean: this step's weights average 1 over all ranks.
     scale = global_count / global_weight if cfg.curriculum.normalize == "batch_mean" else 1.0
-    params = divergence_params(cfg, kind)
+    loss_args = dict(kind=kind, temperature=cfg.loss.temperature, normalizer=global_tokens,
+                     chunk_tokens=cfg.loss.chunk_tokens or None, **divergence_params(cfg, kind))
     spoil = faults.loss_fault(number, rank)  # the identity, but under PACED_DS_FAULT
 
-    if sp is not None:  # the teacher answers this rank's positions
-        answers = teacher.answers([TeacherBatch(shard, r.examples, r.problems) for shard, r in zip(shards, requests)])
-    else:
-        answers = teacher.answers(requests)
+    answers = teacher.answers(requests)
     if ahead is not None:
         teacher.ask_ahead(ahead)
     loss_sum, teacher_s = torch.zeros((), dtype=torch.float64, device=device), 0.0
     finite = torch.ones((), dtype=torch.bool, device=device)  # a tensor: no sync per micro-batch
     skipped_before = student.skipped_steps
-    for index, (first, request) in enumerate(zip(range(0, len(examples), per_request(cfg)), requests)):
-        batch = {key: value.to(device) for key, value in (shards[index] if sp is not None else request.batch).items()}
+    for first, request in zip(range(0, len(examples), per_request(cfg)), requests):
+        batch = {key: value.to(device) for key, value in request.batch.items()}
         request_weights = (weights[first:first + len(request.examples)] * scale).to(device)
         started = time.time()
         with split():
@@ -118,8 +118,6 @@ def optimizer_step(cfg: RunConfig, student, teacher: Teacher, examples: list[dic
         teacher_s += time.time() - started
         for start in range(0, len(request.examples), mb):
             rows = slice(start, start + mb)
-            loss_args = dict(kind=kind, temperature=cfg.loss.temperature, normalizer=global_tokens,
-                             chunk_tokens=cfg.loss.chunk_tokens or None, **params)
             positions = {"position_ids": batch["position_ids"][rows]} if sp is not None else {}
             with split():  # Ulysses attention in the forward, and in a checkpointed layer's recomputation
                 if cfg.loss.fused:
