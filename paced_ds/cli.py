@@ -30,10 +30,11 @@ import signal
 import subprocess
 import sys
 import time
+import traceback
 from pathlib import Path
 
 from paced_ds.config import REPO_ROOT, describe, load_config
-from paced_ds.errors import UserError
+from paced_ds.errors import BUG_NOTE, UserError
 from paced_ds.plan import cmd_plan
 from paced_ds.runtime.dist import ensure_accelerator_env, free_port
 from paced_ds.runtime.rundir import RunDir
@@ -53,6 +54,9 @@ def launch_command(task: str, recipe: str | None, overrides: list[str], nproc: i
     on ``nproc`` ranks of this node, or on the nodes of ``hostfile``; ``gpus`` pins the GPUs."""
     ensure_accelerator_env()
     env = dict(os.environ)
+    # c10d's C++ warnings (a peer's socket closed, with 20 frames of C++ stack) follow every failure
+    # of another rank, which that rank names in one line itself; errors still show.
+    env.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")
     cpu = env.get("DS_ACCELERATOR") == "cpu"
     if cpu:
         # One rank per share of the cores; more threads than cores slows every rank down.
@@ -179,12 +183,13 @@ def check_hostfile(path: str) -> dict[str, int]:
     return slots
 
 
-def preflight(recipe: str | None, overrides: list[str]):
-    """The checks every rank would do first, done once here so that no rank starts in vain."""
-    from paced_ds.distill.inputs import preflight as check_inputs
+def check_before_launch(recipe: str | None, overrides: list[str]):
+    """The run's config, after the checks every rank would do first, done once here so that
+    no rank starts in vain."""
+    from paced_ds.distill.inputs import load_inputs
 
     cfg = load_config(recipe, overrides)
-    check_inputs(cfg)
+    load_inputs(cfg)
     return cfg
 
 
@@ -193,7 +198,11 @@ def cmd_train(args) -> int:
 
     if args.hostfile is not None:
         check_hostfile(args.hostfile)
-    cfg = preflight(args.config, args.overrides)
+    cfg = check_before_launch(args.config, args.overrides)
+    if cfg.teacher.backend == "cache":  # a missing, truncated or inconsistent cache fails before any rank starts
+        from paced_ds.distill.cache import check_cache
+
+        check_cache(cfg.teacher.cache)
     if args.nproc < 1:
         raise UserError(f"--nproc must be >= 1, got {args.nproc}")
     resume_from = checkpoint.find_resume(cfg.train.output_dir, cfg.train.resume)
@@ -215,7 +224,7 @@ def cmd_train(args) -> int:
 def cmd_teacher_serve(args) -> int:
     if args.hostfile is not None:
         check_hostfile(args.hostfile)
-    cfg = preflight(args.config, args.overrides)
+    cfg = check_before_launch(args.config, args.overrides)
     if not cfg.teacher.address:
         raise UserError("config key teacher.address: name the HOST:PORT this teacher job listens on "
                         "(the student job is started with the same teacher.address)")
@@ -223,17 +232,21 @@ def cmd_teacher_serve(args) -> int:
 
 
 def cmd_generate(args) -> int:
-    preflight(args.config, args.overrides)
+    check_before_launch(args.config, args.overrides)
     return launch("generate", args.config, args.overrides, args.nproc)
 
 
 def cmd_cache_teacher(args) -> int:
-    preflight(args.config, args.overrides)
+    from paced_ds.runtime.files import check_output_dir
+
+    cfg = check_before_launch(args.config, args.overrides)
+    if cfg.teacher.cache:
+        check_output_dir(cfg.teacher.cache, "teacher.cache")
     return launch("cache-teacher", args.config, args.overrides, args.nproc)
 
 
 def cmd_estimate(args) -> int:
-    preflight(args.config, args.overrides)
+    check_before_launch(args.config, args.overrides)
     return launch("estimate", args.config, args.overrides, args.nproc)
 
 
@@ -247,13 +260,13 @@ def cmd_snr(args) -> int:
         overrides.append(f"model.student={model}")
     elif args.model:
         overrides.append(f"model.student={args.model}")
-    preflight(args.config, overrides)
+    check_before_launch(args.config, overrides)
     return launch("snr", args.config, overrides, args.nproc)
 
 
 def cmd_eval(args) -> int:
     overrides = list(args.overrides) + ([f"model.student={args.model}"] if args.model else [])
-    preflight(args.config, overrides)
+    check_before_launch(args.config, overrides)
     return launch("eval", args.config, overrides, args.nproc)
 
 
@@ -279,7 +292,7 @@ def cmd_demo(args) -> int:
     if RunDir(output_dir).checkpoints.is_dir() and RunDir(output_dir).config.is_file():
         print(f"paced-ds demo: replacing the previous demo run in {output_dir}")
         shutil.rmtree(output_dir)
-    preflight(recipe, overrides)
+    check_before_launch(recipe, overrides)
     print(f"paced-ds demo: distilling the shipped tiny teacher into the tiny student on {args.nproc} "
           f"{'CPU ranks' if not _has_gpu() else 'GPUs'} ({DEMO_RECIPE})", flush=True)
     code = launch("train", recipe, overrides, args.nproc)
@@ -319,8 +332,9 @@ def print_demo_summary(output_dir: Path) -> None:
 CONFIGURATION_PAGE_HEAD = """# Configuration reference
 
 Every key, its default and its meaning. A recipe names only what differs; `key=value`
-arguments override the recipe. Unknown keys, wrong types and impossible combinations are
-refused with one line naming the key. This page is generated from the config's own field help:
+arguments override the recipe. Unknown keys, wrong types, values outside their range (each
+number's `allowed:` below) and impossible combinations are refused with one line naming the
+key, before any rank starts. This page is generated from the config's own field help:
 `paced-ds config --reference > docs/configuration.md` (`tests/test_docs.py` fails when it no
 longer matches the code). Which DeepSpeed JSONs the `*.ds_config` keys name is in
 [the planner's page](planner.md#gpu-recipes).
@@ -450,6 +464,10 @@ def main(argv=None) -> int:
     except UserError as err:
         print(f"paced-ds: error: {err}", file=sys.stderr)
         return 2
+    except Exception:  # noqa: BLE001 - a bug: its traceback, and a word that it is one
+        traceback.print_exc()
+        print(BUG_NOTE, file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

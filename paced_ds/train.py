@@ -14,8 +14,9 @@ import argparse
 import json
 import os
 import sys
+import traceback
 
-from paced_ds.errors import UserError
+from paced_ds.errors import BUG_NOTE, UserError
 from paced_ds.runtime.dist import ensure_accelerator_env
 
 TASKS = ("train", "generate", "cache-teacher", "estimate", "snr", "eval", "teacher-serve")
@@ -55,6 +56,36 @@ def quiet_libraries() -> None:
     transformers_logging.disable_progress_bar()
 
 
+def report_failure(err: Exception) -> int:
+    """Say why this rank fails, once for the whole job, and return its exit status.
+
+    A user error is one line naming its rank (status 2); a bug keeps its traceback and says it
+    is one (status 1). A rank whose collective broke because another rank failed first stays
+    quiet: that rank speaks. Of several ranks failing on their own, the first speaks."""
+    from paced_ds.runtime import dist
+
+    if not isinstance(err, UserError):
+        peer = dist.failed_peer()
+        if peer is not None:  # a consequence of that rank's failure, which it reports
+            return peer[1]
+    lost = dist.lost_a_peer(err)
+    code = 2 if isinstance(err, UserError) else 1
+    first, store = dist.claim_failure(code)
+    if first:
+        where = f" (rank {dist.rank()})" if dist.world_size() > 1 else ""
+        if isinstance(err, UserError) or lost:
+            text = str(err) if not lost else f"lost contact with another rank ({str(err).splitlines()[0][:200]})"
+            # One write, so that lines of ranks failing at once stay whole (print writes the line and
+            # its newline separately, and two ranks' errors ran together on one line).
+            sys.stderr.write(f"paced-ds: error{where}: {text}\n")
+        else:
+            sys.stderr.write("".join(traceback.format_exception(err)) + BUG_NOTE + where + "\n")
+        sys.stderr.flush()
+    dist.shutdown()
+    dist.wait_for_quiet_peers(store)
+    return code
+
+
 def main(argv=None) -> int:
     ensure_accelerator_env()
     quiet_libraries()
@@ -68,13 +99,8 @@ def main(argv=None) -> int:
         if args.result_json and dist.is_main():
             with open(args.result_json, "w") as f:
                 json.dump(result, f, default=str, indent=1)
-    except UserError as err:
-        where = f" (rank {dist.rank()})" if dist.world_size() > 1 else ""
-        # One write, so that the ranks' lines stay whole when they fail at once (print writes the
-        # line and its newline separately, and two ranks' errors ran together on one line).
-        sys.stderr.write(f"paced-ds: error{where}: {err}\n")
-        sys.stderr.flush()
-        return 2
+    except Exception as err:  # noqa: BLE001 - every failure leaves through report_failure
+        return report_failure(err)
     finally:
         # Tear gloo/NCCL down before the interpreter does: left to exit, gloo's threads
         # sometimes abort the process ("terminate called without an active exception").

@@ -141,7 +141,7 @@ def test_long_responses_are_scored_whole_and_a_cut_is_said(name, capsys):
     cfg = load_config(RECIPE, [f"model.student={directory}", f"data.max_length={MAX_LENGTH}"])
     tokenizer = engines.load_tokenizer(cfg)
     records = long_problems(4)
-    examples = tokenize_problems(cfg, tokenizer, records)
+    examples = tokenize_problems(cfg.data, tokenizer, records)
     assert "cuts the responses" not in capsys.readouterr().out
     batch = collate_train(examples, tokenizer.pad_token_id)
     for row, (record, example) in enumerate(zip(records, examples)):
@@ -154,7 +154,7 @@ def test_long_responses_are_scored_whole_and_a_cut_is_said(name, capsys):
 
     # A max_length shorter than the sequences cuts them (as documented) and the run says so.
     short = load_config(RECIPE, [f"model.student={directory}", "data.max_length=300"])
-    cut = tokenize_problems(short, tokenizer, records)
+    cut = tokenize_problems(short.data, tokenizer, records)
     assert all(len(e["input_ids"]) == 300 and e["input_ids"][-1] != tokenizer.eos_token_id for e in cut)
     said = capsys.readouterr().out
     assert "data.max_length (300 tokens) cuts the responses of 4 of 4 problems" in said, said

@@ -7,6 +7,7 @@ these run in-process (``cli.main``) except one that checks the real process exit
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -16,7 +17,7 @@ import torch
 
 from paced_ds import cli
 
-from launch import RECIPE, REPO, cpu_env, run, write_problems
+from launch import RECIPE, REPO, cpu_env, explain, run, small_overrides, write_problems
 
 
 def train(tmp_path: Path, *overrides: str, capsys) -> tuple[int, str]:
@@ -221,7 +222,9 @@ def test_a_damaged_checkpoint_is_refused_and_left_as_it_is(tmp_path, capsys, cas
     run_dir = saved_run(tmp_path)
     damage(run_dir)
     before = snapshot(run_dir)
-    code, err = train(tmp_path, "train.resume=auto", capsys=capsys)
+    # An explicit checkpoint root (through its latest): train.resume=auto would fall back to an older
+    # complete checkpoint instead (tests/test_checkpoint_integrity.py).
+    code, err = train(tmp_path, f"train.resume={run_dir / 'checkpoints'}", capsys=capsys)
     assert_refused_untouched(run_dir, before, code, err, *expected)
 
 
@@ -264,7 +267,22 @@ def test_missing_deepspeed_json(tmp_path, capsys):
 
 def test_out_of_range_value(tmp_path, capsys):
     code, err = train(tmp_path, "train.max_nonfinite_steps=0", capsys=capsys)
-    assert_refused(tmp_path, code, err, "train.max_nonfinite_steps", "must be > 0")
+    assert_refused(tmp_path, code, err, "train.max_nonfinite_steps", "must be >= 1, got 0")
+
+
+# Settings only the models or a parser can check, refused on the launcher before any rank starts
+# (inside a rank they failed in a library call, or steps into the run at the first SNR probe).
+@pytest.mark.parametrize("overrides, expected", [
+    (["teacher.topk=1000000"], ("config key teacher.topk: must be <= the vocabulary", "got 1000000")),
+    (["rollout.top_k=1000000"], ("config key rollout.top_k: must be <= the vocabulary",)),
+    (["data.prompt_template=Q: {prompt} {level}"], ("data.prompt_template: unknown placeholder {level}",)),
+    (["snr.every=5", "snr.buckets=0,0.7,0.5,1"], ("snr.buckets '0,0.7,0.5,1'",)),
+    (["loss.schedule=on_policy", "teacher.self_distill=true", "teacher.privileged_template={answer} {prompt} {x}"],
+     ("teacher.privileged_template: unknown placeholder {x}",)),
+])
+def test_settings_checked_against_the_models_and_parsers(tmp_path, capsys, overrides, expected):
+    code, err = train(tmp_path, *overrides, capsys=capsys)
+    assert_refused(tmp_path, code, err, *expected)
 
 
 def test_missing_competence_file(tmp_path, capsys):
@@ -282,3 +300,82 @@ def test_malformed_fault_injection_spec(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("PACED_DS_FAULT", "kill:rank=1")
     code, err = train(tmp_path, capsys=capsys)
     assert_refused(tmp_path, code, err, "PACED_DS_FAULT", "step=N or save=N")
+
+
+# ---------------------------------------------------------------------------------------
+# Output locations, checked on the launcher before any rank starts
+
+def test_an_output_dir_that_is_a_file(tmp_path, capsys):
+    (tmp_path / "run").write_text("not a directory")
+    code = cli.main(["train", "--config", str(RECIPE), f"train.output_dir={tmp_path / 'run'}"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert err == f"paced-ds: error: config key train.output_dir: {tmp_path / 'run'} is a file, not a directory"
+    assert (tmp_path / "run").read_text() == "not a directory"  # left as it was
+
+
+def test_an_output_dir_under_a_file(tmp_path, capsys):
+    (tmp_path / "file").write_text("")
+    code, err = train(tmp_path, f"train.output_dir={tmp_path / 'file' / 'run'}", capsys=capsys)
+    assert_refused(tmp_path, code, err, "config key train.output_dir", f"{tmp_path / 'file'} is a file")
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes anywhere")
+def test_an_output_dir_without_write_permission(tmp_path, capsys):
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o500)
+    code, err = train(tmp_path, f"train.output_dir={locked / 'run'}", capsys=capsys)
+    assert_refused(tmp_path, code, err, "config key train.output_dir", "no write permission")
+
+
+def test_a_teacher_cache_to_write_under_a_file(tmp_path, capsys):
+    (tmp_path / "file").write_text("")
+    code = cli.main(["cache-teacher", "--config", str(RECIPE), f"train.output_dir={tmp_path / 'run'}",
+                     f"teacher.cache={tmp_path / 'file' / 'cache'}", "teacher.topk=4"])
+    assert_refused(tmp_path, code, capsys.readouterr().err.strip(), "config key teacher.cache", "is a file")
+
+
+# ---------------------------------------------------------------------------------------
+# Failures inside the ranks: a user error is one line from its rank, a bug keeps its traceback
+
+@pytest.mark.distributed
+def test_a_user_error_on_one_rank_is_one_line_and_its_peer_stays_quiet(tmp_path):
+    """Rank 0 (which serves the job's stores) fails after step 2 while rank 1 waits in a
+    collective: before, rank 1 added a gloo "Connection reset by peer" traceback."""
+    overrides = small_overrides(tmp_path, **{"train.export": "false", "data.eval": "", "curriculum.mode": "uniform"})
+    result = run([sys.executable, "-m", "paced_ds.cli", "train", "--config", str(RECIPE), "--nproc", "2", *overrides],
+                 env=cpu_env(PACED_DS_FAULT="error:rank=0:step=2"), timeout=300)
+    assert result.returncode == 2, explain(result)
+    assert result.stderr.strip() == "paced-ds: error (rank 0): PACED_DS_FAULT: a user error injected after step 2", \
+        explain(result)
+    assert "Traceback" not in result.stdout and "Connection" not in result.stdout, explain(result)
+
+
+def test_a_bug_in_a_rank_keeps_its_traceback_and_says_it_is_a_bug(capsys):
+    from paced_ds.errors import BUG_NOTE, UserError
+    from paced_ds.train import report_failure
+
+    def broken_invariant():
+        raise ValueError("optimizer_step: 3 sequences, 2 problems")
+
+    try:
+        broken_invariant()
+    except ValueError as err:
+        assert report_failure(err) == 1
+    err = capsys.readouterr().err
+    assert "Traceback (most recent call last)" in err and "in broken_invariant" in err
+    assert err.rstrip().endswith(BUG_NOTE) and "ValueError: optimizer_step: 3 sequences" in err
+    assert report_failure(UserError("data.train: no problems")) == 2
+    assert capsys.readouterr().err == "paced-ds: error: data.train: no problems\n"
+
+
+def test_a_bug_on_the_launcher_keeps_its_traceback(monkeypatch, capsys):
+    from paced_ds.errors import BUG_NOTE
+
+    def broken(*args, **kwargs):
+        raise KeyError("an invariant")
+
+    monkeypatch.setattr(cli, "check_before_launch", broken)
+    assert cli.main(["eval", "--config", str(RECIPE)]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback (most recent call last)" in err and "KeyError: 'an invariant'" in err and BUG_NOTE in err

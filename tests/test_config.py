@@ -273,6 +273,39 @@ def test_validate_accepts_the_boundaries(overrides):
     load_config(overrides=overrides)
 
 
+# One out-of-range value per section: one line naming the key, the value and the range.
+@pytest.mark.parametrize("override, line", [
+    ("data.max_length=1", "config key data.max_length: must be >= 2, got 1"),
+    ("loss.temperature=0", "config key loss.temperature: must be > 0, got 0.0"),
+    ("curriculum.rollouts_tol=1", "config key curriculum.rollouts_tol: must be in (0, 1), got 1.0"),
+    ("curriculum.band_hi=1.5", "config key curriculum.band_hi: must be in (0, 1], got 1.5"),
+    ("snr.per_bucket=1", "config key snr.per_bucket: must be >= 2, got 1"),
+    ("rollout.top_p=0", "config key rollout.top_p: must be in (0, 1], got 0.0"),
+    ("teacher.topk=-1", "config key teacher.topk: must be >= 0, got -1"),
+    ("train.lr=.nan", "config key train.lr: must be > 0, got nan"),
+    ("train.clip_grad=.inf", "config key train.clip_grad: must be >= 0, got inf"),
+    ("eval.every=-1", "config key eval.every: must be >= 0, got -1"),
+    ("logging.log_every=0", "config key logging.log_every: must be >= 1, got 0"),
+    ("model.dtype=fp16", "config key model.dtype: 'fp16' is not one of auto, fp32, bf16"),
+])
+def test_an_out_of_range_setting_of_each_section_is_one_line(override, line):
+    assert user_error(load_config, None, [override]) == line
+
+
+def test_every_number_has_a_range_or_choices():
+    for section in dataclasses.fields(RunConfig):
+        for spec in dataclasses.fields(section.default_factory):
+            if spec.type in ("int", "float", int, float):
+                assert spec.metadata["bounds"] or spec.metadata["choices"], f"{section.name}.{spec.name}"
+                default = getattr(section.default_factory(), spec.name)
+                assert spec.metadata["choices"] or default in spec.metadata["bounds"], f"{section.name}.{spec.name}"
+
+
+def test_a_regular_expression_that_does_not_compile_is_refused():
+    assert "config key snr.params: '(layers' is not a regular expression" in user_error(
+        load_config, None, ["snr.params=(layers"])
+
+
 def test_validate_checks_a_config_built_in_code():
     cfg = RunConfig()
     validate(cfg)
@@ -283,7 +316,7 @@ def test_validate_checks_a_config_built_in_code():
 def test_a_warmup_longer_than_the_run_is_clipped_with_one_warning(capsys):
     from paced_ds.models.engines import lr_lambda
 
-    factor = lr_lambda(load_config(overrides=["train.steps=2", "train.warmup_steps=10", "train.min_lr_ratio=0"]))
+    factor = lr_lambda(load_config(overrides=["train.steps=2", "train.warmup_steps=10", "train.min_lr_ratio=0"]).train)
     out = capsys.readouterr().out
     assert out == ("paced-ds: warning: train.warmup_steps (10) exceeds train.steps (2); warming up over all 2 "
                    "steps instead\n")

@@ -1,4 +1,4 @@
-"""The Beta kernel, its posterior expectation, curriculum modes, normalisation and the summary."""
+"""The Beta kernel, its posterior expectation, curriculum modes, dataset-mean normalisation and the summary."""
 
 from __future__ import annotations
 
@@ -11,11 +11,10 @@ import torch
 
 from paced_ds.curriculum.kernel import (
     MODES,
-    NORMALIZATIONS,
     beta_weight,
     curriculum_weights,
     expected_beta_weight,
-    normalize,
+    normalize_to_dataset_mean,
     weight_summary,
 )
 
@@ -288,53 +287,29 @@ def test_curriculum_weights_reject_bad_input():
     assert MODES == ("paced", "uniform", "hard_filter")
 
 
-# ---- normalize ----
+# ---- normalize_to_dataset_mean (curriculum.normalize=batch_mean is the step's: tests/test_step.py) ----
 
-def test_normalize_none_keeps_the_weights():
-    weights = torch.tensor([0.0, 0.25, 0.5])
-    assert normalize(weights, "none").tolist() == [0.0, 0.25, 0.5]
-    assert normalize(torch.tensor([0, 2]), "none").dtype == torch.float32
-
-
-def test_normalize_batch_mean_gives_unit_mean():
-    weights = torch.tensor([0.0, 0.25, 0.5, 0.25])
-    normalized = normalize(weights, "batch_mean")
-    assert normalized.tolist() == [0.0, 1.0, 2.0, 1.0]
-    assert normalized.mean().item() == 1.0
-
-
-def test_normalize_all_zero_batch_is_zeros_not_nan():
-    normalized = normalize(torch.zeros(4), "batch_mean")
-    assert normalized.tolist() == [0.0] * 4
-    assert not torch.isnan(normalized).any()
-    assert normalize(torch.zeros(0), "batch_mean").numel() == 0
-
-
-def test_normalize_dataset_mean_keeps_relative_weights_across_batches():
+def test_normalize_to_dataset_mean_keeps_relative_weights_across_batches():
     dataset = torch.tensor([0.0, 0.25, 0.5, 0.25, 0.0, 0.0, 0.25, 0.25])  # mean 0.1875
     first, second = dataset[:4], dataset[4:]
-    a = normalize(first, "dataset_mean", dataset_weights=dataset)
-    b = normalize(second, "dataset_mean", dataset_weights=dataset)
+    a = normalize_to_dataset_mean(first, dataset)
+    b = normalize_to_dataset_mean(second, dataset)
     assert a.tolist() == pytest.approx([0.0, 4 / 3, 8 / 3, 4 / 3])
     assert b.tolist() == pytest.approx([0.0, 0.0, 4 / 3, 4 / 3])
     assert torch.cat([a, b]).mean().item() == pytest.approx(1.0)  # the average step has unit scale
     assert a.sum().item() / b.sum().item() == pytest.approx(first.sum().item() / second.sum().item())
     # An all-zero batch is fine when the dataset is not.
-    assert normalize(torch.zeros(2), "dataset_mean", dataset_weights=dataset).tolist() == [0.0, 0.0]
+    assert normalize_to_dataset_mean(torch.zeros(2), dataset).tolist() == [0.0, 0.0]
+    assert normalize_to_dataset_mean(torch.tensor([0, 2]), torch.tensor([0, 2])).dtype == torch.float32
 
 
-def test_normalize_errors():
-    with pytest.raises(ValueError, match="needs dataset_weights"):
-        normalize(torch.ones(2), "dataset_mean")
+def test_normalize_to_dataset_mean_errors():
     with pytest.raises(ValueError, match="no problem would ever be trained"):
-        normalize(torch.zeros(2), "dataset_mean", dataset_weights=torch.zeros(5))
-    with pytest.raises(ValueError, match="not one of none, batch_mean, dataset_mean"):
-        normalize(torch.ones(2), "sum")
+        normalize_to_dataset_mean(torch.zeros(2), torch.zeros(5))
     with pytest.raises(ValueError, match=r"-0\.5 at index 1 must be finite and >= 0"):
-        normalize(torch.tensor([1.0, -0.5]), "batch_mean")
+        normalize_to_dataset_mean(torch.tensor([1.0, -0.5]), torch.ones(2))
     with pytest.raises(ValueError, match="nan"):
-        normalize(torch.tensor([1.0, 1.0]), "dataset_mean", dataset_weights=torch.tensor([1.0, float("nan")]))
-    assert NORMALIZATIONS == ("none", "batch_mean", "dataset_mean")
+        normalize_to_dataset_mean(torch.tensor([1.0, 1.0]), torch.tensor([1.0, float("nan")]))
 
 
 # ---- weight_summary ----
@@ -399,4 +374,4 @@ def test_tensors_stay_on_their_device():
     weights = curriculum_weights(correct, trials, posterior=True)
     assert weights.device == p.device and weights.dtype == torch.float32
     assert weights.cpu().tolist() == curriculum_weights(correct.cpu(), trials.cpu(), posterior=True).tolist()
-    assert normalize(weights, "batch_mean").device == p.device
+    assert normalize_to_dataset_mean(weights, weights).device == p.device

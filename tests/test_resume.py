@@ -8,6 +8,7 @@ the RNG states, the sampler, the curriculum and the counters all have to be rest
 
 from __future__ import annotations
 
+import json
 import sys
 import time
 
@@ -78,6 +79,7 @@ def test_a_run_killed_after_a_step_resumes_exactly(tmp_path, straight):
     resumed = train(tmp_path, **{"train.resume": "auto"})
     assert resumed.returncode == 0, explain(resumed)
     assert "resumed from" in resumed.stdout and "at step 2" in resumed.stdout
+    assert "newest complete checkpoint" not in resumed.stdout  # step_2 passed its size and hash checks
     assert_same_run(run_dir, straight)  # step 3 logged once, as the straight run logged it
     assert checkpoint_names(run_dir) == ["latest", "step_2", "step_4", "step_6"]
 
@@ -98,6 +100,8 @@ def test_a_rank_killed_inside_a_save_leaves_the_previous_checkpoint(tmp_path, st
     assert resumed.returncode == 0, explain(resumed)
     assert_same_run(run_dir, straight)
     assert checkpoint_names(run_dir) == ["latest", "step_2", "step_4", "step_6"]  # the partial one is gone
+    manifest = json.loads((run_dir / "checkpoints" / "step_6" / "manifest.json").read_text())["files"]
+    assert {"rng_rank0.json", "rng_rank1.json", "zero_pp_rank_1_mp_rank_00_optim_states.pt"} <= set(manifest)
 
 
 def test_nonfinite_loss_skips_the_update_and_stops_after_too_many(tmp_path):

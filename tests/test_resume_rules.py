@@ -94,14 +94,20 @@ def test_fault_specs_parse_and_bad_ones_are_refused(monkeypatch):
         with pytest.raises(UserError, match="PACED_DS_FAULT"):
             faults.parse(bad)
     monkeypatch.setenv(faults.ENV, "nan:step=5:rank=0:times=2,nangrad:step=6")
+    rank0, rank1 = faults.Faults.from_env(0), faults.Faults.from_env(1)
+    monkeypatch.delenv(faults.ENV)  # read once: the objects keep what they read
     one = torch.ones(())
-    assert [faults.loss_fault(5, 1)(one).item(), faults.loss_fault(4, 0)(one).item()] == [1.0, 1.0]
-    assert [np.isnan(faults.loss_fault(5, 0)(one).item()) for _ in range(3)] == [True, True, False]
+    assert [rank1.spoil_loss(5)(one).item(), rank0.spoil_loss(4)(one).item()] == [1.0, 1.0]
+    assert [np.isnan(rank0.spoil_loss(5)(one).item()) for _ in range(3)] == [True, True, False]
     x = torch.ones((), requires_grad=True)
-    spoiled = faults.loss_fault(6, 1)(x * 2)  # every rank: no rank= given
+    spoiled = rank1.spoil_loss(6)(x * 2)  # every rank: no rank= given
     spoiled.backward()
     assert spoiled.item() == 2.0 and torch.isnan(x.grad)  # a finite loss, a NaN gradient
-    assert faults.loss_fault(6, 1)(one) is one  # times=1: the retry is left alone
+    assert rank1.spoil_loss(6)(one) is one  # times=1: the retry is left alone
+    assert not faults.Faults.from_env(0) and not faults.NONE  # unset: false, so the loop calls nothing of it
+    with pytest.raises(UserError, match="injected after step 2"):
+        faults.Faults(faults.parse("error:rank=1:step=2"), rank=1).after_step(2)
+    faults.Faults(faults.parse("error:rank=1:step=2"), rank=0).after_step(2)  # another rank's fault
 
 
 GROUP_TIMEOUT_SCRIPT = """

@@ -25,11 +25,11 @@ from paced_ds.runtime import dist
 args = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]
 out, recipe, overrides = args[0], args[1], args[2:]
 cfg = load_config(recipe, overrides)
-tokenizer, vocab, records, _ = inputs.preflight(cfg)
+tokenizer, vocab, records, _ = inputs.load_inputs(cfg)
 dist.init(cfg.train.timeout_s)
 teacher = engines.build_teacher(cfg)
 student, _ = engines.build_student(cfg)
-examples = inputs.tokenize_problems(cfg, tokenizer, records)
+examples = inputs.tokenize_problems(cfg.data, tokenizer, records)
 pass_rates = torch.tensor([PASS_RATES[i % len(PASS_RATES)] for i in range(len(records))], dtype=torch.float64)
 result = probe.probe(student, EngineTeacher(teacher, vocab), tokenizer, examples, pass_rates,
                      bucket_edges(cfg.snr.buckets), cfg, vocab=vocab, seed=3, loss_params={})
@@ -76,7 +76,7 @@ def brute_force(data, pass_rates: list[float], per_bucket: int) -> dict:
     cfg = load_config(RECIPE, [f"data.train={data}", "data.eval="])
     tokenizer = engines.load_tokenizer(cfg)
     records = sources.load_train(cfg.data)
-    examples = tokenize_problems(cfg, tokenizer, records)
+    examples = tokenize_problems(cfg.data, tokenizer, records)
     student = AutoModelForCausalLM.from_pretrained(REPO / "paced_ds" / "assets" / "tiny-student").double()
     teacher = AutoModelForCausalLM.from_pretrained(REPO / "paced_ds" / "assets" / "tiny-teacher").double()
     buckets = bucket_edges(cfg.snr.buckets)

@@ -10,7 +10,6 @@ import torch
 
 from paced_ds.distill.answers import DenseAnswer, TopKAnswer, compress
 from paced_ds.distill.losses import DIVERGENCES, TopKRows, distillation_loss
-from paced_ds.errors import UserError
 
 VOCAB = 37
 PARAMS = {"jsd": {"beta": 0.3}, "skew_kl": {"alpha": 0.2}, "skew_reverse_kl": {"alpha": 0.2}, "akl": {"mu": 0.6}}
@@ -116,14 +115,14 @@ def test_dense_answer_with_its_own_mask_pairs_tokens_in_order():
     torch.testing.assert_close(loss, expected)
 
 
-def test_teacher_scoring_other_tokens_is_a_user_error():
+def test_teacher_scoring_other_tokens_is_an_error():
     student, _, mask, weights, answer = batch_with_answer(k=4)
     other = mask.clone()
     other[0, 0] = not other[0, 0]
-    with pytest.raises(UserError, match="tokens per sample"):
+    with pytest.raises(ValueError, match="tokens per sample"):
         distillation_loss(student, answer, other, weights)
     wrong_vocab = TopKAnswer(answer.ids, answer.logprobs, answer.tail, answer.per_sample, VOCAB + 1)
-    with pytest.raises(UserError, match="vocabulary"):
+    with pytest.raises(ValueError, match="vocabulary"):
         distillation_loss(student, wrong_vocab, mask, weights)
 
 

@@ -20,6 +20,7 @@ from paced_ds.distill.teachers import EngineTeacher
 from paced_ds.models import engines
 from paced_ds.models.generation import plain_copy
 from paced_ds.runtime import dist
+from paced_ds.runtime.faults import NONE, Faults, parse
 
 from launch import REPO
 
@@ -52,7 +53,7 @@ def setup(world_of_one, tmp_path_factory):
                        "curriculum.normalize=dataset_mean"])
     tokenizer = engines.load_tokenizer(cfg)
     records = arith.dataset("train", 2)[:4]  # responses of different lengths
-    examples = tokenize_problems(cfg, tokenizer, records)
+    examples = tokenize_problems(cfg.data, tokenizer, records)
     teacher_model = engines._from_pretrained(str(ASSETS / "tiny-teacher"), {}, torch.float32, False, "model.teacher")
     vocab = len(tokenizer)
     teacher = EngineTeacher(SimpleNamespace(module=teacher_model.eval()), vocab)
@@ -64,7 +65,8 @@ def full_state(engine) -> dict:
     return {name: t.detach().clone() for name, t in plain_copy(engine).state_dict().items()}
 
 
-def run_step(setup, micro_batch: int, accumulation: int, weights=WEIGHTS, forward_micro_batches: int = 0, **extra):
+def run_step(setup, micro_batch: int, accumulation: int, weights=WEIGHTS, forward_micro_batches: int = 0,
+             faults=NONE, **extra):
     cfg = setup.cfg
     cfg.train.micro_batch_size, cfg.train.grad_accum = micro_batch, accumulation
     cfg.teacher.forward_micro_batches = forward_micro_batches
@@ -74,7 +76,7 @@ def run_step(setup, micro_batch: int, accumulation: int, weights=WEIGHTS, forwar
     student, _ = engines.build_student(cfg)
     before = full_state(student)
     outcome = optimizer_step(cfg, student, setup.teacher, setup.examples, list(range(4)), weights, kind="forward_kl",
-                             vocab=setup.vocab, pad_id=setup.tokenizer.pad_token_id, number=1)
+                             vocab=setup.vocab, pad_id=setup.tokenizer.pad_token_id, number=1, faults=faults)
     after = full_state(student)
     return outcome, {name: after[name] - before[name] for name in before}, before
 
@@ -134,7 +136,9 @@ def test_batch_mean_rescales_the_weights_to_average_one(setup):
     setup.cfg.curriculum.normalize = "dataset_mean"
 
 
-def test_a_step_whose_weights_are_all_zero_does_nothing(setup):
+@pytest.mark.parametrize("normalize", ["dataset_mean", "batch_mean"])
+def test_a_step_whose_weights_are_all_zero_does_nothing(setup, normalize):
+    """Skipped before any teacher call; under batch_mean, never a 0/0 scale."""
     calls = []
     teacher = setup.teacher
 
@@ -145,16 +149,16 @@ def test_a_step_whose_weights_are_all_zero_does_nothing(setup):
 
     setup.teacher = Counting(teacher.engine, teacher.vocab)
     try:
-        outcome, delta, _ = run_step(setup, 2, 2, weights=torch.zeros(4))
+        outcome, delta, _ = run_step(setup, 2, 2, weights=torch.zeros(4), curriculum__normalize=normalize)
     finally:
         setup.teacher = teacher
+        setup.cfg.curriculum.normalize = "dataset_mean"
     assert outcome.status == "zero_weight" and calls == []
     assert all(not d.any() for d in delta.values())
 
 
-def test_a_non_finite_loss_skips_the_update_and_names_the_rank(setup, monkeypatch):
-    monkeypatch.setenv("PACED_DS_FAULT", "nan:step=1")
-    outcome, delta, _ = run_step(setup, 2, 2)
+def test_a_non_finite_loss_skips_the_update_and_names_the_rank(setup):
+    outcome, delta, _ = run_step(setup, 2, 2, faults=Faults(parse("nan:step=1"), rank=0))
     assert outcome.status == "nonfinite" and outcome.nonfinite_ranks == [0] and not outcome.applied_anyway
     assert all(not d.any() for d in delta.values())
 

@@ -30,7 +30,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from paced_ds.cli import DEMO_RECIPE, launch_command, preflight  # noqa: E402
+from paced_ds.cli import DEMO_RECIPE, check_before_launch, launch_command  # noqa: E402
 from paced_ds.config import load_config  # noqa: E402
 from paced_ds.runtime.files import read_jsonl  # noqa: E402
 
@@ -66,7 +66,7 @@ def run_estimate(out: Path, overrides: list[str], nproc: int, fresh: bool) -> tu
     if fresh or not result_path.is_file():
         out.mkdir(parents=True, exist_ok=True)
         overrides = overrides + [f"train.output_dir={out}", "logging.progress=false"]
-        preflight(DEMO_RECIPE, overrides)
+        check_before_launch(DEMO_RECIPE, overrides)
         cmd, env = launch_command("estimate", DEMO_RECIPE, overrides, nproc, result_json=str(result_path))
         print(f"estimating into {out} ...", file=sys.stderr, flush=True)
         with open(log_path, "w") as log:

@@ -121,8 +121,8 @@ def generate(model, tokenizer, records, *, sample: bool = False, temperature: fl
     from paced_ds.models import generation
 
     prompts = [tokenizer(r["prompt"]).input_ids for r in records]
-    outputs = generation.generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size,
-                                  do_sample=sample, temperature=temperature, synced=False)
+    outputs, _ = generation.generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                                     do_sample=sample, temperature=temperature, synced=False)
     return [tokenizer.decode(ids, skip_special_tokens=True) for ids in outputs]
 
 

@@ -27,6 +27,8 @@ from paced_ds.runtime.dist import all_reduce_sum, is_main
 from paced_ds.runtime.files import read_jsonl, write_jsonl_atomic
 
 Counts = list[int] | list[float] | torch.Tensor
+# How far a stored pass_rate may be from correct / trials (it may be rounded to 3 decimals).
+PASS_RATE_TOLERANCE = 1e-3
 
 
 class CompetenceTable:
@@ -141,9 +143,11 @@ class CompetenceTable:
         """A table for ``ids`` from counts produced elsewhere (``curriculum.competence=PATH``).
 
         Each line: ``id``, ``trials`` and ``correct``, or ``pass_rate`` in place of
-        ``correct`` (then correct = pass_rate * trials); other fields are ignored. Problems of the run absent
-        from the file have no trials; ids in the file that the run lacks are skipped and
-        counted in ``.unmatched``. A malformed line is a ``UserError`` naming file:line.
+        ``correct`` (then correct = pass_rate * trials); other fields are ignored. Counts are
+        whole, 0 <= correct <= trials, and a ``pass_rate`` beside ``correct`` equals correct /
+        trials. Problems of the run absent from the file have no trials; ids in the file that
+        the run lacks are skipped and counted in ``.unmatched``. A malformed line is a
+        ``UserError`` naming file:line.
         """
         path = Path(path)
         if not path.is_file():
@@ -187,7 +191,9 @@ def level_pass_rates(table: CompetenceTable, difficulties: list[str]) -> dict[st
 
 
 def _count_row(where: str, row: dict) -> tuple[str, float, float]:
-    """``(id, correct, trials)`` of one line of a competence file."""
+    """``(id, correct, trials)`` of one line of a competence file: whole counts with
+    0 <= correct <= trials (trials 0: an untried problem), and a ``pass_rate``, where a row
+    has one beside ``correct``, equal to correct / trials."""
     if "id" not in row:
         raise UserError(f"{where}: missing field 'id'")
     problem_id = row["id"]
@@ -196,28 +202,35 @@ def _count_row(where: str, row: dict) -> tuple[str, float, float]:
     if "trials" not in row:
         raise UserError(f"{where}: missing field 'trials' (the number of rollouts verified)")
     trials = _count(where, row, "trials")
+    pass_rate = row.get("pass_rate")
+    if pass_rate is not None and (not _is_number(pass_rate) or not 0 <= pass_rate <= 1):
+        raise UserError(f"{where}: field 'pass_rate' must be a number in [0, 1] or null, got {pass_rate!r}")
     if "correct" in row:
         correct = _count(where, row, "correct")
         if correct > trials:
             raise UserError(f"{where}: 'correct' ({row['correct']}) is more than 'trials' ({row['trials']})")
+        if pass_rate is not None and (trials == 0 or abs(pass_rate - correct / trials) > PASS_RATE_TOLERANCE):
+            raise UserError(f"{where}: 'pass_rate' ({pass_rate}) is not 'correct' / 'trials' "
+                            f"({row['correct']} / {row['trials']})")
     elif "pass_rate" in row:
-        pass_rate = row["pass_rate"]
-        if pass_rate is None and trials == 0:
-            pass_rate = 0.0
-        if not _is_number(pass_rate) or not 0 <= pass_rate <= 1:
-            raise UserError(f"{where}: field 'pass_rate' must be a number in [0, 1], got {pass_rate!r}")
-        correct = pass_rate * trials
+        if pass_rate is None and trials > 0:
+            raise UserError(f"{where}: field 'pass_rate' must be a number in [0, 1] where 'trials' is "
+                            f"{row['trials']}, got None")
+        correct = (pass_rate or 0.0) * trials
     else:
         raise UserError(f"{where}: missing field 'correct' (or 'pass_rate')")
     return str(problem_id), float(correct), float(trials)
 
 
 def _count(where: str, row: dict, key: str) -> float:
+    """A count: a whole number >= 0 (``correct`` may be fractional where ``pass_rate`` made it)."""
     value = row[key]
     if not _is_number(value):
         raise UserError(f"{where}: field {key!r} must be a number, got {value!r}")
     if value < 0:
         raise UserError(f"{where}: field {key!r} must not be negative, got {value!r}")
+    if not float(value).is_integer() and not (key == "correct" and row.get("pass_rate") is not None):
+        raise UserError(f"{where}: field {key!r} must be a whole number of rollouts, got {value!r}")
     return float(value)
 
 

@@ -1,7 +1,8 @@
 """The run's curriculum: competence table -> per-problem weights, and what to report of them.
 
-A plain object the training loop calls: when to (re-)estimate, the weights the sampler
-and the loss use, the scalars, histograms and picture that show how competence moves.
+A plain object the training loop calls: when to (re-)estimate or fold in on-policy
+outcomes (``curriculum.refresh``), the weights the sampler and the loss use, the scalars,
+histograms and picture that show how competence moves.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import torch
 
 from paced_ds.curriculum.calibrate import fit_kernel
 from paced_ds.curriculum.competence import CompetenceTable, level_pass_rates
-from paced_ds.curriculum.kernel import curriculum_weights, normalize, weight_summary
+from paced_ds.curriculum.kernel import curriculum_weights, normalize_to_dataset_mean, weight_summary
 from paced_ds.curriculum.stopping import fit_priors
 from paced_ds.errors import UserError
 from paced_ds.runtime import dist
@@ -43,7 +44,10 @@ class Curriculum:
         """Whether pass rates matter: every mode but uniform, a given competence file, or an SNR probe."""
         return self.cfg.mode != "uniform" or bool(self.cfg.competence) or self.probing
 
-
+    @property
+    def observes_rollouts(self) -> bool:
+        """Whether on-policy rollouts' outcomes feed the table (curriculum.refresh=on_policy)."""
+        return self.cfg.refresh == "on_policy"
 
     def load_given(self, path: str) -> int:
         """Counts from a competence.jsonl (curriculum.competence); returns unmatched ids."""
@@ -59,9 +63,10 @@ class Curriculum:
             self.observed_correct.index_add_(0, index, torch.tensor(part_correct, dtype=torch.float64))
             self.observed_trials.index_add_(0, index, torch.ones(len(part_indices), dtype=torch.float64))
 
-    def merge_observed(self, decay: float) -> None:
+    def merge_observed(self) -> None:
         """Fold the observations since the last merge into the table, the older counts
-        discounted by ``decay`` (so pass rates follow the student as it learns)."""
+        discounted by curriculum.decay (so pass rates follow the student as it learns)."""
+        decay = self.cfg.decay
         self.table.correct = self.table.correct * decay + self.observed_correct
         self.table.trials = self.table.trials * decay + self.observed_trials
         self.observed_correct.zero_()
@@ -80,7 +85,12 @@ class Curriculum:
         self.observed_correct = torch.tensor(state["observed_correct"], dtype=torch.float64)
         self.observed_trials = torch.tensor(state["observed_trials"], dtype=torch.float64)
 
-    def due(self, step: int) -> bool:
+    def merge_due(self, step: int, on_policy: bool) -> bool:
+        """Whether to merge the observed outcomes into the table after optimizer step ``step``
+        (curriculum.refresh=on_policy; ``on_policy``: the step trained on rollouts)."""
+        return self.observes_rollouts and on_policy and step % self.cfg.refresh_every == 0
+
+    def reestimate_due(self, step: int) -> bool:
         """Whether to re-estimate after optimizer step ``step`` (curriculum.refresh=every)."""
         return (self.active and not self.cfg.competence and self.cfg.refresh == "every"
                 and step % self.cfg.refresh_every == 0)
@@ -103,7 +113,7 @@ class Curriculum:
             raise UserError(f"curriculum.mode={self.cfg.mode}: every problem has weight 0 (are all pass rates "
                             "0 or 1?); try curriculum.posterior=true, another band, or curriculum.mode=uniform")
         if self.cfg.apply == "weight" and self.cfg.normalize == "dataset_mean":
-            weights = normalize(weights, "dataset_mean", dataset_weights=weights[weights > 0])
+            weights = normalize_to_dataset_mean(weights, dataset_weights=weights[weights > 0])
         return weights.float()
 
     def summary(self, weights: torch.Tensor) -> dict:

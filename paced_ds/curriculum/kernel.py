@@ -8,7 +8,9 @@ the student's pass rate on x; alpha = beta = 1 (w = p(1 - p)) is the paper's def
   say about p (uniform prior, Beta posterior), in closed form.
 - ``curriculum_weights(correct, trials, mode=...)``: one weight per problem, for each
   curriculum mode (``paced``, ``uniform``, ``hard_filter``).
-- ``normalize(weights, how)``: the loss scale of weighted batches (the paper leaves it open).
+- ``normalize_to_dataset_mean(weights, dataset_weights)``: the loss scale of weighted batches
+  (the paper leaves it open; ``curriculum.normalize=batch_mean`` is applied by the step,
+  ``distill/step.py``, over every rank's weights).
 - ``weight_summary(pass_rates, weights)``: scalars for tracking where the weight mass sits.
 
 Conventions: 0^0 = 1 (alpha = 0 makes p^alpha = 1 for every p, p = 0 included); pass
@@ -24,7 +26,6 @@ import numpy as np
 import torch
 
 MODES = ("paced", "uniform", "hard_filter")
-NORMALIZATIONS = ("none", "batch_mean", "dataset_mean")
 
 
 # ---- input checks and kinds ----
@@ -262,31 +263,15 @@ def _band(band) -> tuple[float, float]:
 
 # ---- loss scale ----
 
-def normalize(weights, how, *, dataset_weights=None) -> torch.Tensor:
-    """Rescale per-problem weights; ``how`` is one of ``NORMALIZATIONS``.
-
-    - ``none``: the weights as they are (the paper's w(p) multiplies the loss directly).
-    - ``batch_mean``: w / mean(w over the batch), so a weighted batch has the loss scale of
-      an unweighted one. Pass the weights of the whole optimizer step (all ranks and
-      micro-batches), or each micro-batch gets its own scale. A batch whose weights are all
-      0 comes back as zeros (never 0/0 = NaN); the caller counts or skips it.
-    - ``dataset_mean``: w / mean(w over ``dataset_weights``), the weights of every problem in
-      the training set: the average step has unit scale and batches keep their relative
-      weight. ValueError if every problem has weight 0 (nothing would ever be trained).
+def normalize_to_dataset_mean(weights, dataset_weights) -> torch.Tensor:
+    """w / mean(w over ``dataset_weights``), the weights of every problem in the training set
+    (``curriculum.normalize=dataset_mean``): the average step has unit scale and batches keep
+    their relative weight. ValueError if every problem has weight 0 (nothing would ever be
+    trained).
 
     Returns a floating tensor (float32 for integer input); weights must be finite and >= 0.
     """
-    if how not in NORMALIZATIONS:
-        raise ValueError(f"weight normalisation {how!r} is not one of {', '.join(NORMALIZATIONS)}")
     weights = _weights_tensor(weights)
-    if how == "none":
-        return weights
-    if how == "batch_mean":
-        mean = weights.mean() if weights.numel() else weights.new_zeros(())
-        # Divide by 1 where the mean is 0: an all-zero batch stays zeros instead of 0/0.
-        return torch.where(mean > 0, weights / torch.where(mean > 0, mean, 1.0), 0.0)
-    if dataset_weights is None:
-        raise ValueError("weight normalisation 'dataset_mean' needs dataset_weights, the weights of every problem")
     dataset_weights = _weights_tensor(dataset_weights)
     dataset_mean = float(dataset_weights.to(torch.float64).mean()) if dataset_weights.numel() else 0.0
     if not dataset_mean > 0:

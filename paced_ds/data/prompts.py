@@ -47,7 +47,7 @@ def privileged_prompt(prompt: str, answer: str, template: str = DEFAULT_PRIVILEG
     the result as to any prompt.
     """
     _check_template(template, required=("prompt", "answer"), allowed=("prompt", "answer"),
-                    key="privileged prompt template")
+                    key="teacher.privileged_template")
     return template.format(prompt=prompt, answer=answer)
 
 

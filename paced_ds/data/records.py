@@ -100,13 +100,18 @@ def _open_source(source: str, split: str, subset: str = "") -> tuple[Iterator[tu
 
 
 def _jsonl_rows(path: Path, source: str):
-    for line_number, row in read_jsonl(path, source, objects=False):  # a row's type is checked with its fields
-        yield f"{source}:{line_number}", row
+    try:
+        for line_number, row in read_jsonl(path, source, objects=False):  # a row's type is checked with its fields
+            yield f"{source}:{line_number}", row
+    except OSError as e:
+        raise UserError(f"{source}: cannot be read ({e.strerror})") from None
 
 
 def _json_rows(path: Path, source: str):
     try:
         data = json.loads(path.read_bytes())
+    except OSError as e:
+        raise UserError(f"{source}: cannot be read ({e.strerror})") from None
     except json.JSONDecodeError as e:
         raise UserError(f"{source}:{e.lineno}: not valid JSON ({e.msg})") from None
     except ValueError as e:

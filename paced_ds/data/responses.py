@@ -67,12 +67,13 @@ def save_responses(path, rows: list[dict], *, teacher: str, data_sha256: str) ->
     return write_jsonl_atomic(path, [header, *lines])
 
 
-def load_responses(path, *, teacher: str, data_sha256: str) -> dict[str, dict] | None:
+def load_responses(path, *, teacher: str, data_sha256: str, needed: list[str] | None = None) -> dict[str, dict] | None:
     """``{id: {"id", "response", "correct"}}`` from ``path``, or None when there is no file.
 
     A file from another teacher or for other problems, a truncated file or a malformed line
-    is a ``UserError`` naming the file, the line and the key; delete the file (or run
-    ``paced-ds generate`` again) to make new responses.
+    is a ``UserError`` naming the file, the line and the key; so is, given the ids of the
+    problems that ``needed`` a response, a row for any other id or a needed id without a
+    row. Delete the file (or run ``paced-ds generate`` again) to make new responses.
     """
     path = Path(path)
     if not path.is_file():
@@ -91,6 +92,7 @@ def load_responses(path, *, teacher: str, data_sha256: str) -> dict[str, dict] |
             raise UserError(f"{path}:1: header {key!r} is {header.get(key)!r}, this run has "
                             f"{value!r}; {redo}")
     responses: dict[str, dict] = {}
+    wanted = set(needed or ())
     for number, row in lines[1:]:
         for key, kind in (("id", str), ("response", str), ("correct", bool)):
             if not isinstance(row.get(key), kind):
@@ -98,10 +100,17 @@ def load_responses(path, *, teacher: str, data_sha256: str) -> dict[str, dict] |
                                 f"got {row.get(key)!r}")
         if row["id"] in responses:
             raise UserError(f"{path}:{number}: duplicate id {row['id']!r}")
+        if needed is not None and row["id"] not in wanted:
+            raise UserError(f"{path}:{number}: id {row['id']!r} is not a problem of the data that needs a teacher "
+                            f"response; {redo}")
         responses[row["id"]] = {"id": row["id"], "response": row["response"], "correct": row["correct"]}
     if header.get("count") != len(responses):
         raise UserError(f"{path}: header 'count' is {header.get('count')!r} but the file holds "
                         f"{len(responses)} responses; {redo}")
+    absent = [problem_id for problem_id in needed or () if problem_id not in responses]
+    if absent:
+        raise UserError(f"{path}: no response for {len(absent)} of the {len(wanted)} problems that need one "
+                        f"(e.g. {absent[0]!r}); {redo}")
     return responses
 
 

@@ -139,7 +139,7 @@ def with_stored_responses(records: list[dict], data_cfg, teacher: str) -> tuple[
     header = stored_header(path)
     if header is not None and (header.get("data_sha256") != digest or header.get("teacher") != teacher_key(teacher)):
         return None
-    stored = load_responses(path, teacher=teacher, data_sha256=digest)
+    stored = load_responses(path, teacher=teacher, data_sha256=digest, needed=[r["id"] for r in needed])
     if stored is None:
         return None
     return attach_responses(records, stored, keep_incorrect=data_cfg.keep_incorrect)

@@ -37,7 +37,6 @@ from dataclasses import dataclass
 import torch
 
 from paced_ds.distill.answers import DenseAnswer, HiddenAnswer, TopKAnswer
-from paced_ds.errors import UserError
 
 # exp(-1e4) is exactly 0 in float32 and float64, so flooring changes no probability; it
 # keeps -inf out of `0 * (log p - log q)` and out of logaddexp's gradient (no NaN).
@@ -59,7 +58,7 @@ class TopKRows:
 
 def _check_unit_interval(divergence: str, param: str, value: float) -> None:
     if not 0.0 <= value <= 1.0:
-        raise UserError(f"{divergence}: {param} must be in [0, 1], got {value!r}")
+        raise ValueError(f"{divergence}: {param} must be in [0, 1], got {value!r}")
 
 
 def _compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
@@ -69,7 +68,7 @@ def _compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
 
 def _check_temperature(temperature: float) -> None:
     if not temperature > 0:
-        raise UserError(f"loss temperature must be > 0, got {temperature!r}")
+        raise ValueError(f"loss temperature must be > 0, got {temperature!r}")
 
 
 class _Dense:
@@ -121,7 +120,7 @@ def _log_probs(student_logits: torch.Tensor, teacher, temperature: float):
     sparse = isinstance(teacher, TopKRows)
     teacher_vocab = teacher.vocab if sparse else teacher.shape[-1]
     if student_logits.shape[-1] != teacher_vocab:
-        raise UserError(
+        raise ValueError(
             f"student vocabulary ({student_logits.shape[-1]}) != teacher vocabulary "
             f"({teacher_vocab}): slice the logits to the shared tokenizer's size"
         )
@@ -336,9 +335,9 @@ DIVERGENCES = {
 
 
 def get_divergence(name: str):
-    """The per-token divergence called ``name`` (a ``loss.kind``); UserError if unknown."""
+    """The per-token divergence called ``name`` (a ``loss.kind``); ValueError if unknown."""
     if not isinstance(name, str) or name not in DIVERGENCES:
-        raise UserError(f"loss.kind={name!r} is not a divergence; choose one of: {', '.join(DIVERGENCES)}")
+        raise ValueError(f"loss.kind={name!r} is not a divergence; choose one of: {', '.join(DIVERGENCES)}")
     return DIVERGENCES[name]
 
 
@@ -500,30 +499,30 @@ def _teacher_tensors(teacher, response_mask: torch.Tensor, student_shape) -> tup
     student_counts = (response_mask != 0).sum(1).cpu()
     if isinstance(teacher, torch.Tensor):
         if teacher.shape != student_shape:
-            raise UserError(f"distillation_loss: student logits {tuple(student_shape)} and teacher logits "
+            raise ValueError(f"distillation_loss: student logits {tuple(student_shape)} and teacher logits "
                             f"{tuple(teacher.shape)} must both be [batch, tokens, vocab]")
         return "dense", (teacher.detach(),)
     if not torch.equal(teacher.counts().cpu(), student_counts):
-        raise UserError(f"distillation_loss: the teacher scores {teacher.counts().tolist()} tokens per sample, the "
+        raise ValueError(f"distillation_loss: the teacher scores {teacher.counts().tolist()} tokens per sample, the "
                         f"student {student_counts.tolist()}: they must score the same response tokens")
     if isinstance(teacher, DenseAnswer):
         if teacher.logits.dim() != 3 or teacher.logits.shape[-1] != student_shape[-1]:
-            raise UserError(f"distillation_loss: teacher logits {tuple(teacher.logits.shape)} must be "
+            raise ValueError(f"distillation_loss: teacher logits {tuple(teacher.logits.shape)} must be "
                             f"[batch, tokens, {student_shape[-1]}]")
         teacher_b, teacher_t = (teacher.mask != 0).nonzero(as_tuple=True)
         return "dense", (teacher.logits.detach(), teacher_b, teacher_t)
     if isinstance(teacher, TopKAnswer):
         if teacher.vocab != student_shape[-1]:
-            raise UserError(f"student vocabulary ({student_shape[-1]}) != teacher vocabulary ({teacher.vocab}): "
+            raise ValueError(f"student vocabulary ({student_shape[-1]}) != teacher vocabulary ({teacher.vocab}): "
                             "slice the logits to the shared tokenizer's size")
         return "sparse", (teacher.ids.detach(), teacher.logprobs.detach(), teacher.tail.detach())
     if isinstance(teacher, HiddenAnswer):
         if teacher.vocab != student_shape[-1]:
-            raise UserError(f"student vocabulary ({student_shape[-1]}) != teacher vocabulary ({teacher.vocab}): "
+            raise ValueError(f"student vocabulary ({student_shape[-1]}) != teacher vocabulary ({teacher.vocab}): "
                             "slice the logits to the shared tokenizer's size")
         bias = () if teacher.bias is None else (teacher.bias.detach(),)
         return "hidden", (teacher.hidden.detach(), teacher.weight.detach(), *bias)
-    raise UserError(f"distillation_loss: unknown teacher answer {type(teacher).__name__}")
+    raise TypeError(f"distillation_loss: unknown teacher answer {type(teacher).__name__}")
 
 
 def distillation_loss(
@@ -563,7 +562,7 @@ def distillation_loss(
     ``tokens`` (masked-in tokens here) and ``weight_sum`` (sum of their weights).
     """
     if student_logits.dim() != 3:
-        raise UserError(f"distillation_loss: student logits {tuple(student_logits.shape)} must be "
+        raise ValueError(f"distillation_loss: student logits {tuple(student_logits.shape)} must be "
                         "[batch, tokens, vocab]")
     step = LossStep(student_logits.shape, student_logits.dtype, student_logits.device, teacher, response_mask,
                     sample_weights, kind, temperature, normalizer, chunk_tokens, params)
@@ -586,22 +585,22 @@ class LossStep:
                     if param.kind is param.KEYWORD_ONLY and name != "temperature"]
         for name in params:
             if name not in accepted:
-                raise UserError(f"loss.kind={kind} has no parameter {name!r}; its parameters: "
+                raise ValueError(f"loss.kind={kind} has no parameter {name!r}; its parameters: "
                                 f"{', '.join(accepted) or 'none'}")
         if response_mask.shape != shape[:2]:
-            raise UserError(f"distillation_loss: response_mask {tuple(response_mask.shape)} must be "
+            raise ValueError(f"distillation_loss: response_mask {tuple(response_mask.shape)} must be "
                             f"{tuple(shape[:2])}, the logits' [batch, tokens]")
         _check_temperature(temperature)
         batch_size = shape[0]
         if sample_weights is None:
             sample_weights = torch.ones(batch_size, device=device)
         if sample_weights.shape != (batch_size,):
-            raise UserError(f"distillation_loss: sample_weights {tuple(sample_weights.shape)} must be ({batch_size},)")
+            raise ValueError(f"distillation_loss: sample_weights {tuple(sample_weights.shape)} must be ({batch_size},)")
         self.chunk_tokens = default_chunk_tokens(shape[-1], device) if chunk_tokens is None else chunk_tokens
         if self.chunk_tokens < 1:
-            raise UserError(f"distillation_loss: chunk_tokens must be >= 1, got {self.chunk_tokens}")
+            raise ValueError(f"distillation_loss: chunk_tokens must be >= 1, got {self.chunk_tokens}")
         if isinstance(normalizer, (int, float)) and not normalizer > 0:
-            raise UserError(f"distillation_loss: normalizer must be > 0 (a token count), got {normalizer}")
+            raise ValueError(f"distillation_loss: normalizer must be > 0 (a token count), got {normalizer}")
         self.normalizer, self.device = normalizer, device
         self.rows_b, self.rows_t = (response_mask != 0).nonzero(as_tuple=True)
         self.form, self.teacher_tensors = _teacher_tensors(teacher, response_mask, shape)

@@ -9,20 +9,21 @@ prompt (``teachers.Privileged``).
 from __future__ import annotations
 
 from paced_ds import verify
+from paced_ds.config import RolloutConfig
 from paced_ds.models import generation
 
 
-def rollouts(student_engine, tokenizer, prompts: list[list[int]], cfg) -> list[list[int]]:
+def rollouts(student_engine, tokenizer, prompts: list[list[int]], rollout_cfg: RolloutConfig) -> list[list[int]]:
     """One sampled response (token ids, without eos) per prompt, from the current student.
 
     Collective with ``rollout.gather=false`` (every rank has the same number of
     prompts per step, so ZeRO-3's synced generation lines up).
     """
-    rollout = cfg.rollout
-    sampling = dict(max_new_tokens=rollout.max_new_tokens, do_sample=True, temperature=rollout.temperature,
-                    top_p=rollout.top_p, top_k=rollout.top_k, batch_size=rollout.batch_size)
-    model, synced = generation.generating_model(student_engine, rollout.gather)
-    return generation.generate(model, tokenizer, prompts, synced=synced, **sampling)
+    sampling = dict(max_new_tokens=rollout_cfg.max_new_tokens, do_sample=True, temperature=rollout_cfg.temperature,
+                    top_p=rollout_cfg.top_p, top_k=rollout_cfg.top_k, batch_size=rollout_cfg.batch_size)
+    model, synced = generation.generating_model(student_engine, rollout_cfg.gather)
+    responses, _ = generation.generate(model, tokenizer, prompts, synced=synced, **sampling)
+    return responses
 
 
 def example(prompt: list[int], response: list[int], eos_id: int, max_length: int) -> dict:

@@ -34,8 +34,8 @@ import torch.distributed as torch_dist
 
 from paced_ds.distill.answers import DenseAnswer, TopKAnswer, compress
 from paced_ds.errors import UserError
-from paced_ds.runtime import faults
 from paced_ds.runtime.dist import parse_address
+from paced_ds.runtime.faults import NONE, Faults
 
 LOGITS, STOP = 0, 1  # request kinds
 HEADER = 6  # int64 fields of every header: kind, tag, batch, length, topk, spare
@@ -237,7 +237,7 @@ def logits_scorer(forward):
     return score
 
 
-def serve(bridge: Bridge, score, *, vocab: int, topk: int, all_reduce=None) -> dict:
+def serve(bridge: Bridge, score, *, vocab: int, topk: int, all_reduce=None, faults: Faults = NONE) -> dict:
     """The teacher side: answer this teacher rank's students until every one has said stop.
 
     ``score(input_ids, attention_mask, loss_mask, vocab, topk)`` is the (collective, ZeRO-3) teacher
@@ -245,7 +245,8 @@ def serve(bridge: Bridge, score, *, vocab: int, topk: int, all_reduce=None) -> d
     ``loss_mask`` positions (``teacher-serve`` takes it from the hidden states a tile at a time,
     ``fused.teacher_answer``; ``logits_scorer`` makes one from a logits forward);
     ``all_reduce`` sums a small tensor over the teacher job's ranks, so that a rank with
-    no request in a round still joins the forward its peers make.
+    no request in a round still joins the forward its peers make. ``faults``: this teacher rank's
+    ``PACED_DS_FAULT`` (tests).
     """
     mine = [s for s in range(bridge.students) if s % bridge.teachers == bridge.rank]
     active = set(mine)
@@ -281,7 +282,8 @@ def serve(bridge: Bridge, score, *, vocab: int, topk: int, all_reduce=None) -> d
             reply = torch.tensor([0, int(header[1]), int(header[2]), int(header[3]), topk, 0], dtype=torch.int64)
             sending.append((bridge.send([reply, *tensors], bridge.teachers + student), reply, tensors))
             served += 1
-            faults.kill_after_answers(served, bridge.rank)  # PACED_DS_FAULT=kill:answers=N (tests)
+            if faults:
+                faults.after_answers(served)  # PACED_DS_FAULT=kill:answers=N (tests)
         batches += 1
     for work_list in sending:
         for work in work_list[0]:

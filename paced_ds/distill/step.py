@@ -23,13 +23,13 @@ from dataclasses import dataclass, field
 
 import torch
 
-from paced_ds.config import RunConfig
+from paced_ds.config import LossConfig, RunConfig
 from paced_ds.distill.fused import student_loss
 from paced_ds.distill.losses import distillation_loss
 from paced_ds.distill.teachers import Teacher, TeacherBatch, requests_for
-from paced_ds.errors import UserError
 from paced_ds.models.ulysses import SequenceParallel
-from paced_ds.runtime import dist, faults
+from paced_ds.runtime import dist
+from paced_ds.runtime.faults import NONE, Faults
 
 
 @dataclass
@@ -46,10 +46,10 @@ class StepOutcome:
     applied_anyway: bool = False  # non-finite, but DeepSpeed updated (it computes no gradient norm)
 
 
-def divergence_params(cfg: RunConfig, kind: str) -> dict:
+def divergence_params(loss_cfg: LossConfig, kind: str) -> dict:
     """The parameters of divergence ``kind`` from the loss section."""
-    return {"jsd": {"beta": cfg.loss.jsd_beta}, "skew_kl": {"alpha": cfg.loss.skew_alpha},
-            "skew_reverse_kl": {"alpha": cfg.loss.skew_alpha}, "akl": {"mu": cfg.loss.akl_mu}}.get(kind, {})
+    return {"jsd": {"beta": loss_cfg.jsd_beta}, "skew_kl": {"alpha": loss_cfg.skew_alpha},
+            "skew_reverse_kl": {"alpha": loss_cfg.skew_alpha}, "akl": {"mu": loss_cfg.akl_mu}}.get(kind, {})
 
 
 def per_request(cfg: RunConfig) -> int:
@@ -60,7 +60,7 @@ def per_request(cfg: RunConfig) -> int:
 def optimizer_step(cfg: RunConfig, student, teacher: Teacher, examples: list[dict], problems: list[int],
                    weights: torch.Tensor, *, kind: str, vocab: int, pad_id: int, generated: bool = False,
                    ahead: list[TeacherBatch] | None = None, number: int = 0,
-                   sequence_parallel: SequenceParallel | None = None) -> StepOutcome:
+                   sequence_parallel: SequenceParallel | None = None, faults: Faults = NONE) -> StepOutcome:
     """Train ``student`` on this rank's share of one optimizer step. Collective.
 
     examples, problems: this rank's sequences (``input_ids``, ``response_start``) and the
@@ -70,7 +70,7 @@ def optimizer_step(cfg: RunConfig, student, teacher: Teacher, examples: list[dic
     generated: the sequences are the student's own rollouts (their generation cost one
         more forward over them).
     ahead: the next step's requests, for a teacher that looks ahead to start on now.
-    number: the step's number (1 for the first), for the faults ``PACED_DS_FAULT`` injects.
+    number: the step's number (1 for the first), for ``faults`` (what ``PACED_DS_FAULT`` injects; tests).
     sequence_parallel: this rank's group (``train.sequence_parallel`` > 1): its ranks were given
         the same sequences, and each trains on its shard of their positions, the teacher
         answering that shard (``models/ulysses.py``).
@@ -78,8 +78,8 @@ def optimizer_step(cfg: RunConfig, student, teacher: Teacher, examples: list[dic
     world, rank, device = dist.world_size(), dist.rank(), dist.device()
     mb = cfg.train.micro_batch_size
     if len(examples) != len(problems) or len(examples) != len(weights) or len(examples) % mb:
-        raise UserError(f"optimizer_step: {len(examples)} sequences, {len(problems)} problems, {len(weights)} weights: "
-                        f"they must be equal, a multiple of train.micro_batch_size ({mb})")
+        raise ValueError(f"optimizer_step: {len(examples)} sequences, {len(problems)} problems, {len(weights)} "
+                         f"weights: they must be equal, a multiple of train.micro_batch_size ({mb})")
     sp = sequence_parallel
     split = sp.split if sp is not None else contextlib.nullcontext
     requests = requests_for(examples, problems, per_request(cfg), pad_id)
@@ -95,11 +95,12 @@ def optimizer_step(cfg: RunConfig, student, teacher: Teacher, examples: list[dic
          teacher.scored_tokens(requests) * share], dtype=torch.float64)).tolist()
     if global_weight == 0:
         return StepOutcome("zero_weight")
-    # curriculum.normalize=batch_mean: this step's weights average 1 over all ranks.
+    # curriculum.normalize=batch_mean: this step's weights average 1 over all ranks (dataset_mean is the
+    # curriculum's: Curriculum.weights).
     scale = global_count / global_weight if cfg.curriculum.normalize == "batch_mean" else 1.0
     loss_args = dict(kind=kind, temperature=cfg.loss.temperature, normalizer=global_tokens,
-                     chunk_tokens=cfg.loss.chunk_tokens or None, **divergence_params(cfg, kind))
-    spoil = faults.loss_fault(number, rank)  # the identity, but under PACED_DS_FAULT
+                     chunk_tokens=cfg.loss.chunk_tokens or None, **divergence_params(cfg.loss, kind))
+    spoil = faults.spoil_loss(number) if faults else None
 
     answers = teacher.answers(requests)
     if ahead is not None:
@@ -129,7 +130,8 @@ def optimizer_step(cfg: RunConfig, student, teacher: Teacher, examples: list[dic
                                              [rows], **positions).logits[..., :vocab]
                     loss, stats = distillation_loss(student_logits, answer.samples(rows), batch["loss_mask"][rows],
                                                     request_weights[rows], **loss_args)
-                loss = spoil(loss)
+                if spoil is not None:
+                    loss = spoil(loss)
                 finite &= torch.isfinite(loss.detach())
                 student.backward(loss * world, scale_wrt_gas=False)
             student.step()

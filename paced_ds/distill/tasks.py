@@ -17,30 +17,33 @@ from paced_ds.data import sources
 from paced_ds.data.collate import collate_train
 from paced_ds.distill import cache, estimate, pipeline, probe
 from paced_ds.distill.fused import teacher_answer
-from paced_ds.distill.inputs import generate_responses, preflight, tokenize_problems, with_teacher_responses
+from paced_ds.distill.inputs import generate_responses, load_inputs, tokenize_problems, with_teacher_responses
 from paced_ds.distill.step import divergence_params
-from paced_ds.distill.teachers import EngineTeacher, Started, start, teacher_contract, teacher_path
+from paced_ds.distill.teachers import EngineTeacher, LaunchedTeacher, launch_teacher, teacher_contract, teacher_path
 from paced_ds.errors import UserError
 from paced_ds.models import engines, generation, generators
 from paced_ds.runtime import dist
+from paced_ds.runtime.faults import Faults
 from paced_ds.runtime.log import say
 from paced_ds.runtime.rundir import RunDir
 
 
-def open_teacher(cfg: RunConfig, *, responses: bool = True):
+def teacher_engine_and_inputs(cfg: RunConfig, *, responses: bool = True):
     """The opening of the teacher's tasks: inputs checked, the process group, the teacher
-    engine, and (``responses``) the problems with its responses, generated if missing."""
-    tokenizer, vocab, train_records, _ = preflight(cfg)
+    engine, and (``responses``) the problems with its responses, generated if missing.
+    Returns (tokenizer, vocab, teacher engine, training problems)."""
+    tokenizer, vocab, train_records, _ = load_inputs(cfg)
     dist.init(cfg.train.timeout_s)
     teacher = engines.build_teacher(cfg, name=teacher_path(cfg))
     if responses:
-        train_records = with_teacher_responses(cfg, tokenizer, Started(engine=teacher), train_records)
+        train_records = with_teacher_responses(cfg, tokenizer, LaunchedTeacher(engine=teacher), train_records)
     return tokenizer, vocab, teacher, train_records
 
 
 def frozen_student(cfg: RunConfig):
     """model.student as a ZeRO-3 inference engine (no optimizer), loaded like the teacher."""
-    return engines.build_teacher(cfg, name=engines.resolve_model(cfg.model.student, "model.student"), role="student")
+    return engines.build_inference_engine(cfg, engines.resolve_model(cfg.model.student, "model.student"),
+                                          role="student")
 
 
 def student_source(cfg: RunConfig, tokenizer) -> generators.StudentGeneration:
@@ -58,7 +61,7 @@ def student_generation(cfg: RunConfig, tokenizer):
 
 def generate(cfg: RunConfig) -> dict:
     """Generate, verify and store the teacher's responses for data.train (once; reused after)."""
-    tokenizer, _, train_records, _ = preflight(cfg)
+    tokenizer, _, train_records, _ = load_inputs(cfg)
     teacher_name = sources.teacher_identity(engines.resolve_model(cfg.model.teacher, "model.teacher"))
     path = sources.stored_responses_path(cfg.data, teacher_name)
     needed = sources.missing_responses(train_records)
@@ -70,12 +73,12 @@ def generate(cfg: RunConfig) -> dict:
         return {"generated": 0, "path": str(path)}
     dist.init(cfg.train.timeout_s)
     if cfg.teacher.backend == "server":  # the teacher's server writes them
-        started = start(cfg, tokenizer, engines.shared_vocab_size(cfg, tokenizer, teacher=teacher_path(cfg)))
+        launched = launch_teacher(cfg, tokenizer, engines.shared_vocab_size(cfg, tokenizer, teacher=teacher_path(cfg)))
     elif cfg.rollout.engine == "vllm":  # a vLLM server started for them
-        started = Started()
+        launched = LaunchedTeacher()
     else:
-        started = Started(engine=engines.build_teacher(cfg))
-    rows = generate_responses(cfg, tokenizer, started, needed)
+        launched = LaunchedTeacher(engine=engines.build_teacher(cfg))
+    rows = generate_responses(cfg, tokenizer, launched, needed)
     correct = sum(row["correct"] for row in rows)
     if dist.is_main():
         sources.store_responses(train_records, rows, cfg.data, teacher_name)
@@ -86,7 +89,7 @@ def generate(cfg: RunConfig) -> dict:
 
 def evaluate(cfg: RunConfig) -> dict:
     """Greedy held-out accuracy of model.student, per difficulty level."""
-    tokenizer, _, _, eval_records = preflight(cfg)
+    tokenizer, _, _, eval_records = load_inputs(cfg)
     if not eval_records:
         raise UserError("config key data.eval: nothing to evaluate (it is empty)")
     dist.init(cfg.train.timeout_s)
@@ -102,7 +105,7 @@ def evaluate(cfg: RunConfig) -> dict:
 def estimate_competence(cfg: RunConfig) -> dict:
     """Rollouts per training problem from model.student (K each, or adaptive: curriculum.rollouts_min);
     competence.jsonl in train.output_dir."""
-    tokenizer, _, train_records, _ = preflight(cfg)
+    tokenizer, _, train_records, _ = load_inputs(cfg)
     dist.init(cfg.train.timeout_s)
     source, model = student_generation(cfg, tokenizer)
     curriculum = Curriculum(cfg, train_records)
@@ -123,8 +126,8 @@ def estimate_competence(cfg: RunConfig) -> dict:
 
 def measure_snr(cfg: RunConfig) -> dict:
     """Gradient SNR per pass-rate bucket of model.student (e.g. a checkpoint's export) on data.train."""
-    tokenizer, vocab, teacher, train_records = open_teacher(cfg)
-    examples = tokenize_problems(cfg, tokenizer, train_records)
+    tokenizer, vocab, teacher, train_records = teacher_engine_and_inputs(cfg)
+    examples = tokenize_problems(cfg.data, tokenizer, train_records)
     student = frozen_student(cfg)
     curriculum = Curriculum(cfg, train_records)
     if cfg.curriculum.competence:
@@ -134,7 +137,7 @@ def measure_snr(cfg: RunConfig) -> dict:
             estimate.estimate(generator, tokenizer, train_records, curriculum.table, cfg, seed=cfg.train.seed + 1)
     result = probe.probe(student, EngineTeacher(teacher, vocab), tokenizer, examples, curriculum.table.pass_rates(),
                          bucket_edges(cfg.snr.buckets), cfg, vocab=vocab, seed=cfg.train.seed,
-                         loss_params=divergence_params(cfg, cfg.loss.kind))
+                         loss_params=divergence_params(cfg.loss, cfg.loss.kind))
     path = RunDir(cfg.train.output_dir).snr_measurement
     if dist.is_main():
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -153,8 +156,8 @@ def cache_teacher(cfg: RunConfig) -> dict:
     """The teacher's top-k log-probs (temperature 1) on data.train's responses, stored in teacher.cache."""
     if not cfg.teacher.cache:
         raise UserError("config key teacher.cache: name the directory the cache is written to")
-    tokenizer, vocab, teacher, records = open_teacher(cfg)
-    examples = tokenize_problems(cfg, tokenizer, records)
+    tokenizer, vocab, teacher, records = teacher_engine_and_inputs(cfg)
+    examples = tokenize_problems(cfg.data, tokenizer, records)
     mine = list(range(dist.rank(), len(examples), dist.world_size()))
     batch_size = cfg.eval.batch_size
     batches = math.ceil(math.ceil(len(examples) / dist.world_size()) / batch_size)
@@ -194,7 +197,7 @@ def teacher_serve(cfg: RunConfig) -> dict:
         raise UserError("config key teacher.address: teacher-serve needs the HOST:PORT the student job "
                         "connects to (e.g. teacher.address=node0:29600)")
     # Missing responses are generated and stored here, before the students look for them.
-    tokenizer, vocab, teacher, _ = open_teacher(cfg, responses=cfg.loss.schedule != "on_policy")
+    tokenizer, vocab, teacher, _ = teacher_engine_and_inputs(cfg, responses=cfg.loss.schedule != "on_policy")
     ranks = dist.world_size()
     say(f"teacher job ({ranks} rank{'s' if ranks > 1 else ''}, ZeRO-3 offload={cfg.teacher.offload}) waiting for the "
         f"students at {cfg.teacher.address}")
@@ -212,7 +215,8 @@ def teacher_serve(cfg: RunConfig) -> dict:
             return teacher.module(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
 
     result = pipeline.serve(bridge, score, vocab=vocab, topk=cfg.teacher.topk,
-                            all_reduce=dist.all_reduce_sum if dist.world_size() > 1 else None)
+                            all_reduce=dist.all_reduce_sum if dist.world_size() > 1 else None,
+                            faults=Faults.from_env(bridge.rank))
     say(f"teacher job done: {result['requests']} requests in {result['forwards']} forwards "
         f"({result['forward_s']:.1f} s computing)")
     return result

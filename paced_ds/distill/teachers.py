@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import torch
 
 from paced_ds import __version__, verify
-from paced_ds.config import RunConfig
+from paced_ds.config import RunConfig, TeacherConfig
 from paced_ds.data import sources
 from paced_ds.data.collate import collate_train
 from paced_ds.data.prompts import privileged_prompt
@@ -213,18 +213,18 @@ def teacher_contract(cfg: RunConfig, tokenizer, vocab: int) -> dict:
             "vocab": vocab, "topk": cfg.teacher.topk, "paced_ds": __version__}
 
 
-def describe(cfg: RunConfig) -> str:
-    if cfg.teacher.backend == "cache":
-        return f"cache {cfg.teacher.cache}"
-    if cfg.teacher.backend == "server":
-        return f"served (top-{cfg.teacher.topk}) at {cfg.teacher.url or 'a vLLM server on this node'}" + \
-            (", self-distillation" if cfg.teacher.self_distill else "")
-    where = f"pipelined at {cfg.teacher.address}, " if cfg.teacher.backend == "pipelined" else ""
-    return f"{where}ZeRO-3 offload={cfg.teacher.offload}" + (", self-distillation" if cfg.teacher.self_distill else "")
+def describe(teacher_cfg: TeacherConfig) -> str:
+    if teacher_cfg.backend == "cache":
+        return f"cache {teacher_cfg.cache}"
+    if teacher_cfg.backend == "server":
+        return f"served (top-{teacher_cfg.topk}) at {teacher_cfg.url or 'a vLLM server on this node'}" + \
+            (", self-distillation" if teacher_cfg.self_distill else "")
+    where = f"pipelined at {teacher_cfg.address}, " if teacher_cfg.backend == "pipelined" else ""
+    return f"{where}ZeRO-3 offload={teacher_cfg.offload}" + (", self-distillation" if teacher_cfg.self_distill else "")
 
 
 @dataclass
-class Started:
+class LaunchedTeacher:
     """What exists before the problems are ready: the co-located engine or the teacher's
     server (either writes missing teacher responses), or the connection to the teacher job
     (it wrote them before it answered), or none of them (a cache)."""
@@ -234,36 +234,38 @@ class Started:
     server: server.Client | None = None
 
 
-def start(cfg: RunConfig, tokenizer, vocab: int) -> Started:
+def launch_teacher(cfg: RunConfig, tokenizer, vocab: int) -> LaunchedTeacher:
+    """The teacher's engine, server or connection (teacher.backend), before the problems are ready."""
     if cfg.teacher.backend == "engine":
-        return Started(engine=engines.build_teacher(cfg, name=teacher_path(cfg)))
+        return LaunchedTeacher(engine=engines.build_teacher(cfg, name=teacher_path(cfg)))
     if cfg.teacher.backend == "pipelined":
-        return Started(client=connect(cfg, tokenizer, vocab))
+        return LaunchedTeacher(client=connect_pipelined(cfg, tokenizer, vocab))
     if cfg.teacher.backend == "server":
-        client = generators.connect(cfg.teacher.url, cfg, url_key="teacher.url", model=teacher_path(cfg),
-                                    model_key="model.student" if cfg.teacher.self_distill else "model.teacher",
-                                    role="teacher", tokenizer=tokenizer, max_logprobs=cfg.teacher.topk)
+        client = generators.connect_server(
+            cfg.teacher.url, cfg, url_key="teacher.url", model=teacher_path(cfg),
+            model_key="model.student" if cfg.teacher.self_distill else "model.teacher",
+            role="teacher", tokenizer=tokenizer, max_logprobs=cfg.teacher.topk)
         # The contract's k, asked once now: a server whose --max-logprobs is below teacher.topk says so
         # before the first step. (The vocabulary is model.teacher's, the model the server was checked to serve.)
         eos = tokenizer.eos_token_id
         generators.check_on_main(lambda: client.prompt_logprobs([[eos, eos]], cfg.teacher.topk))
-        return Started(server=client)
-    return Started()
+        return LaunchedTeacher(server=client)
+    return LaunchedTeacher()
 
 
-def open_teacher(cfg: RunConfig, tokenizer, vocab: int, started: Started, records: list[dict],
+def open_teacher(cfg: RunConfig, tokenizer, vocab: int, launched: LaunchedTeacher, records: list[dict],
                  examples: list[dict] | None) -> Teacher:
-    """The run's teacher (from what ``start`` began), checked against the run's problems."""
+    """The run's teacher (from what ``launch_teacher`` began), checked against the run's problems."""
     if cfg.teacher.backend == "cache":
         expected = cache.expected_manifest(teacher=sources.teacher_identity(teacher_path(cfg)), tokenizer=tokenizer,
                                            topk=cfg.teacher.topk, vocab=vocab, records=records, examples=examples)
         teacher = CachedTeacher(cache.TeacherCache(cfg.teacher.cache, expected), records)
     elif cfg.teacher.backend == "pipelined":
-        teacher = PipelinedTeacher(started.client)
+        teacher = PipelinedTeacher(launched.client)
     elif cfg.teacher.backend == "server":
-        teacher = ServerTeacher(started.server, cfg.teacher.topk, vocab)
+        teacher = ServerTeacher(launched.server, cfg.teacher.topk, vocab)
     else:
-        teacher = EngineTeacher(started.engine, vocab, cfg.teacher.topk)
+        teacher = EngineTeacher(launched.engine, vocab, cfg.teacher.topk)
     if cfg.teacher.self_distill:
         shown = [{**r, "prompt": privileged_prompt(r["prompt"], verify.reference_answer(r["answer"]),
                                                          cfg.teacher.privileged_template)}
@@ -272,7 +274,7 @@ def open_teacher(cfg: RunConfig, tokenizer, vocab: int, started: Started, record
     return teacher
 
 
-def connect(cfg: RunConfig, tokenizer, vocab: int) -> pipeline.StudentClient:
+def connect_pipelined(cfg: RunConfig, tokenizer, vocab: int) -> pipeline.StudentClient:
     """Join the teacher job at teacher.address (teacher.backend=pipelined)."""
     if not cfg.teacher.address:
         raise UserError("config key teacher.address: teacher.backend=pipelined needs the teacher job's HOST:PORT "

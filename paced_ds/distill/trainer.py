@@ -25,13 +25,14 @@ from paced_ds.curriculum.sampler import ProblemSampler
 from paced_ds.data import sources
 from paced_ds.distill import estimate, onpolicy, probe, teachers
 from paced_ds.distill.compute import ComputeMeter
-from paced_ds.distill.inputs import preflight, tokenize_problems, with_teacher_responses
+from paced_ds.distill.inputs import load_inputs, tokenize_problems, with_teacher_responses
 from paced_ds.distill.retention import Retention
 from paced_ds.distill.step import StepOutcome, divergence_params, optimizer_step, per_request
 from paced_ds.errors import UserError
 from paced_ds.models import engines, generation, generators
 from paced_ds.models.ulysses import SequenceParallel
-from paced_ds.runtime import checkpoint, dist, faults
+from paced_ds.runtime import checkpoint, dist
+from paced_ds.runtime.faults import NONE, Faults
 from paced_ds.runtime.log import progress_bar, say
 from paced_ds.runtime.memory import model_shape
 from paced_ds.runtime.rundir import RunDir
@@ -54,9 +55,11 @@ class Run:
     generation: generators.StudentGeneration  # what estimates and evaluations generate with
     curriculum: Curriculum
     sampler: ProblemSampler
-    tracker: Tracker
-    retention: Retention
     switch_step: int | None  # the first on-policy step
+    compute: ComputeMeter  # FLOPs by phase (distill/compute.py)
+    faults: Faults = NONE  # what PACED_DS_FAULT injects (tests)
+    tracker: Tracker | None = None  # made once resume() has said which step the run is at
+    retention: Retention | None = None
     # tokens: response tokens trained on; forward_tokens: every token through the student,
     # rollouts (competence estimates, on-policy steps) included.
     # skipped_nonfinite: tries of a step whose update was skipped for a non-finite loss or gradient.
@@ -64,7 +67,6 @@ class Run:
                                                     "forward_tokens": 0, "skipped_nonfinite": 0,
                                                     "nonfinite_in_a_row": 0})
     scalars: dict = field(default_factory=dict)  # the curriculum's and the SNR probe's latest, logged every step
-    compute: ComputeMeter | None = None  # FLOPs by phase (distill/compute.py)
     said_small_support: bool = False  # "fewer problems of weight > 0 than a step holds", said once
 
     @property
@@ -74,27 +76,28 @@ class Run:
 
 def train(cfg: RunConfig) -> dict:
     # ---- set up -------------------------------------------------------------------------
-    tokenizer, vocab, records, eval_records = preflight(cfg)
+    tokenizer, vocab, records, eval_records = load_inputs(cfg)
     retain_records = sources.limit_per_level(sources.load_retain(cfg.data), cfg.eval.limit_per_level)
     dist.init(cfg.train.timeout_s)
+    faults = Faults.from_env(dist.rank())  # PACED_DS_FAULT, read once (tests)
     seed_everything(cfg.train.seed + dist.rank())
     check_same_config(cfg)
-    started = teachers.start(cfg, tokenizer, vocab)  # the engine, or the teacher job (responses written first)
+    launched = teachers.launch_teacher(cfg, tokenizer, vocab)  # the engine or the teacher job (responses written first)
     examples = None  # a purely on-policy run needs no teacher responses
     if cfg.loss.schedule != "on_policy":
-        records = with_teacher_responses(cfg, tokenizer, started, records)
-        examples = tokenize_problems(cfg, tokenizer, records)
-    teacher = teachers.open_teacher(cfg, tokenizer, vocab, started, records, examples)
+        records = with_teacher_responses(cfg, tokenizer, launched, records)
+        examples = tokenize_problems(cfg.data, tokenizer, records)
+    teacher = teachers.open_teacher(cfg, tokenizer, vocab, launched, records, examples)
     student, _ = engines.build_student(cfg)
     sequence_parallel = SequenceParallel.create(cfg.train.sequence_parallel)
     if sequence_parallel is not None:
         sequence_parallel.check(student.module, "model.student")
-        sequence_parallel.check(started.engine.module, "model.teacher")
+        sequence_parallel.check(launched.engine.module, "model.teacher")
     groups = dist.world_size() // cfg.train.sequence_parallel  # data-parallel: the ranks of a group share problems
     say(f"{len(records)} training problems, {len(eval_records)} held-out; {dist.world_size()} ranks"
         + (f" in {groups} sequence-parallel groups of {cfg.train.sequence_parallel}" if sequence_parallel else "")
         + "; "
-        f"student ZeRO-{cfg.train.zero_stage}, teacher {teachers.describe(cfg)}; "
+        f"student ZeRO-{cfg.train.zero_stage}, teacher {teachers.describe(cfg.teacher)}; "
         f"loss {cfg.loss.kind} ({cfg.loss.schedule})")
     switch_step = schedule_switch(cfg)
     sampler = ProblemSampler(len(records), seed=cfg.train.seed, world_size=groups,
@@ -102,12 +105,14 @@ def train(cfg: RunConfig) -> dict:
                              micro_batch_size=cfg.train.micro_batch_size, grad_accum=cfg.train.grad_accum,
                              apply=cfg.curriculum.apply)
     fresh = checkpoint.find_resume(cfg.train.output_dir, cfg.train.resume) is None
-    run = Run(cfg, tokenizer, vocab, records, eval_records, examples,
-              generation.prompt_ids(tokenizer, records, cfg.data) if switch_step is not None else None,
-              teacher, student, generators.StudentGeneration(
+    run = Run(cfg=cfg, tokenizer=tokenizer, vocab=vocab, records=records, eval_records=eval_records,
+              examples=examples,
+              prompts=generation.prompt_ids(tokenizer, records, cfg.data) if switch_step is not None else None,
+              teacher=teacher, student=student,
+              generation=generators.StudentGeneration(
                   cfg, tokenizer, engines.resolve_model(cfg.model.student, "model.student"), fresh),
-              Curriculum(cfg, records), sampler, None, None, switch_step)
-    run.compute = compute_meter(cfg)
+              curriculum=Curriculum(cfg, records), sampler=sampler, switch_step=switch_step,
+              compute=compute_meter(cfg), faults=faults)
     resumed_rng = resume(run)
     run.tracker = Tracker(cfg.train.output_dir, tensorboard=cfg.logging.tensorboard,
                           resume_step=run.step if resumed_rng is not None else None)
@@ -144,7 +149,7 @@ def train(cfg: RunConfig) -> dict:
                                  kind=cfg.loss.stage2_kind if on_policy and cfg.loss.schedule == "two_stage"
                                  else cfg.loss.kind, vocab=vocab, pad_id=tokenizer.pad_token_id, generated=on_policy,
                                  ahead=requests_ahead(run), number=run.step + 1,
-                                 sequence_parallel=sequence_parallel)
+                                 sequence_parallel=sequence_parallel, faults=faults)
         run.compute.add("student", outcome.student_tokens)  # spent even when the update is skipped
         run.compute.add("teacher", outcome.teacher_tokens)
         if outcome.status != "applied":
@@ -159,7 +164,8 @@ def train(cfg: RunConfig) -> dict:
                      zero_weight_problems=zero_weight_problems)
             progress.set_postfix(loss=f"{outcome.loss:.4f}", lr=f"{lr:.1e}")
         progress.update(1)
-        faults.kill_after_step(run.step, dist.rank())
+        if faults:
+            faults.after_step(run.step)
         between_steps(run, on_policy)
     progress.close()
 
@@ -231,7 +237,8 @@ def resume(run: Run):
     run.counters.update(client_state["counters"])
     if "compute" in client_state:  # checkpoints of paced-ds 0.2.0 and before count no FLOPs
         run.compute.load_state_dict(client_state["compute"])
-    say(f"resumed from {resume_from[0] / resume_from[1]} at step {run.step}")
+    say(f"resumed from {resume_from[0] / resume_from[1]} at step {run.step}"
+        + checkpoint.fallback_note(cfg.train.resume, *resume_from))
     return client_state["rng"]
 
 
@@ -269,14 +276,14 @@ def step_sequences(run: Run, indices: list[int], on_policy: bool) -> tuple[list[
     if not on_policy:
         return [run.examples[i] for i in indices], 0.0
     started, cfg = time.time(), run.cfg
-    responses = onpolicy.rollouts(run.student, run.tokenizer, [run.prompts[i] for i in indices], cfg)
+    responses = onpolicy.rollouts(run.student, run.tokenizer, [run.prompts[i] for i in indices], cfg.rollout)
     generated = sum(len(r) for r in responses)
     spent = dist.all_reduce_sum(torch.tensor([float(sum(len(run.prompts[i]) for i in indices) + generated),
                                               float(generated)], dtype=torch.float64))
     run.compute.add("rollout", int(spent[0].item()), generated=int(spent[1].item()))
     sequences = [onpolicy.example(run.prompts[i], r, run.tokenizer.eos_token_id, cfg.data.max_length)
                  for i, r in zip(indices, responses)]
-    if cfg.curriculum.refresh == "on_policy":
+    if run.curriculum.observes_rollouts:
         correct = onpolicy.outcomes(run.tokenizer, responses, [run.records[i]["answer"] for i in indices])
         run.curriculum.observe(indices, correct)
     return sequences, time.time() - started
@@ -346,10 +353,10 @@ def between_steps(run: Run, on_policy: bool) -> None:
     """What is due after step ``run.step``: the curriculum's refresh or re-estimate, the SNR
     probe, an evaluation, a checkpoint. Collective, alike on every rank."""
     cfg, step = run.cfg, run.step
-    if cfg.curriculum.refresh == "on_policy" and on_policy and step % cfg.curriculum.refresh_every == 0:
-        run.curriculum.merge_observed(cfg.curriculum.decay)
+    if run.curriculum.merge_due(step, on_policy):
+        run.curriculum.merge_observed()
         refresh_weights(run)
-    if run.curriculum.due(step) and step < cfg.train.steps:
+    if run.curriculum.reestimate_due(step) and step < cfg.train.steps:
         update_curriculum(run)
     if cfg.snr.every and step % cfg.snr.every == 0:
         run_probe(run)
@@ -410,7 +417,7 @@ def run_probe(run: Run) -> None:
     cfg, step = run.cfg, run.step
     result = probe.probe(run.student, run.teacher, run.tokenizer, run.examples, run.curriculum.table.pass_rates(),
                          bucket_edges(cfg.snr.buckets), cfg, vocab=run.vocab, seed=cfg.train.seed * 7_919 + step,
-                         loss_params=divergence_params(cfg, cfg.loss.kind))
+                         loss_params=divergence_params(cfg.loss, cfg.loss.kind))
     run.scalars.update({f"snr/{name}": v["snr"] for name, v in result["buckets"].items() if v is not None})
     run.scalars["snr/probe_time_s"] = result["seconds"]
     run.counters["forward_tokens"] += result["forward_tokens"]
@@ -456,5 +463,5 @@ def save(run: Run) -> None:
     cfg = run.cfg
     client_state = {"sampler": run.sampler.state_dict(), "counters": dict(run.counters), "config": cfg.to_dict(),
                     "curriculum": run.curriculum.state_dict(), "compute": run.compute.state_dict()}
-    path = checkpoint.save(run.student, cfg.train.output_dir, run.step, client_state, cfg.to_dict())
+    path = checkpoint.save(run.student, cfg.train.output_dir, run.step, client_state, cfg.to_dict(), run.faults)
     say(f"checkpoint saved: {path}")

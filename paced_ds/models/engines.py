@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from paced_ds.config import RunConfig, load_ds_config
+from paced_ds.config import RunConfig, TrainConfig, load_ds_config
 from paced_ds.errors import UserError
 from paced_ds.runtime.exit import on_exit
 from paced_ds.runtime.log import say
@@ -185,11 +185,11 @@ def _from_pretrained(name: str, ds_config: dict, dtype: torch.dtype, trust_remot
     return model
 
 
-def lr_lambda(cfg: RunConfig):
+def lr_lambda(train_cfg: TrainConfig):
     """Linear warmup, then cosine/linear decay to train.min_lr_ratio, as a LambdaLR factor.
     A warmup longer than the run is clipped to it, with a warning (as Hugging Face's Trainer
     does): a short smoke run of a recipe need not edit its warmup."""
-    warmup, total, floor = cfg.train.warmup_steps, cfg.train.steps, cfg.train.min_lr_ratio
+    warmup, total, floor = train_cfg.warmup_steps, train_cfg.steps, train_cfg.min_lr_ratio
     if warmup > total:
         say(f"warning: train.warmup_steps ({warmup}) exceeds train.steps ({total}); warming up over all {total} "
             "steps instead")
@@ -198,10 +198,10 @@ def lr_lambda(cfg: RunConfig):
     def factor(step: int) -> float:
         if step < warmup:
             return (step + 1) / (warmup + 1)
-        if cfg.train.decay == "constant":
+        if train_cfg.decay == "constant":
             return 1.0
         progress = min(1.0, (step - warmup) / max(1, total - warmup))
-        shape = 0.5 * (1 + math.cos(math.pi * progress)) if cfg.train.decay == "cosine" else 1 - progress
+        shape = 0.5 * (1 + math.cos(math.pi * progress)) if train_cfg.decay == "cosine" else 1 - progress
         return floor + (1 - floor) * shape
 
     return factor
@@ -230,7 +230,7 @@ def build_student(cfg: RunConfig):
     engine, _, _, _ = deepspeed.initialize(
         model=model, model_parameters=[p for p in model.parameters() if p.requires_grad],
         config=copy.deepcopy(ds_config),
-        lr_scheduler=lambda optimizer: torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg)))
+        lr_scheduler=lambda optimizer: torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.train)))
     return engine, ds_config
 
 
@@ -284,8 +284,15 @@ def nvme_partitions(engine) -> tuple[int, int, int, Path | None]:
     return swapped, swap_bytes, in_memory, folder
 
 
-def build_teacher(cfg: RunConfig, name: str | None = None, role: str = "teacher"):
-    """A frozen, sharded ZeRO-3 inference engine (no optimizer, never in train mode).
+def build_teacher(cfg: RunConfig, name: str | None = None):
+    """The teacher (``name``, else model.teacher) as a frozen ZeRO-3 inference engine."""
+    return build_inference_engine(cfg, name or resolve_model(cfg.model.teacher, "model.teacher"), role="teacher")
+
+
+def build_inference_engine(cfg: RunConfig, name: str, role: str):
+    """Model ``name`` as a frozen, sharded ZeRO-3 inference engine (no optimizer, never in
+    train mode), set up like the teacher (teacher.offload); ``role`` names it ("teacher", or
+    "student" for the frozen student of `paced-ds snr`, `eval` and `estimate`).
 
     With teacher.offload=nvme its swap files go to <teacher.nvme_path>/<role>: DeepSpeed
     empties its swap folder when an engine starts, so two engines in one process (the
@@ -296,7 +303,6 @@ def build_teacher(cfg: RunConfig, name: str | None = None, role: str = "teacher"
     from paced_ds.runtime import dist
 
     ds_config = teacher_ds_config(cfg)
-    name = name or resolve_model(cfg.model.teacher, "model.teacher")
     nvme = cfg.teacher.offload == "nvme"
     if nvme:
         swap_dir = Path(cfg.teacher.nvme_path).expanduser() / role

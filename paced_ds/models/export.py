@@ -11,7 +11,7 @@ import shutil
 from pathlib import Path
 
 from paced_ds.errors import UserError
-from paced_ds.runtime.checkpoint import save_pretrained_as
+from paced_ds.runtime.checkpoint import damaged, incomplete, save_pretrained_as
 from paced_ds.runtime.rundir import RunDir
 
 
@@ -35,6 +35,9 @@ def export_checkpoint(run_dir: str, tag: str | None = None, out: str | None = No
         tag = (root / "latest").read_text().strip()
     if not (root / tag).is_dir():
         raise UserError(f"--tag {tag}: no checkpoint {root / tag}")
+    why = incomplete(root / tag) or damaged(root / tag)  # one process: it hashes every file
+    if why is not None:
+        raise UserError(f"--tag {tag}: {why}; export another checkpoint (--tag step_N)")
     saved = json.loads(config_path.read_text())
     model_cfg = RunConfig().model
     model_cfg.student = saved["model"]["student"]

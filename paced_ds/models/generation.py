@@ -130,14 +130,13 @@ class HFGenerator:
                  greedy: bool = True, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
                  progress=None) -> Completions:
         expanded = [ids for ids in prompts for _ in range(n)]  # prompt i -> rows i * n .. i * n + n - 1
-        padded = [0]
-        outputs = sharded_generate(self.module, self.tokenizer, expanded, batch_size=batch_size, synced=self.synced,
-                                   max_new_tokens=max_new_tokens, do_sample=not greedy, temperature=temperature,
-                                   top_p=top_p, top_k=top_k, progress=progress, padded=padded)
+        outputs, padded = sharded_generate(self.module, self.tokenizer, expanded, batch_size=batch_size,
+                                           synced=self.synced, max_new_tokens=max_new_tokens, do_sample=not greedy,
+                                           temperature=temperature, top_p=top_p, top_k=top_k, progress=progress)
         texts = {index: self.tokenizer.decode(ids, skip_special_tokens=True) for index, ids in outputs.items()}
         generated = sum(len(ids) for ids in outputs.values())
         tokens = sum(len(expanded[index]) for index in outputs) + generated
-        return Completions(texts, tokens, generated, padded[0])
+        return Completions(texts, tokens, generated, padded)
 
 
 def prompt_texts(tokenizer, records: list[dict], data_cfg) -> list[str]:
@@ -156,18 +155,19 @@ def prompt_ids(tokenizer, records: list[dict], data_cfg) -> list[list[int]]:
 @torch.no_grad()
 def generate(module, tokenizer, prompts: list[list[int]], *, max_new_tokens: int, batch_size: int,
              do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
-             synced: bool = True, progress=None, padded: list[int] | None = None) -> list[list[int]]:
-    """Generated token ids (eos and padding stripped) for this rank's ``prompts``.
+             synced: bool = True, progress=None) -> tuple[list[list[int]], int]:
+    """Generated token ids (eos and padding stripped) for this rank's ``prompts``, and the
+    positions computed (rows x (prompt width + generated width)), padding included.
 
     With ``synced`` (ZeRO-3), every rank must call this with the same ``len(prompts)``
     rounded up to batches: use :func:`sharded_generate`, which arranges that. ``top_k`` 0:
-    no top-k truncation. ``padded``, a one-element list, gains the positions computed
-    (rows x (prompt width + generated width)), padding included.
+    no top-k truncation.
     """
     was_training = module.training
     module.eval()
     device = dist.device()
     results: list[list[int]] = []
+    padded = 0
     for start in range(0, len(prompts), batch_size):
         chunk = prompts[start:start + batch_size]
         batch = collate_prompts(chunk, tokenizer.pad_token_id)
@@ -177,8 +177,7 @@ def generate(module, tokenizer, prompts: list[list[int]], *, max_new_tokens: int
             temperature=temperature if do_sample else None, top_p=top_p if do_sample else None,
             top_k=top_k if do_sample else None, pad_token_id=tokenizer.pad_token_id,
             eos_token_id=tokenizer.eos_token_id, synced_gpus=synced, use_cache=True)
-        if padded is not None:
-            padded[0] += out.numel()
+        padded += out.numel()
         for row in out[:, batch["input_ids"].shape[1]:].tolist():
             if tokenizer.eos_token_id in row:
                 row = row[: row.index(tokenizer.eos_token_id)]
@@ -186,12 +185,13 @@ def generate(module, tokenizer, prompts: list[list[int]], *, max_new_tokens: int
         if progress is not None:
             progress.update(len(chunk))
     module.train(was_training)
-    return results
+    return results, padded
 
 
 def sharded_generate(module, tokenizer, prompts: list[list[int]], *, batch_size: int, synced: bool = True,
-                     **kwargs):
-    """Generate for this rank's strided shard; returns ``{global index: ids}`` for that shard.
+                     **kwargs) -> tuple[dict[int, list[int]], int]:
+    """Generate for this rank's strided shard; returns ``{global index: ids}`` for that shard
+    and the positions computed (as :func:`generate`'s).
 
     ``synced`` (``module`` is ZeRO-3-partitioned): every rank runs the same number of
     batches of the same size so that the collective parameter gathers line up, whatever the
@@ -201,15 +201,16 @@ def sharded_generate(module, tokenizer, prompts: list[list[int]], *, batch_size:
     indices = list(range(rank, len(prompts), world))
     mine = [prompts[i] for i in indices]
     if not synced:
-        return dict(zip(indices, generate(module, tokenizer, mine, batch_size=batch_size, synced=False, **kwargs)))
+        outputs, padded = generate(module, tokenizer, mine, batch_size=batch_size, synced=False, **kwargs)
+        return dict(zip(indices, outputs)), padded
     per_rank = math.ceil(len(prompts) / world) if prompts else 0
     batches = math.ceil(per_rank / batch_size) if per_rank else 0
     filler = prompts[0] if prompts else [tokenizer.bos_token_id or 0]
     rows = mine + [filler] * (batches * batch_size - len(mine)) if batches else []
     # Equal-size batches: short ranks pad with a repeated prompt, discarded below.
-    outputs = generate(module, tokenizer, rows, batch_size=batch_size,
-                       synced=dist.world_size() > 1, **kwargs) if rows else []
-    return {index: ids for index, ids in zip(indices, outputs)}
+    outputs, padded = generate(module, tokenizer, rows, batch_size=batch_size,
+                               synced=dist.world_size() > 1, **kwargs) if rows else ([], 0)
+    return {index: ids for index, ids in zip(indices, outputs)}, padded
 
 
 def evaluate(generator, tokenizer, records: list[dict], data_cfg, eval_cfg, progress=None) -> dict:

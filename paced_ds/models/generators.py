@@ -26,8 +26,8 @@ from paced_ds.runtime import checkpoint, dist
 from paced_ds.runtime.log import say
 
 
-def connect(url: str, cfg, *, url_key: str, model: str, model_key: str, role: str, tokenizer,
-            max_logprobs: int = 20) -> server.Client:
+def connect_server(url: str, cfg, *, url_key: str, model: str, model_key: str, role: str, tokenizer,
+                   max_logprobs: int = 20) -> server.Client:
     """A checked client: the server at ``url`` (config key ``url_key``), or one started here
     for ``model`` when ``url`` is empty; it must serve ``model`` (config key ``model_key``).
     Collective."""
@@ -42,17 +42,19 @@ def connect(url: str, cfg, *, url_key: str, model: str, model_key: str, role: st
     return client
 
 
-def check_on_main(fn) -> None:
-    """Run ``fn`` on rank 0 and raise its ``UserError`` on every rank. Collective."""
-    error = None
+def check_on_main(fn):
+    """Run ``fn`` on rank 0 and raise its ``UserError`` on every rank. Collective. Returns
+    what ``fn`` returned on rank 0, None on the other ranks."""
+    error, result = None, None
     if dist.is_main():
         try:
-            fn()
+            result = fn()
         except UserError as err:
             error = str(err)
     error = dist.all_gather_objects(error)[0]
     if error:
         raise UserError(error)
+    return result
 
 
 class StudentGeneration:
@@ -66,8 +68,8 @@ class StudentGeneration:
         self.loaded_step = 0 if fresh_run else None
         self.weights_dir = Path(cfg.rollout.weights_dir or Path(cfg.train.output_dir) / "rollout_weights")
         if cfg.rollout.engine == "vllm":
-            self.client = connect(cfg.rollout.url, cfg, url_key="rollout.url", model=student_path,
-                                  model_key="model.student", role="student", tokenizer=tokenizer)
+            self.client = connect_server(cfg.rollout.url, cfg, url_key="rollout.url", model=student_path,
+                                         model_key="model.student", role="student", tokenizer=tokenizer)
 
     @contextmanager
     def generator(self, engine, step: int, keep_random_stream: bool = False):
@@ -88,10 +90,9 @@ class StudentGeneration:
         started = time.time()
         checkpoint.export_student(engine, self.tokenizer, self.weights_dir)  # in the dtype the server computes in
         exported_s = time.time() - started
-        reload_s = []
-        check_on_main(lambda: reload_s.append(self.client.reload(self.weights_dir.resolve())))
+        reload_s = check_on_main(lambda: self.client.reload(self.weights_dir.resolve()))  # None off rank 0
         say(f"rollout server: the student's weights after step {step} exported in {exported_s:.1f} s and loaded "
-            f"in {reload_s[0] if reload_s else 0.0:.1f} s ({self.weights_dir})")
+            f"in {reload_s if reload_s is not None else 0.0:.1f} s ({self.weights_dir})")
         self.loaded_step = step
 
 
@@ -103,8 +104,8 @@ def teacher_generator(cfg, tokenizer, *, model: str, engine=None, client: server
         yield server.ServerGenerator(client, tokenizer)
         return
     if cfg.rollout.engine == "vllm":
-        client = connect("", cfg, url_key="", model=model, model_key="model.teacher", role="teacher-responses",
-                         tokenizer=tokenizer)
+        client = connect_server("", cfg, url_key="", model=model, model_key="model.teacher",
+                                role="teacher-responses", tokenizer=tokenizer)
         try:
             yield server.ServerGenerator(client, tokenizer)
         finally:

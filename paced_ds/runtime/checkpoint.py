@@ -3,16 +3,22 @@
 A checkpoint is ``<output_dir>/checkpoints/step_<N>/``: DeepSpeed's files (engine state,
 optimizer shards, and the run's own state as client state), each rank's RNG states
 (``rng_rank<r>.json``: DeepSpeed keeps client state from one rank only under ZeRO-1/2) and
-``paced_ds.json`` (step, world size, config), which is read before any rank starts.
+``paced_ds.json`` (step, world size, config), which is read before any rank starts, and,
+written last, ``manifest.json``: every file's size and SHA-256.
 
 Crash safety: every rank writes into ``.tmp-step_<N>`` and fsyncs what is there; once all
-have (a barrier), rank 0 renames it to ``step_<N>`` and only then replaces ``latest``
-atomically, syncing the directory after each. A crash (or a power loss) at any point leaves
-``latest`` naming a complete checkpoint; ``.tmp-*`` leftovers are removed by the next save.
+have, the ranks hash a share of the files each, rank 0 writes the manifest, renames the
+directory to ``step_<N>`` and only then replaces ``latest`` atomically, syncing the
+directory after each. A crash (or a power loss) at any point leaves ``latest`` naming a
+complete checkpoint; ``.tmp-*`` leftovers are removed by the next save. A write that fails
+(a full disk) is told to every rank, which all stop with the partial directory removed.
+A resume checks the sizes before it picks a checkpoint and the hashes as it loads it.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import os
 import random
@@ -23,12 +29,14 @@ import numpy as np
 import torch
 
 from paced_ds.errors import UserError
-from paced_ds.runtime import dist, faults
+from paced_ds.runtime import dist
+from paced_ds.runtime.faults import NONE, Faults
 from paced_ds.runtime.files import write_text_atomic
 from paced_ds.runtime.rundir import RunDir
 
 PARTIAL_PREFIX = ".tmp-"  # a checkpoint being written, or left half-written by a crash
 STATE_FILE = "paced_ds.json"
+MANIFEST = "manifest.json"  # every file's bytes and SHA-256, written last (older checkpoints have none)
 
 # Config keys that may differ when a run is resumed (a trailing dot: the whole section).
 # They change where things go, what is logged or evaluated, how long the run lasts or how
@@ -67,8 +75,13 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state(torch.tensor(state["cuda"], dtype=torch.uint8))
 
 
-def save(engine, output_dir: str | Path, step: int, client_state: dict, config: dict) -> Path:
-    """Collective: every rank calls it. Returns the checkpoint directory."""
+def save(engine, output_dir: str | Path, step: int, client_state: dict, config: dict, faults: Faults = NONE) -> Path:
+    """Collective: every rank calls it. Returns the checkpoint directory.
+
+    A write that fails on any rank (a full disk) fails the save on every rank alike: what it
+    wrote is removed, the previous checkpoint and ``latest`` stay as they were, and every rank
+    raises one UserError naming the checkpoint, the rank that failed and its OS error.
+    """
     root = checkpoint_dir(output_dir)
     tag = f"step_{step}"
     staging = root / f"{PARTIAL_PREFIX}{tag}"
@@ -76,18 +89,144 @@ def save(engine, output_dir: str | Path, step: int, client_state: dict, config: 
     if dist.is_main():
         remove_partial(root)
     dist.barrier()
-    engine.save_checkpoint(str(root), tag=staging.name, client_state=client_state, save_latest=False)
-    write_text_atomic(staging / f"rng_rank{dist.rank()}.json", json.dumps(rng))
+    with failed_writes_kept(engine) as failed_writes:
+        try:
+            engine.save_checkpoint(str(root), tag=staging.name, client_state=client_state, save_latest=False)
+        except (OSError, RuntimeError) as err:
+            # Not a write of its checkpoint engine (those are kept): this rank may have skipped
+            # collectives of DeepSpeed's that the others wait in, so it cannot tell them; it stops
+            # (and the launcher stops them), leaving the partial directory to the next save.
+            raise UserError(unsaved(root, tag, dist.rank(), describe_failure(err, root), removed=False)) from err
+    failure = failed_writes[0] if failed_writes else None
+    if failure is None:
+        try:
+            write_text_atomic(staging / f"rng_rank{dist.rank()}.json", json.dumps(rng))
+            if dist.is_main():
+                write_text_atomic(staging / STATE_FILE, json.dumps(
+                    {"step": step, "world_size": dist.world_size(), "config": config}, indent=1))
+            if faults:
+                faults.in_save(step)  # PACED_DS_FAULT=kill:save=N (tests)
+            sync_files(staging)
+        except Exception as err:  # a failed rank still takes part in the exchange that tells the others
+            failure = err
+    agree_or_stop(root, tag, failure)  # every rank's share is on disk, and synced
+    # The ranks split the hashing by bytes, not by who wrote what (DeepSpeed's file naming to
+    # know): checkpoints live on a filesystem every rank reads, as resuming needs, and each rank
+    # reads ~1/world of the bytes, in parallel, where rank 0 alone would read them all.
+    records, failure = {}, None
+    try:
+        names = share(file_sizes(staging), dist.rank(), dist.world_size())
+        records = {name: file_record(staging / name) for name in names}
+    except Exception as err:
+        failure = err
+    manifest = {name: record for part in agree_or_stop(root, tag, failure, records) for name, record in part.items()}
+    failure = None
     if dist.is_main():
-        write_text_atomic(staging / STATE_FILE, json.dumps(
-            {"step": step, "world_size": dist.world_size(), "config": config}, indent=1))
-    faults.kill_in_save(step, dist.rank())
-    sync_files(staging)
-    dist.barrier()  # every rank's share is on disk, and synced
-    if dist.is_main():
-        publish(root, staging, tag)
-    dist.barrier()
+        try:
+            for name in file_sizes(staging).keys() - manifest.keys():  # a file another rank's listing missed
+                manifest[name] = file_record(staging / name)
+            write_text_atomic(staging / MANIFEST, json.dumps({"files": dict(sorted(manifest.items()))}, indent=1))
+            sync_directory(staging)
+            publish(root, staging, tag)
+        except Exception as err:
+            failure = err
+    agree_or_stop(root, tag, failure)
     return root / tag
+
+
+@contextlib.contextmanager
+def failed_writes_kept(engine):
+    """Within: a write of DeepSpeed's checkpoint engine that fails (a full disk) is kept in the
+    list yielded, not raised, and the rank's later writes are skipped. DeepSpeed so goes on
+    through what follows its writes, collectives included (ZeRO-3 gathers its parameters
+    again, then a barrier): a rank raising out of save_checkpoint would skip them, and the
+    other ranks would wait there until train.timeout_s."""
+    checkpoint_engine = engine.checkpoint_engine
+    write = checkpoint_engine.save
+    failed: list[Exception] = []
+
+    def save(state_dict, path):
+        if not failed:
+            try:
+                write(state_dict, path)
+            except Exception as err:
+                failed.append(err)
+
+    checkpoint_engine.save = save
+    try:
+        yield failed
+    finally:
+        checkpoint_engine.save = write
+
+
+def agree_or_stop(root: Path, tag: str, failure: Exception | None, payload=None) -> list:
+    """Collective: every rank's ``payload`` when no rank's ``failure`` is set. Else rank 0 removes
+    the partial checkpoint and every rank raises the first failed rank's error, naming it, as one
+    UserError (a failure that is no I/O error is a bug: its rank re-raises it, traceback and all)."""
+    reports = dist.all_gather_objects((None if failure is None else describe_failure(failure, root), payload))
+    failed = [(rank, error) for rank, (error, _) in enumerate(reports) if error is not None]
+    if not failed:
+        return [payload for _, payload in reports]
+    if dist.is_main():
+        shutil.rmtree(root / f"{PARTIAL_PREFIX}{tag}", ignore_errors=True)
+    dist.barrier()
+    if failure is not None and not isinstance(failure, (OSError, RuntimeError)):
+        raise failure
+    raise UserError(unsaved(root, tag, *failed[0], removed=True)) from failure
+
+
+def unsaved(root: Path, tag: str, rank: int, error: str, *, removed: bool) -> str:
+    """The one line of a failed save."""
+    latest = root / "latest"
+    kept = f"{latest} still names {latest.read_text().strip()!r}" if latest.is_file() else "there is no earlier one"
+    return (f"checkpoint {root / tag} not saved: rank {rank}: {error}; what it wrote is "
+            f"{'removed' if removed else 'left to the next save to remove'} and {kept}: free space (or move "
+            "train.output_dir), then continue with train.resume=auto")
+
+
+def describe_failure(err: Exception, root: Path) -> str:
+    """One line: the OS error behind ``err`` and the space left where checkpoints go."""
+    os_error = next((e for e in (err, err.__cause__, err.__context__) if isinstance(e, OSError)), None)
+    if os_error is not None:
+        text = (os_error.strerror or str(os_error)) + (f": {os_error.filename}" if os_error.filename else "")
+    else:
+        text = (str(err).strip().splitlines() or [type(err).__name__])[0]
+    try:
+        free = shutil.disk_usage(root).free
+    except OSError:
+        return text
+    if os_error is None and free < 2**20:  # torch.save's writer on a full disk names no OS error
+        return f"no space left on device ({free} bytes free there; torch: {text})"
+    return f"{text} ({free / 2**20:.0f} MiB free there)"
+
+
+def file_sizes(directory: Path) -> dict[str, int]:
+    """Every file under ``directory`` but the manifest: its path relative to it -> bytes."""
+    return {path.relative_to(directory).as_posix(): path.stat().st_size
+            for path in sorted(directory.rglob("*")) if path.is_file() and path.name != MANIFEST}
+
+
+def share(sizes: dict[str, int], rank: int, world_size: int) -> list[str]:
+    """This rank's part of the files (name -> bytes), the parts about equal in bytes (largest
+    first, each to the rank with the fewest bytes so far); the same split on every rank."""
+    loads, mine = [0] * world_size, []
+    for name in sorted(sizes, key=lambda name: (-sizes[name], name)):
+        least = loads.index(min(loads))
+        loads[least] += sizes[name]
+        if least == rank:
+            mine.append(name)
+    return mine
+
+
+def file_record(path: Path) -> dict:
+    """{"bytes", "sha256"} of a file, read in 16 MiB blocks: any size in little memory, at the
+    speed of SHA-256 (~1 GB/s a core; hashlib releases the GIL on large blocks)."""
+    digest, size = hashlib.sha256(), 0
+    with open(path, "rb") as f:
+        while block := f.read(16 << 20):
+            digest.update(block)
+            size += len(block)
+    return {"bytes": size, "sha256": digest.hexdigest()}
 
 
 def publish(root: Path, staging: Path, tag: str) -> None:
@@ -141,31 +280,126 @@ def remove_partial(root: Path) -> None:
 def find_resume(output_dir: str | Path, resume: str) -> tuple[Path, str] | None:
     """(checkpoint root, tag) to resume from, or None: train.resume = never | auto | PATH.
 
-    Only complete checkpoints are ever found: ``latest`` names one only once it is renamed
-    into place, and a PATH into a ``.tmp-*`` directory is refused.
+    Only complete checkpoints are found (``incomplete``): with auto, the one ``latest`` names,
+    or else the newest complete one beside it (``fallback_note`` says why); a PATH, or the
+    ``latest`` of a PATH, that names no complete checkpoint is refused, as is a ``.tmp-*`` one.
     """
     if resume == "never":
         return None
     if resume == "auto":
         root = checkpoint_dir(output_dir)
-        return named_by_latest(root) if (root / "latest").is_file() else None
+        if not (root / "latest").is_file():
+            return None
+        why = latest_problem(root)
+        if why is None:
+            return root, (root / "latest").read_text().strip()
+        fallback = newest_complete(root)
+        if fallback is None:
+            raise UserError(f"config key train.resume: {why}, and {root} holds no other complete checkpoint to "
+                            "resume from; restore it, or start afresh in another train.output_dir")
+        return root, fallback
     path = Path(resume)
     if not path.is_dir():
         raise UserError(f"config key train.resume: no checkpoint directory {resume}")
     if (path / "latest").is_file():
-        return named_by_latest(path)
+        why = latest_problem(path)
+        if why is not None:
+            raise UserError(f"config key train.resume: {why}; write the name of a complete checkpoint (step_N) "
+                            "into it, or set train.resume to that checkpoint (or auto, to take the newest)")
+        return path, (path / "latest").read_text().strip()
     if path.name.startswith(PARTIAL_PREFIX):
         raise UserError(f"config key train.resume: {resume} is a checkpoint a crash left unfinished; "
                         "resume from a complete one (step_N)")
+    why = incomplete(path)
+    if why is not None:
+        raise UserError(f"config key train.resume: {why}; resume from another checkpoint (step_N), or set "
+                        "train.resume=auto to take the newest complete one")
     return path.parent, path.name
 
 
-def named_by_latest(root: Path) -> tuple[Path, str]:
+def latest_problem(root: Path) -> str | None:
+    """Why the checkpoint ``root/latest`` names is no complete one (a line naming the file), or None."""
     tag = (root / "latest").read_text().strip()
     if not tag or "/" in tag or not (root / tag).is_dir():
-        raise UserError(f"{root / 'latest'}: names {tag!r}, which is no checkpoint directory beside it; "
-                        "write the name of a complete checkpoint (step_N) into it, or set train.resume=PATH")
-    return root, tag
+        return f"{root / 'latest'} names {tag!r}, which is no checkpoint directory beside it"
+    return incomplete(root / tag)
+
+
+def newest_complete(root: Path) -> str | None:
+    """The tag of the newest (highest step) complete checkpoint ``step_N`` in ``root``, or None."""
+    steps = sorted((int(path.name[5:]), path.name) for path in root.glob("step_*")
+                   if path.name[5:].isdigit() and path.is_dir())
+    return next((tag for _, tag in reversed(steps) if incomplete(root / tag) is None), None)
+
+
+def fallback_note(resume: str, root: Path, tag: str) -> str:
+    """For the "resumed from" line: why train.resume=auto passed over the checkpoint ``latest``
+    names for ``tag``, or ''."""
+    if resume != "auto" or not (root / "latest").is_file() or (root / "latest").read_text().strip() == tag:
+        return ""
+    return f", the newest complete checkpoint, not the one {root / 'latest'} names: {latest_problem(root)}"
+
+
+def read_manifest(directory: Path) -> dict | None:
+    """The checkpoint's manifest: file name -> {"bytes", "sha256"} (None for checkpoints
+    written before they had one)."""
+    path = directory / MANIFEST
+    if not path.is_file():
+        return None
+    try:
+        files = json.loads(path.read_text())["files"]
+        if not all(isinstance(r["bytes"], int) and isinstance(r["sha256"], str) for r in files.values()):
+            raise TypeError("a record without bytes and sha256")
+    except (ValueError, KeyError, TypeError, AttributeError) as err:  # ValueError: not JSON, or not UTF-8
+        raise UserError(f"{path}: not a checkpoint manifest ({str(err).splitlines()[0][:80]}): the checkpoint "
+                        "is damaged") from None
+    return files
+
+
+def incomplete(directory: Path) -> str | None:
+    """Why ``directory`` is no complete checkpoint, as one line naming the file, or None.
+
+    Each file its manifest records must be there with its size (a stat each: this runs before
+    every resume decision); the SHA-256 hashes are checked once, by ``damaged`` as the
+    checkpoint loads. A checkpoint without a manifest (older) needs DeepSpeed's model states only.
+    """
+    try:
+        files = read_manifest(directory)
+    except UserError as err:
+        return str(err)
+    if files is None:
+        if not any(directory.glob("*model_states.pt")):
+            return f"{directory} holds no DeepSpeed model states (*model_states.pt): not a complete checkpoint"
+        return None
+    for name, record in sorted(files.items()):
+        path = directory / name
+        if not path.is_file():
+            return f"{path} is missing ({MANIFEST} records {record['bytes']} bytes)"
+        found = path.stat().st_size
+        if found != record["bytes"]:
+            return f"{path} has {found} bytes, {MANIFEST} records {record['bytes']}: truncated or damaged"
+    return None
+
+
+def damaged(directory: Path) -> str | None:
+    """Collective: the first file whose SHA-256 (or size) differs from the manifest's, as one
+    line naming it, or None; each rank hashes its share. A checkpoint without a manifest (older)
+    has nothing to check: it loads unverified."""
+    files = read_manifest(directory)
+    if files is None:
+        return None
+    wrong = None
+    for name in share({name: record["bytes"] for name, record in files.items()}, dist.rank(), dist.world_size()):
+        try:
+            found = file_record(directory / name)
+        except OSError as err:
+            wrong = f"{directory / name}: {err.strerror} ({MANIFEST} records {files[name]['bytes']} bytes)"
+            break
+        if found != files[name]:
+            wrong = (f"{directory / name}: {found['bytes']} bytes of SHA-256 {found['sha256'][:16]}..., {MANIFEST} "
+                     f"records {files[name]['bytes']} bytes of {files[name]['sha256'][:16]}...: the file is damaged")
+            break
+    return next((problem for problem in dist.all_gather_objects(wrong) if problem is not None), None)
 
 
 def read_state(directory: Path) -> dict | None:
@@ -225,15 +459,12 @@ def _short(value) -> str:
 
 
 def check_resumable(root: Path, tag: str, cfg) -> None:
-    """Before any rank starts: the checkpoint is complete, holds plain data only, and was
-    made by this run's config (what may differ: RESUME_MAY_CHANGE)."""
+    """Before any rank starts (``find_resume`` found the checkpoint complete): it holds plain
+    data only, and was made by this run's config (what may differ: RESUME_MAY_CHANGE)."""
     directory = root / tag
     state = read_state(directory)
     if state is not None:
         check_config(state["config"], cfg, state["step"], directory)
-    if not any(directory.glob("*model_states.pt")):
-        raise UserError(f"config key train.resume: {directory} holds no DeepSpeed model states "
-                        "(*model_states.pt): not a complete checkpoint")
     verify_safe(directory)
 
 
@@ -288,6 +519,9 @@ def load(engine, root: Path, tag: str) -> dict:
     if not directory.is_dir():
         raise UserError(f"config key train.resume: checkpoint {directory} does not exist")
     check_world_size(root, tag, dist.world_size())
+    why = damaged(directory)  # on every rank alike: it is collective
+    if why is not None:
+        raise UserError(f"config key train.resume: {why}; resume from another checkpoint with train.resume=PATH")
     verify_safe(directory)
     path, client_state = engine.load_checkpoint(str(root), tag=tag, load_module_strict=True,
                                                 load_optimizer_states=True, load_lr_scheduler_states=True)

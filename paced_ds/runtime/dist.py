@@ -12,6 +12,9 @@ import glob
 import logging
 import os
 import socket
+import sys
+import threading
+import time
 import warnings
 
 import torch
@@ -66,6 +69,7 @@ def init(timeout_s: int = 900) -> None:
     torch_dist.distributed_c10d.default_pg_nccl_timeout = timeout
     if not torch_dist.is_initialized():
         deepspeed.init_distributed(timeout=timeout)
+        _open_failure_store(timeout_s)
 
 
 def shutdown() -> None:
@@ -132,3 +136,106 @@ def parse_address(address: str) -> tuple[str, int]:
     if not host or not port.isdigit():
         raise UserError(f"config key teacher.address: expected HOST:PORT, got {address!r}")
     return host, int(port)
+
+
+# A rank that fails for a reason of its own claims the failure in a small TCP store of paced-ds's
+# own (served by rank 0, apart from the process group's), then says why. Every other rank watches
+# that store from a thread and, seeing the claim, leaves quietly with the same exit status: a
+# rank blocked in a collective (gloo, NCCL, DeepSpeed's shared-memory all-reduce) learns of a
+# failed peer only when that peer's process is gone, and then with a "connection reset"
+# traceback. So the user reads the failing rank's line once, and nothing from its peers.
+FAILED_KEY, QUIET_KEY, PORT_KEY = "failed_rank", "quiet_ranks", "paced_ds/failure_store_port"
+WATCH_INTERVAL_S = 0.5
+_failure_store = None
+
+
+def _open_failure_store(timeout_s: int) -> None:
+    global _failure_store
+    if world_size() == 1:
+        return
+    group_store = torch_dist.distributed_c10d._get_default_store()
+    host, timeout = os.environ["MASTER_ADDR"], datetime.timedelta(seconds=min(timeout_s, 60))
+    if rank() == 0:
+        _failure_store = torch_dist.TCPStore(host, 0, world_size(), True, timeout=timeout, wait_for_workers=False)
+        group_store.set(PORT_KEY, str(_failure_store.port))
+    else:
+        port = int(group_store.get(PORT_KEY).decode())
+        _failure_store = torch_dist.TCPStore(host, port, world_size(), False, timeout=timeout)
+    threading.Thread(target=_watch_for_failed_peers, args=(_failure_store, rank()), daemon=True,
+                     name="paced-ds-failure-watch").start()
+
+
+def _watch_for_failed_peers(store, me: int) -> None:
+    while True:
+        time.sleep(WATCH_INTERVAL_S)
+        try:
+            if not store.check([FAILED_KEY]):
+                continue
+            failed, code = map(int, store.get(FAILED_KEY).decode().split())
+            if failed == me:
+                return
+            store.add(QUIET_KEY, 1)
+        except Exception:  # noqa: BLE001 - the store is gone with rank 0: the collectives will tell
+            return
+        from paced_ds.runtime.exit import run_hooks
+
+        run_hooks()
+        remove_shared_memory()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+
+
+def _store():
+    return _failure_store if world_size() > 1 else None
+
+
+def claim_failure(code: int):
+    """Called by a rank failing on its own account (exit status ``code``), before :func:`shutdown`.
+    Returns (first, store): ``first`` whether no other rank claimed a failure before (only the
+    first one speaks), and the store to hand to :func:`wait_for_quiet_peers` after the shutdown
+    (None: alone, or no store)."""
+    try:
+        store = _store()
+        if store is None:
+            return True, None
+        claim = f"{rank()} {code}"
+        return store.compare_set(FAILED_KEY, "", claim).decode() == claim, store
+    except Exception:  # noqa: BLE001 - the store is rank 0's: gone with it; speak as if alone
+        return True, None
+
+
+def failed_peer() -> tuple[int, int] | None:
+    """(rank, exit status) of the rank that claimed a failure, if one did; this rank then
+    promises to stay quiet."""
+    try:
+        store = _store()
+        if store is None or not store.check([FAILED_KEY]):
+            return None
+        failed, code = map(int, store.get(FAILED_KEY).decode().split())
+        store.add(QUIET_KEY, 1)
+        return failed, code
+    except Exception:  # noqa: BLE001 - no store to ask: nobody claimed anything we can know of
+        return None
+
+
+def lost_a_peer(err: BaseException) -> bool:
+    """Whether ``err`` is a collective that failed because another rank went away."""
+    text = str(err)
+    return isinstance(err, getattr(torch_dist, "DistBackendError", ())) or (
+        isinstance(err, RuntimeError) and any(sign in text for sign in (
+            "Connection reset by peer", "Connection closed by peer", "Broken pipe", "NCCL communicator was aborted",
+            "Socket Timeout", "Timed out waiting")))
+
+
+def wait_for_quiet_peers(store, timeout_s: float = 5.0) -> None:
+    """Keep the store (rank 0's, it lives in that process) up until every peer has read the
+    claim, or ``timeout_s``; the launcher stops the others once this rank exits anyway."""
+    deadline = time.time() + timeout_s
+    while store is not None and time.time() < deadline:
+        try:
+            if store.add(QUIET_KEY, 0) >= int(os.environ.get("WORLD_SIZE", 1)) - 1:
+                return
+        except Exception:  # noqa: BLE001 - the store went away: nothing left to wait for
+            return
+        time.sleep(0.05)

@@ -59,3 +59,19 @@ def read_jsonl(path: str | Path, name: str | None = None, *, objects: bool = Tru
             if objects and not isinstance(value, dict):
                 raise UserError(f"{name}:{number}: not a JSON object")
             yield number, value
+
+
+def check_output_dir(path: str | Path, key: str, *, writable: bool = True) -> None:
+    """That directory ``path`` (config key ``key``) exists or can be made (and, if ``writable``,
+    written): else one line naming the key and why (a file in the way, no permission)."""
+    target = Path(path).expanduser()
+    if target.exists() and not target.is_dir():
+        raise UserError(f"config key {key}: {path} is a file, not a directory")
+    existing = target
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UserError(f"config key {key}: {path} cannot be a directory: {existing} is a file")
+    if writable and not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"config key {key}: {path} cannot be written: no write permission on {existing}")
+
