@@ -192,8 +192,8 @@ class SnrConfig:
 
 @dataclass
 class RolloutConfig:
-    temperature: float = _f(1.0, "sampling temperature of student rollouts (competence estimates, on-policy steps)",
-                            bounds="> 0")
+    temperature: float = _f(1.0, "sampling temperature of student rollouts (competence estimates, on-policy steps); "
+                                 "0 = greedy", bounds=">= 0")
     top_p: float = _f(1.0, "nucleus sampling of student rollouts", bounds="(0, 1]")
     top_k: int = _f(0, "top-k truncation of student rollouts (0 = off: the whole distribution, as vLLM, TRL and "
                        "verl sample by default)", bounds=">= 0")
@@ -203,16 +203,22 @@ class RolloutConfig:
                             "the model gathered once per generation phase, when it fits in 80% of every rank's "
                             "free memory (fast); false, or a copy that does not fit = generate from the ZeRO-3 "
                             "shards, all ranks stepping together")
-    engine: str = _f("hf", "what generates competence estimates, evaluations and teacher responses: hf = Hugging "
-                           "Face generate; vllm = an OpenAI-compatible server (rollout.url, or a vLLM server "
-                           "paced-ds starts on this node). On-policy training steps always use hf",
+    engine: str = _f("hf", "what generates the student's rollouts (competence estimates, on-policy steps), "
+                           "evaluations and teacher responses: hf = Hugging Face generate on the gathered student; "
+                           "vllm = an OpenAI-compatible server (rollout.url, or a vLLM server paced-ds starts on "
+                           "this node), given the student's weights before each generation that follows an update",
                      ("hf", "vllm"))
+    overlap: bool = _f(False, "rollout.engine=vllm: generate the next on-policy step's rollouts while this step "
+                              "trains, from the weights before its update (one step off-policy, as verl's and "
+                              "slime's async rollouts; rollout_staleness in metrics.jsonl). Worth it with the "
+                              "server on devices of its own")
     url: str = _f("", "rollout.engine=vllm: base URL of a running server of the student (e.g. "
                       "http://node7:8000), started with VLLM_SERVER_DEV_MODE=1 so that it can load fresh weights; "
                       "empty = paced-ds starts vLLM on this node")
     weights_dir: str = _f("", "rollout.engine=vllm: where the student is exported for the server to load before "
-                              "it generates again (a directory the server can read; empty = "
-                              "<output_dir>/rollout_weights)")
+                              "it generates again (a directory the server can read; empty = a directory in "
+                              "/dev/shm for the server paced-ds starts on this node, else "
+                              "<output_dir>/rollout_weights, which a server on another node must read too)")
     vllm_python: str = _f("", "Python that runs the vLLM servers paced-ds starts (empty: the venv of `paced-ds "
                               "setup-vllm`, else this Python)")
     server_args: str = _f("", "extra arguments of the vLLM servers paced-ds starts, e.g. "
@@ -296,6 +302,8 @@ class LoggingConfig:
     tensorboard: bool = _f(True, "write TensorBoard events to <output_dir>/tensorboard")
     progress: bool = _f(True, "progress bar on rank 0")
     log_every: int = _f(1, "TensorBoard/metrics.jsonl every N steps", bounds=">= 1")
+    rollouts: bool = _f(False, "write every on-policy step's rollouts (problem id, response token ids) to "
+                               "<output_dir>/rollouts.jsonl")
 
 
 @dataclass
@@ -479,6 +487,8 @@ def validate(cfg: RunConfig) -> None:
             re.compile(cfg.snr.params)
         except re.error as err:
             raise UserError(f"config key snr.params: {cfg.snr.params!r} is not a regular expression ({err})") from None
+    if r.overlap and r.engine != "vllm":
+        raise UserError("config key rollout.overlap: overlapping rollouts come from a server; set rollout.engine=vllm")
     if r.url and r.engine != "vllm":
         raise UserError("config key rollout.url: a server generates only with rollout.engine=vllm")
     if cfg.teacher.backend == "server":

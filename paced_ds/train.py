@@ -81,8 +81,7 @@ def report_failure(err: Exception) -> int:
         else:
             sys.stderr.write("".join(traceback.format_exception(err)) + BUG_NOTE + where + "\n")
         sys.stderr.flush()
-    dist.shutdown()
-    dist.wait_for_quiet_peers(store)
+    dist.wait_for_quiet_peers(store)  # the process group goes down after, in main's finally
     return code
 
 

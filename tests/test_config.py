@@ -255,6 +255,7 @@ def test_missing_recipe_file(tmp_path):
     (["train.offload_optimizer=cpu", "train.zero_stage=1"], "train.offload_optimizer"),
     (["train.output_dir="], "train.output_dir"),
     (["data.train="], "data.train"),
+    (["rollout.overlap=true"], "rollout.overlap"),
 ])
 def test_validate_rejects_impossible_combinations(overrides, names):
     message = user_error(load_config, None, overrides)

@@ -221,3 +221,51 @@ def test_a_run_whose_server_is_down_stops_at_once_naming_it_and_writes_nothing(t
     assert len(errors) == 1 and all(re.match(rf"paced-ds: error \(rank [01]\): rollout.url http://127.0.0.1:{port}: "
                                              r"not reachable \(", line) for line in errors), result.stderr[-2000:]
     assert not (out / "competence.jsonl").exists()
+
+
+def test_rollouts_ahead_are_taken_for_their_own_problems_and_waited_for():
+    """rollout.overlap's background generation (models/generators.py: RolloutsAhead)."""
+    import time
+
+    from paced_ds.models.generators import RolloutsAhead
+
+    ahead = RolloutsAhead()
+    assert ahead.take([1, 2]) is None  # nothing started: the step generates its own
+    ahead.start([1, 2], lambda: [[7], [8]])
+    assert ahead.take([1, 2]) == [[7], [8]] and ahead.pending is None
+    ahead.start([1, 2], lambda: [[7], [8]])
+    assert ahead.take([2, 1]) is None and ahead.pending is None  # the plan moved: dropped
+    finished = []
+    ahead.start([3], lambda: (time.sleep(0.3), finished.append(True), [[9]])[-1])
+    ahead.wait()  # what a sync does before the server loads other weights
+    assert finished == [True] and ahead.take([3]) == [[9]]
+
+    def server_gone():
+        raise UserError("rollout.url http://127.0.0.1:1: not reachable")
+
+    ahead.start([4], server_gone)
+    ahead.wait()  # the error stays for take, on the training thread
+    with pytest.raises(UserError, match="not reachable"):
+        ahead.take([4])
+
+
+def test_a_tied_output_layer_is_written_for_the_server_as_a_tensor_of_its_own(tmp_path):
+    """vLLM reloads an output layer only from a tensor of its own (tests/test_vllm.py shows why)."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from paced_ds.config import REPO_ROOT
+    from paced_ds.models.generators import write_tied_output_layer
+
+    model = AutoModelForCausalLM.from_pretrained(REPO_ROOT / "paced_ds" / "assets" / "tiny-student")
+    assert model.get_output_embeddings().weight is model.get_input_embeddings().weight
+    model.save_pretrained(tmp_path / "single")
+    model.save_pretrained(tmp_path / "sharded", max_shard_size="100KB")
+    for directory in (tmp_path / "single", tmp_path / "sharded"):
+        write_tied_output_layer(model, directory)
+        extra = load_file(directory / "output-layer.safetensors")
+        assert list(extra) == ["lm_head.weight"] and torch.equal(extra["lm_head.weight"], model.lm_head.weight)
+        reloaded = AutoModelForCausalLM.from_pretrained(directory)  # Hugging Face reads the directory as before
+        assert torch.equal(reloaded.model.embed_tokens.weight, model.model.embed_tokens.weight)
+    index = json.loads((tmp_path / "sharded" / "model.safetensors.index.json").read_text())
+    assert index["weight_map"]["lm_head.weight"] == "output-layer.safetensors"

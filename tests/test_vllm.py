@@ -10,6 +10,7 @@ tiny models (head size 24) cannot be served: these tests use the real checkpoint
 from __future__ import annotations
 
 import random
+import re
 import socket
 import sys
 from pathlib import Path
@@ -25,6 +26,7 @@ from paced_ds.distill.teachers import ServerTeacher, TeacherBatch
 from paced_ds.errors import UserError
 from paced_ds.models import server
 from paced_ds.models.generation import HFGenerator, prompt_ids, prompt_texts
+from paced_ds.models.generators import write_tied_output_layer
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "tools"))
@@ -150,18 +152,25 @@ def test_competence_from_vllm_agrees_with_hf(served, smollm2, tmp_path):
     print(f"mean pass rate: hf {rate['hf']:.3f}, vllm {rate['vllm']:.3f}, standard error {stderr:.3f}")
 
 
+def perturbed(model_dir: Path, out: Path, scale: float):
+    """``model_dir``'s model with noise of ``scale`` x each MLP weight's spread added, saved to ``out``."""
+    changed = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, param in changed.named_parameters():
+            if "mlp" in name:
+                param.add_(scale * param.std() * torch.randn_like(param))
+    changed.save_pretrained(out)
+    transformers.AutoTokenizer.from_pretrained(model_dir).save_pretrained(out)
+    return changed
+
+
 def test_the_server_generates_from_fresh_weights_after_a_reload(served, hf, tmp_path):
     model, tokenizer = hf
     prompts = chat_prompts(tokenizer, 6, seed=3)
     generate = server.ServerGenerator(served, tokenizer).complete
     before = generate(prompts, max_new_tokens=16, batch_size=8).texts
-    changed = transformers.AutoModelForCausalLM.from_pretrained(served.model()["root"], dtype=torch.float32).eval()
-    torch.manual_seed(0)
-    with torch.no_grad():
-        for name, param in changed.named_parameters():
-            if "mlp" in name:
-                param.add_(0.5 * param.std() * torch.randn_like(param))
-    changed.save_pretrained(tmp_path / "changed")
+    changed = perturbed(Path(served.model()["root"]), tmp_path / "changed", 0.5)
     try:
         seconds = served.reload(tmp_path / "changed")
         after = generate(prompts, max_new_tokens=16, batch_size=8).texts
@@ -245,10 +254,103 @@ def test_a_top_k_beyond_the_servers_max_logprobs_is_refused_naming_it(served):
     assert str(info.value).startswith(f"test server {served.url}: /v1/completions answered HTTP 400")
 
 
-def test_a_server_that_dies_is_named_with_its_log(served, hf):
-    """Last in the module: the module's server stops, and the next request says so."""
+def on_policy_runs(served, smollm2, tmp_path, *extra) -> dict:
+    """The same greedy on-policy run (3 steps, 2 ranks, 8 rollouts a step) with its rollouts
+    from Hugging Face and from the module's server, which it syncs to the student before each
+    step: {engine: (metrics rows, {(step, id): response ids})}. The teacher is SmolLM2 with
+    noisy MLPs, so that the student moves (lr 3e-4) and its greedy rollouts change, while it
+    stays a language model (a random teacher made it babble, all near-ties)."""
+    teacher = tmp_path / "teacher"
+    perturbed(smollm2, teacher, 0.3)
+    rng = random.Random(2)
+    problems = tmp_path / "sums.jsonl"
+    problems.write_text("".join(__import__("json").dumps({"id": f"s{i}", "prompt": f"What is {rng.randint(1, 60)} + "
+                                                           f"{rng.randint(1, 40)}?", "answer": "0"}) + "\n"
+                                for i in range(16)))
+    common = ["--config", RECIPE, "--nproc", 2, f"model.student={smollm2}", f"model.teacher={teacher}",
+              f"data.train={problems}", "data.eval=", "data.retain=", "data.max_length=256", "loss.schedule=on_policy",
+              "loss.kind=reverse_kl", "curriculum.mode=uniform", "rollout.temperature=0", "rollout.max_new_tokens=12",
+              "train.steps=3", "train.warmup_steps=0", "train.lr=3e-4", "train.micro_batch_size=4",
+              "train.grad_accum=1", "train.export=false", "teacher.offload=none", "logging.rollouts=true",
+              "logging.progress=false", *extra]
+    runs = {}
+    try:
+        for engine, url in (("hf", []), ("vllm", [f"rollout.url={served.url}"])):
+            out = tmp_path / engine
+            result = paced_ds("train", *common, f"rollout.engine={engine}", f"train.output_dir={out}", *url,
+                              timeout=900)
+            assert result.returncode == 0, explain(result)
+            rollouts = {(row["step"], row["id"]): row["response_ids"] for row in read_jsonl(out / "rollouts.jsonl")}
+            runs[engine] = (read_jsonl(out / "metrics.jsonl"), rollouts)
+    finally:  # the module's server serves SmolLM2 again, its output layer included (see write_tied_output_layer)
+        original = tmp_path / "original"
+        original.mkdir()
+        for file in Path(smollm2).iterdir():
+            (original / file.name).symlink_to(file)
+        write_tied_output_layer(transformers.AutoModelForCausalLM.from_pretrained(smollm2), original)
+        served.reload(original)
+    return runs
+
+
+def assert_the_server_followed_the_student(runs: dict) -> None:
+    (hf_steps, hf_rollouts), (vllm_steps, vllm_rollouts) = runs["hf"], runs["vllm"]
+    assert [row["step"] for row in vllm_steps] == [1, 2, 3] and vllm_rollouts.keys() == hf_rollouts.keys()
+    for step in (1, 2, 3):
+        keys = [key for key in hf_rollouts if key[0] == step]
+        same = sum(hf_rollouts[key] == vllm_rollouts[key] for key in keys)
+        assert len(keys) == 8 and same >= 7, (step, same)  # fp32 both; a near-tie may flip one in 8
+    # The student moved: a problem drawn again at step 3 (16 problems, 8 a step) is answered otherwise
+    # than at its first draw, yet the server's rollouts were Hugging Face's.
+    earlier = {problem: ids for (step, problem), ids in sorted(hf_rollouts.items(), reverse=True) if step < 3}
+    assert sum(ids != earlier[problem] for (step, problem), ids in hf_rollouts.items() if step == 3) >= 2
+    for hf_row, vllm_row in zip(hf_steps, vllm_steps):
+        assert vllm_row["loss"] == pytest.approx(hf_row["loss"], abs=1e-3), (hf_row["loss"], vllm_row["loss"])
+    assert [row["rollout_sync_s"] > 0 for row in vllm_steps] == [False, True, True]  # it holds step 0's weights
+    assert all(row["rollout_sync_s"] == 0 for row in hf_steps)
+    assert all(row["train_time_s"] > 0 and row["rollout_time_s"] > 0 for row in vllm_steps + hf_steps)
+
+
+def test_on_policy_rollouts_come_from_the_server_at_each_steps_weights(served, smollm2, tmp_path):
+    assert_the_server_followed_the_student(on_policy_runs(served, smollm2, tmp_path))
+
+
+def test_self_distillation_rollouts_come_from_the_server_at_each_steps_weights(served, smollm2, tmp_path):
+    """The privileged teacher (the initial student, shown the answer) scores the same rollouts."""
+    assert_the_server_followed_the_student(on_policy_runs(served, smollm2, tmp_path, "teacher.self_distill=true"))
+
+
+def test_a_server_that_dies_is_named_with_its_log(served, hf, smollm2, tmp_path):
+    """Last in the module: the module's server is stopped under an on-policy run, after its first
+    step; the run stops with one line naming the server, and the next request says so too."""
+    import json
+    import subprocess
+    import time
+
+    from launch import cpu_env
+
     _, tokenizer = hf
+    problems = tmp_path / "sums.jsonl"
+    problems.write_text("".join(json.dumps({"id": f"s{i}", "prompt": f"What is {i} + 1?", "answer": str(i + 1)})
+                                + "\n" for i in range(8)))
+    out = tmp_path / "run"
+    run = subprocess.Popen(
+        [sys.executable, "-m", "paced_ds.cli", "train", "--config", str(RECIPE), "--nproc", "2",
+         f"model.student={smollm2}", f"model.teacher={smollm2}", f"data.train={problems}", "data.eval=",
+         "data.retain=", "data.max_length=256", "loss.schedule=on_policy", "curriculum.mode=uniform",
+         "rollout.max_new_tokens=8", "train.steps=50", "train.micro_batch_size=2", "train.grad_accum=1",
+         "train.export=false", "teacher.offload=none", "logging.progress=false", "rollout.engine=vllm",
+         f"rollout.url={served.url}", f"train.output_dir={out}"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=cpu_env(), cwd=REPO)
+    deadline = time.time() + 600
+    while not ((out / "metrics.jsonl").is_file() and (out / "metrics.jsonl").read_text().strip()):
+        assert run.poll() is None and time.time() < deadline, run.communicate()
+        time.sleep(0.5)
     served.process.stop()
+    stdout, stderr = run.communicate(timeout=600)
+    errors = [line for line in stderr.splitlines() if line.startswith("paced-ds: error")]
+    assert run.returncode == 2 and len(errors) == 1, stderr[-3000:]
+    assert re.match(rf"paced-ds: error \(rank [01]\): rollout.url {served.url}: ", errors[0]), errors
+    assert "Traceback" not in stderr and "Traceback" not in stdout
     with pytest.raises(UserError) as info:
         server.ServerGenerator(served, tokenizer).complete(chat_prompts(tokenizer, 2), max_new_tokens=4, batch_size=2)
     message = str(info.value)

@@ -11,10 +11,13 @@
 # 4. times the reference recipe on 1 GPU in bf16 over NCCL (tools/bench_step.py, which
 #    launches `paced-ds train --nproc 1 ... model.dtype=bf16`), teacher resident and, unless
 #    --quick, offloaded to CPU and pipelined (a teacher job sharing the GPU), and prints a
-#    markdown table.
+#    markdown table;
+# 5. unless --quick, times on-policy steps with rollouts from Hugging Face and, where vLLM
+#    imports, from a vLLM server synced every step (tools/bench_onpolicy.py; the model is
+#    $ONPOLICY_MODEL, default the shipped tiny student).
 #
 # Logs, the table (bench.md, bench.json) and the runs' metrics go to $OUT when it is set,
-# else to a new /tmp/gpu_check.* directory. About 5-7 minutes on an H200 (--quick: ~3);
+# else to a new /tmp/gpu_check.* directory. About 6-10 minutes on an H200 (--quick: ~3);
 # every phase has its own time limit. Exit status: 0 when the tests and the bench passed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -23,7 +26,7 @@ quick=0
 for arg in "$@"; do
     case "$arg" in
         --quick) quick=1 ;;
-        -h|--help) sed -n '2,18p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,21p' "$0"; exit 0 ;;
         *) echo "gpu_check: unknown argument $arg (usage: tools/gpu_check.sh [--quick])" >&2; exit 2 ;;
     esac
 done
@@ -166,9 +169,27 @@ PYTHON
     grep '^|' "$out_dir/bench.log" > "$out_dir/bench.md" || true
     rm -rf "$out_dir"/bench/*/checkpoints  # large, and of no use to the reader
 
+    # On-policy steps with rollouts from Hugging Face and from a vLLM server synced every step
+    # (tools/bench_onpolicy.py); vLLM only where it imports. Reported, never failing the check.
+    local onpolicy="skipped (--quick)"
+    if [[ $quick == 0 ]]; then
+        local engines=hf
+        python -c 'import vllm' >/dev/null 2>&1 && engines=hf,vllm
+        phase "on-policy steps, rollouts from $engines (limit 300 s)"
+        if timeout 300 python tools/bench_onpolicy.py --nproc 1 --engines "$engines" \
+                --model "${ONPOLICY_MODEL:-tiny-student}" --output-dir "$out_dir/onpolicy" \
+                2>&1 | tee "$out_dir/onpolicy.log"; then
+            onpolicy="done ($engines)"
+            grep '^|' "$out_dir/onpolicy.log" >> "$out_dir/bench.md" || true
+        else
+            onpolicy="FAILED ($out_dir/onpolicy.log)"
+        fi
+    fi
+
     phase "summary ($((SECONDS - started)) s)"
     echo "pytest -m gpu: $([[ $tests_rc == 0 ]] && echo passed || echo "FAILED (exit $tests_rc, $out_dir/pytest.log)")"
     echo "bench:         $([[ $bench_rc == 0 ]] && echo done || echo "FAILED (exit $bench_rc, $out_dir/bench.log)")"
+    echo "on-policy:     $onpolicy"
     if [[ -s "$out_dir/bench.md" ]]; then
         echo
         cat "$out_dir/bench.md"

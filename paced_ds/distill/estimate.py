@@ -68,7 +68,8 @@ def estimate(generator, tokenizer, records: list[dict], table: CompetenceTable, 
         round_started = time.time()
         torch.manual_seed(seed * 1_000_003 + rounds * ROUND_SEED_STRIDE + dist.rank())
         completions = generator.complete([prompts[i] for i in active], n=n, max_new_tokens=rollout.max_new_tokens,
-                                         batch_size=rollout.batch_size, greedy=False, temperature=rollout.temperature,
+                                         batch_size=rollout.batch_size, greedy=rollout.temperature == 0,
+                                         temperature=rollout.temperature,
                                          top_p=rollout.top_p, top_k=rollout.top_k, progress=progress)
         generate_s += time.time() - round_started
         problem_indices = [active[index // n] for index in completions.texts]

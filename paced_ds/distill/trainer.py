@@ -144,7 +144,7 @@ def train(cfg: RunConfig) -> dict:
         if sampler.epoch != epoch_before or run.step == 0:
             check_agreement(sampler, run.curriculum)
         zero_weight_problems = int((sampler.weights[sampler.last_batch] == 0).sum())  # every rank's, at the draw
-        step_examples, rollout_s = step_sequences(run, indices, on_policy)
+        step_examples, rollout_stats = step_sequences(run, indices, on_policy)
         outcome = optimizer_step(cfg, student, teacher, step_examples, indices, sampler.loss_weights(indices),
                                  kind=cfg.loss.stage2_kind if on_policy and cfg.loss.schedule == "two_stage"
                                  else cfg.loss.kind, vocab=vocab, pad_id=tokenizer.pad_token_id, generated=on_policy,
@@ -160,8 +160,8 @@ def train(cfg: RunConfig) -> dict:
                            ("samples", sampler.global_batch)):
             run.counters[key] += value
         if run.step % cfg.logging.log_every == 0 or run.step == cfg.train.steps:
-            log_step(run, outcome, lr=lr, on_policy=on_policy, step_s=time.time() - started, rollout_s=rollout_s,
-                     zero_weight_problems=zero_weight_problems)
+            log_step(run, outcome, lr=lr, on_policy=on_policy, step_s=time.time() - started,
+                     rollout_stats=rollout_stats, zero_weight_problems=zero_weight_problems)
             progress.set_postfix(loss=f"{outcome.loss:.4f}", lr=f"{lr:.1e}")
         progress.update(1)
         if faults:
@@ -270,23 +270,64 @@ NODE_LOCAL_KEYS = ("data.responses_dir", "teacher.nvme_path", "teacher.cache")  
 
 # ---- one step's sequences, its look-ahead, its outcome --------------------------------------------
 
-def step_sequences(run: Run, indices: list[int], on_policy: bool) -> tuple[list[dict], float]:
-    """The sequences the step scores (teacher responses, or the student's own rollouts),
-    and the seconds its rollouts took."""
+def step_sequences(run: Run, indices: list[int], on_policy: bool) -> tuple[list[dict], dict]:
+    """The sequences the step scores (teacher responses, or the student's own rollouts), and
+    what its rollouts cost: rollout_time_s (generating, or waiting for rollouts generated
+    ahead), rollout_sync_s (the server loading the student's weights first) and
+    rollout_staleness (the updates the rollouts' weights lag behind: 0, or 1 with rollout.overlap)."""
+    stats = {"rollout_time_s": 0.0, "rollout_sync_s": 0.0, "rollout_staleness": 0}
     if not on_policy:
-        return [run.examples[i] for i in indices], 0.0
-    started, cfg = time.time(), run.cfg
-    responses = onpolicy.rollouts(run.student, run.tokenizer, [run.prompts[i] for i in indices], cfg.rollout)
+        return [run.examples[i] for i in indices], stats
+    cfg, prompts = run.cfg, [run.prompts[i] for i in indices]
+    started = time.time()
+    if cfg.rollout.engine == "vllm":
+        responses = run.generation.ahead.take(indices) if cfg.rollout.overlap else None
+        stats["rollout_staleness"] = int(responses is not None)
+        waited_s = time.time() - started
+        client, stats["rollout_sync_s"] = run.generation.synced_client(run.student, run.step)
+        generating = time.time()
+        if responses is None:
+            responses = onpolicy.served_rollouts(client, prompts, cfg.rollout, run.tokenizer.eos_token_id)
+        if cfg.rollout.overlap:
+            start_next_rollouts(run, client)
+        stats["rollout_time_s"] = waited_s + time.time() - generating
+    else:
+        responses = onpolicy.rollouts(run.student, run.tokenizer, prompts, cfg.rollout)
+        stats["rollout_time_s"] = time.time() - started
     generated = sum(len(r) for r in responses)
-    spent = dist.all_reduce_sum(torch.tensor([float(sum(len(run.prompts[i]) for i in indices) + generated),
-                                              float(generated)], dtype=torch.float64))
+    spent = dist.all_reduce_sum(torch.tensor([float(sum(map(len, prompts)) + generated), float(generated)],
+                                             dtype=torch.float64))
     run.compute.add("rollout", int(spent[0].item()), generated=int(spent[1].item()))
+    if cfg.logging.rollouts:
+        record_rollouts(run, indices, responses)
     sequences = [onpolicy.example(run.prompts[i], r, run.tokenizer.eos_token_id, cfg.data.max_length)
                  for i, r in zip(indices, responses)]
     if run.curriculum.observes_rollouts:
         correct = onpolicy.outcomes(run.tokenizer, responses, [run.records[i]["answer"] for i in indices])
         run.curriculum.observe(indices, correct)
-    return sequences, time.time() - started
+    return sequences, stats
+
+
+def start_next_rollouts(run: Run, client) -> None:
+    """rollout.overlap: the next step's rollouts, generated from the weights the server holds
+    now while this step trains (the plan is deterministic; a refresh that changes it drops them)."""
+    cfg, next_step = run.cfg, run.step + 1
+    if next_step >= cfg.train.steps or run.switch_step is None or next_step < run.switch_step:
+        return
+    upcoming = [i for part in run.sampler.peek_step() for i in part]
+    prompts = [run.prompts[i] for i in upcoming]
+    run.generation.ahead.start(upcoming, lambda: onpolicy.served_rollouts(client, prompts, cfg.rollout,
+                                                                           run.tokenizer.eos_token_id))
+
+
+def record_rollouts(run: Run, indices: list[int], responses: list[list[int]]) -> None:
+    """logging.rollouts: this step's rollouts of every rank, a line each, in rollouts.jsonl."""
+    rows = [{"step": run.step + 1, "rank": dist.rank(), "id": run.records[i]["id"], "response_ids": r}
+            for i, r in zip(indices, responses)]
+    every = dist.all_gather_objects(rows)
+    if dist.is_main():
+        with open(RunDir(run.cfg.train.output_dir).rollouts, "a") as f:
+            f.writelines(json.dumps(row) + "\n" for part in every for row in part)
 
 
 def requests_ahead(run: Run) -> list[teachers.TeacherBatch] | None:
@@ -327,7 +368,7 @@ def count_skip(run: Run, outcome: StepOutcome) -> None:
                         "and train.lr (a lower train.lr is a new run, in another train.output_dir)")
 
 
-def log_step(run: Run, outcome: StepOutcome, *, lr: float, on_policy: bool, step_s: float, rollout_s: float,
+def log_step(run: Run, outcome: StepOutcome, *, lr: float, on_policy: bool, step_s: float, rollout_stats: dict,
              zero_weight_problems: int) -> None:
     grad_norm = run.student.get_global_grad_norm()
     values = {
@@ -335,7 +376,8 @@ def log_step(run: Run, outcome: StepOutcome, *, lr: float, on_policy: bool, step
         "forward_tokens": run.counters["forward_tokens"], "samples": run.counters["samples"],
         "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
         "weight_mean": outcome.weight_mean, "step_time_s": step_s, "teacher_time_s": outcome.teacher_s,
-        "rollout_time_s": rollout_s, "tokens_per_s": outcome.tokens / step_s, "on_policy": int(on_policy),
+        **rollout_stats, "train_time_s": step_s - rollout_stats["rollout_time_s"] - rollout_stats["rollout_sync_s"],
+        "tokens_per_s": outcome.tokens / step_s, "on_policy": int(on_policy),
         "epoch": run.sampler.epoch, "batch": run.sampler.batch_digest(),
         "skipped_zero_weight": run.counters["skipped_zero_weight"],
         "skipped_nonfinite": run.counters["skipped_nonfinite"], "zero_weight_problems": zero_weight_problems,

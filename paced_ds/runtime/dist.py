@@ -81,7 +81,22 @@ def shutdown() -> None:
     """
     if torch_dist.is_initialized():
         torch_dist.destroy_process_group()
+        _forget_deepspeed_groups()
     remove_shared_memory()
+
+
+def _forget_deepspeed_groups() -> None:
+    """DeepSpeed keeps the groups it made (its world, data-parallel, ...) in module globals; a
+    process group started again in the same process (tests build engines in one process, one
+    module after another) must not meet the destroyed ones."""
+    groups = sys.modules.get("deepspeed.utils.groups")
+    if groups is None:
+        return
+    for name, value in list(vars(groups).items()):
+        if name.startswith("_") and name.endswith("_GROUP"):
+            setattr(groups, name, {} if isinstance(value, dict) else None)
+        elif name.startswith("_") and name.endswith("_GROUP_RANKS") and isinstance(value, dict):
+            value.clear()
 
 
 def remove_shared_memory() -> None:

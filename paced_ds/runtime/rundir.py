@@ -5,6 +5,7 @@
     eval.jsonl         one row per held-out evaluation
     competence.jsonl   the latest pass-rate table and weights, one row per problem
     snr.jsonl          one row per gradient-SNR probe (appended)
+    rollouts.jsonl     logging.rollouts: each on-policy step's rollouts, a row per problem
     snr.json           `paced-ds snr`'s measurement
     retention.json     the retention set's problem ids, fixed at step 0
     tensorboard/       TensorBoard event files
@@ -26,6 +27,7 @@ class RunDir:
     evals = property(lambda self: self.root / "eval.jsonl")
     competence = property(lambda self: self.root / "competence.jsonl")
     snr = property(lambda self: self.root / "snr.jsonl")
+    rollouts = property(lambda self: self.root / "rollouts.jsonl")
     snr_measurement = property(lambda self: self.root / "snr.json")
     retention = property(lambda self: self.root / "retention.json")
     tensorboard = property(lambda self: self.root / "tensorboard")

@@ -44,9 +44,11 @@ class Tracker:
         layout = RunDir(output_dir)
         if resume_step is not None:
             # A run that crashed logged steps past its last checkpoint; they are done again now.
-            for path in (layout.metrics, layout.evals, layout.snr):
+            for path in (layout.metrics, layout.evals, layout.snr, layout.rollouts):
                 drop_rows_after(path, resume_step)
         mode = "a" if resume_step is not None else "w"
+        if resume_step is None:  # appended to by the trainer (logging.rollouts): a new run starts it afresh
+            layout.rollouts.unlink(missing_ok=True)
         self.metrics_file = layout.metrics.open(mode)
         self.eval_file = layout.evals.open(mode)
         if tensorboard:
